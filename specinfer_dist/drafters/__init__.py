@@ -1,0 +1,4 @@
+from specinfer_dist.drafters.base import Drafter
+from specinfer_dist.drafters.ssm import SSMDrafter
+
+__all__ = ["Drafter", "SSMDrafter"]

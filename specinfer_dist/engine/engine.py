@@ -1,0 +1,242 @@
+"""LLMEngine: draft -> verify -> commit, for a continuously batched set of requests.
+
+Incremental decoding, sequence speculation and tree speculation are the same loop:
+incremental drafts nothing (the tree is just the root), sequence drafts a chain.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import asdict
+import time
+from pathlib import Path
+from typing import Iterable, Sequence as Seq
+
+import torch
+from tqdm import tqdm
+from transformers import GenerationConfig
+
+from specinfer_dist.config import EngineConfig
+from specinfer_dist.drafters.base import Drafter
+from specinfer_dist.drafters.ssm import SSMDrafter
+from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.engine.outputs import RequestOutput
+from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.engine.scheduler import Scheduler
+from specinfer_dist.engine.sequence import FinishReason, Sequence
+from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
+from specinfer_dist.models.default import default_ssm_dir
+from specinfer_dist.models.loader import check_same_vocabulary, load_model
+from specinfer_dist.tree.merge import merge_trees
+from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, TreeSpec
+from specinfer_dist.tree.token_tree import TokenTree
+from specinfer_dist.tree.verify import verify_greedy
+
+MODES = ("incremental", "sequence", "tree")
+Prompt = str | list[int]
+
+
+class LLMEngine:
+    """Generate with tree-based speculative inference; the output is the LLM's own greedy output.
+
+    ``llm`` / ``ssms`` are model sources: "default", a HF checkpoint dir, a .gguf file or a hub
+    id. Without ``ssms`` the default LLM gets the default SSM and any other LLM none. ``mode``
+    defaults to "tree" when there is a drafter, else "incremental".
+    """
+
+    def __init__(
+        self,
+        llm: str | None = None,
+        ssms: Seq[str] | None = None,
+        tree: str | Seq[int] | TreeSpec | None = None,
+        tree_budget: int = DEFAULT_TOKEN_BUDGET,
+        mode: str | None = None,
+        dtype: str | torch.dtype = "float32",
+        max_num_seqs: int = 16,
+        progress: bool = False,
+    ) -> None:
+        self.model, self.tokenizer, model_dir = load_model(llm, dtype=dtype, progress=progress)
+        self.runner = ModelRunner(self.model)
+        if ssms is None:
+            ssms = ["default"] if llm in (None, "default") else []
+        mode = mode or ("tree" if ssms else "incremental")
+        if mode not in MODES:
+            raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != "incremental" and not ssms:
+            raise InvalidConfigError(f"mode {mode!r} needs at least one SSM")
+        if max_num_seqs < 1:
+            raise InvalidConfigError(f"max_num_seqs must be positive, got {max_num_seqs}")
+        self.mode = mode
+        self.spec = _tree_spec(tree, tree_budget)
+        if mode == "sequence":
+            self.spec = self.spec.as_sequence()
+        self.drafters: list[Drafter] = []
+        if mode != "incremental":
+            for i, source in enumerate(ssms):
+                self.drafters.append(SSMDrafter(self._load_ssm(source, dtype, progress), self.spec, f"ssm{i}"))
+        self.eos_ids = _eos_ids(model_dir, self.model.config, self.tokenizer)
+        self.scheduler = Scheduler(max_num_seqs)
+        self._ids = itertools.count()
+        self.timing = {"draft_s": 0.0, "verify_s": 0.0}
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress: bool = False) -> "LLMEngine":
+        return cls(**asdict(config), progress=progress)
+
+    def _load_ssm(self, source: str, dtype, progress: bool):
+        path = str(default_ssm_dir(progress=progress)) if source == "default" else source
+        model, tokenizer, _ = load_model(path, dtype=dtype, progress=progress)
+        check_same_vocabulary(self.tokenizer, tokenizer, self.model.config, model.config, source)
+        return model
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Token ids for a prompt; ``chat`` wraps a string in the tokenizer's chat template."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            if chat:
+                if not self.tokenizer.chat_template:
+                    raise InvalidRequestError("this model's tokenizer has no chat template")
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
+                return self.tokenizer(text, add_special_tokens=False).input_ids
+            return self.tokenizer(prompt).input_ids
+        ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
+        return ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Sequence:
+        params = params or SamplingParams()
+        ids = self.encode(prompt, chat)
+        if len(ids) + params.max_tokens > self.model.max_positions:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                f"context of {self.model.max_positions} tokens"
+            )
+        seq = Sequence(next(self._ids), ids, params, llm_cache=self.runner.new_cache())
+        self.scheduler.add(seq)
+        return seq
+
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        chat: bool = False,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; outputs keep the prompts' order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise InvalidRequestError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        seqs = [self.add_request(p, sp, chat) for p, sp in zip(prompts, params)]
+        with tqdm(total=len(seqs), disable=not use_tqdm, desc="generating") as bar:
+            while self.scheduler.has_unfinished():
+                bar.update(len(self.step()))
+        return [self.output(seq) for seq in seqs]
+
+    def output(self, seq: Sequence) -> RequestOutput:
+        return RequestOutput(seq.request_id, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finish_reason.value, seq.stats)
+
+    # ---- one iteration --------------------------------------------------------------------
+
+    def step(self) -> list[Sequence]:
+        """Draft, verify and commit once for every running request; returns those that finished."""
+        seqs = self.scheduler.schedule()
+        if not seqs:
+            return []
+        start = time.perf_counter()
+        trees = self._draft(seqs)
+        drafted = time.perf_counter()
+        items = []
+        for seq, tree in zip(seqs, trees):
+            chain = seq.tokens[seq.llm_cache.length : -1]  # committed but not yet cached: the prompt, at first
+            parents = chain_parents(len(chain)) + [p + len(chain) if p >= 0 else len(chain) - 1 for p in tree.parents]
+            rows = list(range(len(chain), len(chain) + len(tree)))
+            items.append(RunItem(seq.llm_cache, chain + tree.tokens, parents, rows))
+        logits = self.runner.forward(items)
+        finished = []
+        for seq, tree, item, node_logits in zip(seqs, trees, items, logits):
+            accepted, bonus = verify_greedy(tree, node_logits)
+            chain_len = len(item.tokens) - len(tree)
+            seq.llm_cache.commit([*range(chain_len), *(chain_len + n for n in [0, *accepted])])
+            seq.stats.steps += 1
+            seq.stats.drafted_tokens += tree.num_drafted
+            seq.stats.accepted_tokens += len(accepted)
+            self._append(seq, [tree.tokens[n] for n in accepted] + [bonus])
+            if seq.finished:
+                self._finish(seq)
+                finished.append(seq)
+        self.timing["draft_s"] += drafted - start
+        self.timing["verify_s"] += time.perf_counter() - drafted
+        return finished
+
+    def _draft(self, seqs: list[Sequence]) -> list[TokenTree]:
+        roots = [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
+        if not self.drafters:
+            return roots
+        # A step yields at most depth + 1 tokens: never draft past max_tokens.
+        max_depths = [seq.remaining - 1 for seq in seqs]
+        proposals = [d.propose(seqs, max_depths) for d in self.drafters]
+        return [merge_trees(list(trees)).dfs() for trees in zip(*proposals)]
+
+    def _append(self, seq: Sequence, tokens: Iterable[int]) -> None:
+        """Add verified tokens, ending the request at EOS, a stop string or max_tokens."""
+        for token in tokens:
+            seq.output_ids.append(token)
+            if token in self.eos_ids and not seq.params.ignore_eos:
+                seq.finish_reason = FinishReason.STOP
+            elif seq.params.stop and self._cut_at_stop(seq):
+                seq.finish_reason = FinishReason.STOP
+            elif seq.remaining == 0:
+                seq.finish_reason = FinishReason.LENGTH
+            if seq.finished:
+                break
+        seq.stats.generated_tokens = len(seq.output_ids)
+
+    def _cut_at_stop(self, seq: Sequence) -> bool:
+        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
+        if hits:
+            seq.text = text[: min(hits)]
+        return bool(hits)
+
+    def _finish(self, seq: Sequence) -> None:
+        if seq.text is None:  # not already cut at a stop string
+            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        seq.llm_cache = None
+        for drafter in self.drafters:
+            drafter.release(seq)
+        self.scheduler.finish(seq)
+
+
+def _tree_spec(tree: str | Seq[int] | TreeSpec | None, budget: int) -> TreeSpec:
+    if isinstance(tree, TreeSpec):
+        return tree
+    if tree is None:
+        return TreeSpec(token_budget=budget)
+    if isinstance(tree, str):
+        return TreeSpec.parse(tree, budget)
+    return TreeSpec(tuple(tree), budget)
+
+
+def _eos_ids(model_dir: Path, config, tokenizer) -> set[int]:
+    """EOS as Hugging Face generate() sees it (generation_config.json, else config), plus the tokenizer's."""
+    try:
+        generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
+    except OSError:  # no generation_config.json
+        generation_eos = None
+    ids = set()
+    for value in (generation_eos, config.eos_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            ids.update(value if isinstance(value, list) else [value])
+    return ids

@@ -1,0 +1,54 @@
+"""A request's state inside the engine: its tokens, its LLM cache, and how it ends."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any
+
+from specinfer_dist.engine.kv_cache import KVCache
+from specinfer_dist.engine.sampling_params import SamplingParams
+
+
+class FinishReason(str, Enum):
+    STOP = "stop"  # EOS or a stop string
+    LENGTH = "length"  # max_tokens reached
+
+
+@dataclass
+class SpecStats:
+    steps: int = 0  # LLM verification passes
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0  # drafted tokens the LLM kept
+    generated_tokens: int = 0
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.generated_tokens / self.steps if self.steps else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tokens_per_step": self.tokens_per_step}
+
+
+@dataclass
+class Sequence:
+    request_id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    text: str | None = None  # set when the request finishes
+    finish_reason: FinishReason | None = None
+    stats: SpecStats = field(default_factory=SpecStats)
+    llm_cache: KVCache | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def remaining(self) -> int:
+        return self.params.max_tokens - len(self.output_ids)

@@ -1,0 +1,101 @@
+"""Our Llama-family model against Hugging Face's, on prompts and on whole token trees in one pass."""
+
+import pytest
+import torch
+import transformers
+
+from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.tree import TokenTree
+
+VOCAB = 300
+ARCHS = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+}
+
+
+def pair(arch: str, dtype=torch.float32, **overrides):
+    config_cls, model_cls = ARCHS[arch]
+    kwargs = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    hf = model_cls(config_cls(**kwargs)).eval().to(dtype)
+    ours = Transformer(hf.config)
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours.eval().to(dtype)
+
+
+def prefill(runner: ModelRunner, cache, ids: list[int]) -> torch.Tensor:
+    logits = runner.forward([RunItem(cache, ids, chain_parents(len(ids)), list(range(len(ids))))])[0]
+    cache.commit(range(len(ids)))
+    return logits
+
+
+CASES = [
+    ("llama", {}),
+    ("llama", {"tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True}),
+    ("llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5000.0}}),
+    ("llama", {"num_key_value_heads": 4, "head_dim": 32}),
+    ("qwen2", {}),
+    ("mistral", {}),
+    ("mistral", {"sliding_window": 6}),
+]
+
+
+@pytest.mark.parametrize("arch,overrides", CASES)
+def test_prompt_logits_match_transformers(arch, overrides):
+    hf, ours = pair(arch, **overrides)
+    ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    runner = ModelRunner(ours)
+    got = prefill(runner, runner.new_cache(), ids.tolist())
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,overrides", CASES)
+def test_tree_in_one_pass_matches_each_branch_alone(arch, overrides):
+    hf, ours = pair(arch, **overrides)
+    prompt = torch.randint(0, VOCAB, (9,), generator=torch.Generator().manual_seed(2)).tolist()
+    tree = TokenTree.from_root(prompt[-1])
+    a, b = tree.add(0, 5), tree.add(0, 6)
+    c = tree.add(a, 7)
+    tree.add(c, 8)
+    tree.add(b, 9)
+    tree = tree.dfs()
+    runner = ModelRunner(ours)
+    cache = runner.new_cache()
+    prefill(runner, cache, prompt[:-1])
+    logits = runner.forward([RunItem(cache, tree.tokens, tree.parents, list(range(len(tree))))])[0]
+    for node in range(len(tree)):
+        seq = prompt + tree.path(node)
+        with torch.no_grad():
+            ref = hf(torch.tensor([seq])).logits[0, -1]
+        torch.testing.assert_close(logits[node], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_close_to_transformers_bfloat16():
+    hf, ours = pair("llama", dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (16,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0].float()
+    runner = ModelRunner(ours)
+    got = prefill(runner, runner.new_cache(), ids.tolist())
+    assert runner.dtype == torch.bfloat16
+    torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
+
+
+def test_two_requests_in_one_forward_equal_each_alone():
+    _, ours = pair("qwen2")
+    runner = ModelRunner(ours)
+    a, b = list(range(10, 30)), list(range(50, 57))
+    alone = [prefill(runner, runner.new_cache(), ids) for ids in (a, b)]
+    items = [RunItem(runner.new_cache(), ids, chain_parents(len(ids)), list(range(len(ids)))) for ids in (a, b)]
+    together = runner.forward(items)
+    for x, y in zip(alone, together):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
