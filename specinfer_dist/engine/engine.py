@@ -113,6 +113,11 @@ class LLMEngine:
         return ids
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Sequence:
+        seq = self._new_sequence(prompt, params, chat)
+        self.scheduler.add(seq)
+        return seq
+
+    def _new_sequence(self, prompt: Prompt, params: SamplingParams | None, chat: bool) -> Sequence:
         params = params or SamplingParams()
         ids = self.encode(prompt, chat)
         if len(ids) + params.max_tokens > self.model.max_positions:
@@ -120,9 +125,7 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {self.model.max_positions} tokens"
             )
-        seq = Sequence(next(self._ids), ids, params, llm_cache=self.runner.new_cache())
-        self.scheduler.add(seq)
-        return seq
+        return Sequence(next(self._ids), ids, params, llm_cache=self.runner.new_cache())
 
     def generate(
         self,
@@ -138,7 +141,10 @@ class LLMEngine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        seqs = [self.add_request(p, sp, chat) for p, sp in zip(prompts, params)]
+        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
+        seqs = [self._new_sequence(p, sp, chat) for p, sp in zip(prompts, params)]
+        for seq in seqs:
+            self.scheduler.add(seq)
         with tqdm(total=len(seqs), disable=not use_tqdm, desc="generating") as bar:
             while self.scheduler.has_unfinished():
                 bar.update(len(self.step()))

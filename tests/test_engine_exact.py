@@ -1,0 +1,143 @@
+"""Greedy tree/sequence speculation == Hugging Face greedy generate(), on tiny random models."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from exactness import assert_greedy_equal, hf_greedy
+from helpers import make_tiny_checkpoint
+from specinfer_dist import LLMEngine, SamplingParams
+from specinfer_dist.engine.model_runner import ModelRunner, RunItem
+
+MAX_NEW = 24
+
+
+def noisy_copy(src, dst, noise: float, seed: int = 0):
+    """An SSM that agrees with the LLM often but not always: the LLM's weights plus noise."""
+    shutil.copytree(src, dst)
+    state = load_file(dst / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    state = {k: v + noise * v.std() * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+    save_file(state, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "mistral"])
+def models(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    llm = make_tiny_checkpoint(tmp, request.param, seed=1, num_hidden_layers=3)
+    near = noisy_copy(llm, tmp / "ssm-near", noise=0.3)
+    far = make_tiny_checkpoint(tmp, request.param, seed=2, num_hidden_layers=1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
+    return llm, near, far, hf
+
+
+def prompts(n: int = 6, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 40, (n,), generator=gen).tolist()
+    return [torch.randint(4, 260, (m,), generator=gen).tolist() for m in lengths]
+
+
+@pytest.mark.parametrize(
+    "mode,tree,which",
+    [
+        ("tree", "1,1,3,1,1,1,1,1", "near"),
+        ("tree", "2,2,1,1", "far"),
+        ("sequence", "1,1,1,1,1,1", "near"),
+        ("incremental", None, None),
+    ],
+)
+def test_greedy_equals_transformers(models, mode, tree, which):
+    llm, near, far, hf = models
+    ssms = {"near": [near], "far": [far], None: []}[which]
+    engine = LLMEngine(str(llm), ssms=[str(s) for s in ssms], tree=tree, mode=mode)
+    params = SamplingParams(max_tokens=MAX_NEW)
+    batch = prompts()
+    outs = engine.generate(batch, params)
+    for prompt, out in zip(batch, outs):
+        assert_greedy_equal(hf, prompt, out.token_ids, hf_greedy(hf, prompt, MAX_NEW))
+        assert out.stats.steps >= 1
+        assert out.stats.generated_tokens == len(out.token_ids)
+    total = sum(o.stats.accepted_tokens for o in outs)
+    if which == "near":  # the noisy copy must actually get drafts accepted, or nothing was tested
+        assert total > 0 and max(o.stats.tokens_per_step for o in outs) > 1.5
+    if mode == "incremental":
+        assert total == 0 and all(o.stats.tokens_per_step == 1.0 for o in outs)
+
+
+def test_two_ssms_merged_tree_is_exact(models):
+    llm, near, far, hf = models
+    engine = LLMEngine(str(llm), ssms=[str(near), str(far)], tree="1,2,1,1")
+    batch = prompts(4, seed=5)
+    for prompt, out in zip(batch, engine.generate(batch, SamplingParams(max_tokens=MAX_NEW))):
+        assert_greedy_equal(hf, prompt, out.token_ids, hf_greedy(hf, prompt, MAX_NEW))
+
+
+def test_batch_of_mixed_lengths_equals_each_alone(models):
+    llm, near, _, _ = models
+    engine = LLMEngine(str(llm), ssms=[str(near)], max_num_seqs=4)  # 7 prompts: requests join mid-way
+    batch = prompts(7, seed=3)
+    params = [SamplingParams(max_tokens=m) for m in (5, 30, 12, 1, 20, 9, 16)]
+    together = engine.generate(batch, params)
+    for prompt, sp, out in zip(batch, params, together):
+        [alone] = engine.generate(prompt, sp)
+        assert out.token_ids == alone.token_ids
+
+
+def test_kv_cache_after_speculative_steps_equals_incremental(models):
+    llm, near, _, _ = models
+    engine = LLMEngine(str(llm), ssms=[str(near)], tree="1,1,3,1,1")
+    seq = engine.add_request(prompts(1, seed=7)[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert seq.stats.accepted_tokens > 0 and not seq.finished
+    spec_cache = seq.llm_cache.committed()
+    assert spec_cache.shape[3] == len(seq.tokens) - 1  # everything but the newest token
+    runner = ModelRunner(engine.model)
+    cache = runner.new_cache()
+    for token in seq.tokens[:-1]:  # plain incremental decoding, one token per forward
+        runner.forward([RunItem(cache, [token], [-1], [0])])
+        cache.commit([0])
+    torch.testing.assert_close(spec_cache, cache.committed(), atol=1e-5, rtol=1e-5)
+
+
+def test_max_tokens_is_exact(models):
+    llm, near, _, _ = models
+    engine = LLMEngine(str(llm), ssms=[str(near)])
+    prompt = prompts(1, seed=9)[0]
+    for m in (1, 2, 3, 7, 10):
+        [out] = engine.generate(prompt, SamplingParams(max_tokens=m, ignore_eos=True))
+        assert len(out.token_ids) == m and out.finish_reason == "length"
+
+
+def test_eos_and_stop_strings_end_requests(models, tmp_path):
+    llm, near, _, hf = models
+    prompt = prompts(1, seed=11)[0]
+    ref = hf_greedy(hf, prompt, MAX_NEW)
+    # Make a generated token that did not occur before it this model's EOS (in a copy of the checkpoint).
+    cut = max(j for j in range(1, len(ref)) if ref[j] not in ref[:j])
+    eos = ref[cut]
+
+    eos_llm = tmp_path / "eos-llm"
+    shutil.copytree(llm, eos_llm)
+    for name in ("config.json", "generation_config.json"):
+        data = json.loads((eos_llm / name).read_text())
+        data["eos_token_id"] = eos
+        (eos_llm / name).write_text(json.dumps(data))
+    engine = LLMEngine(str(eos_llm), ssms=[str(near)])
+    [out] = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
+    assert out.finish_reason == "stop" and out.token_ids == ref[: cut + 1]
+
+    engine = LLMEngine(str(llm), ssms=[str(near)])
+    full = engine.tokenizer.decode(ref, skip_special_tokens=True)
+    stop = next(ch for ch in full[len(full) // 3 :] if ch.isascii() and ch.isprintable())
+    [out] = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW, stop=[stop]))
+    assert out.finish_reason == "stop"
+    assert out.text == full[: full.index(stop)]
+    assert ref[: len(out.token_ids)] == out.token_ids
