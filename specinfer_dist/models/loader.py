@@ -1,0 +1,263 @@
+"""Turn a user-given model source into a loaded (model, tokenizer) pair.
+
+Sources: the default model, a local Hugging Face directory, a GGUF file (converted once
+into the cache) or a Hugging Face hub id. Every failure surfaces as ModelLoadError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import transformers
+
+from specinfer_dist.errors import InvalidConfigError, ModelLoadError
+from specinfer_dist.models.transformer import Transformer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+
+
+def cache_root() -> Path:
+    """Where converted and derived checkpoints live."""
+    if os.environ.get("SPECINFER_DIST_CACHE"):
+        return Path(os.environ["SPECINFER_DIST_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "specinfer_dist"
+    return Path.home() / ".cache" / "specinfer_dist"
+
+
+@contextlib.contextmanager
+def cache_lock(name: str) -> Iterator[None]:
+    """Hold an exclusive lock on cache entry `name`, so two processes never build it at once."""
+    lock_dir = cache_root() / "locks"
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / f"{name}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a temp dir next to `out_dir` that becomes `out_dir` only if the block succeeds.
+
+    An interrupted build therefore never leaves a half-written directory behind.
+    """
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        # A leftover without config.json is not a usable entry; os.replace needs the name free.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map "float32" / "bfloat16" / "float16" (or the torch dtypes themselves) to a torch.dtype."""
+    if isinstance(dtype, torch.dtype) and dtype in _DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise InvalidConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
+
+
+def _reason(e: BaseException) -> str:
+    """First line of an exception, so users see one short line instead of a traceback."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> None:
+    """Dequantize a GGUF checkpoint into a plain HF directory (config, safetensors, tokenizer)."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    if progress:
+        print(f"converting GGUF to HF format ({gguf_path.name})...", file=sys.stderr, flush=True)
+    # transformers draws its own tqdm bars on stderr; hide them when asked to be quiet.
+    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
+    try:
+        with quiet:
+            src, name = str(gguf_path.parent), gguf_path.name
+            tokenizer = transformers.AutoTokenizer.from_pretrained(src, gguf_file=name)
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                src, gguf_file=name, dtype=torch.float32
+            )
+    except Exception as e:
+        raise ModelLoadError(f"could not convert GGUF {gguf_path}: {_reason(e)}") from e
+
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    config = model.config
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    # The weights are now plain float32; a leftover quantization_config would make
+    # transformers try to re-quantize (and save_pretrained refuses GGUF-quantized models).
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]
+    with atomic_dir(out_dir) as tmp:
+        safetensors.torch.save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
+        config.to_json_file(tmp / "config.json")
+        model.generation_config.to_json_file(tmp / "generation_config.json")
+        tokenizer.save_pretrained(tmp)
+
+
+def _gguf_cache_dir(path: Path) -> Path:
+    # Key on path, size and mtime so a replaced file is converted again.
+    st = path.stat()
+    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{path.stem}-{key}"
+
+
+def resolve_model_dir(source: str | None, *, progress: bool = True) -> Path:
+    """Turn a model source into a local HF directory (config.json, safetensors, tokenizer)."""
+    if source is None or source == "default":
+        # Imported here because default.py itself builds on this module.
+        from specinfer_dist.models.default import default_llm_dir
+
+        return default_llm_dir(progress=progress)
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"could not load model from {source}: no config.json in directory")
+        return path
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"could not load model from {source}: expected a directory with config.json "
+                "or a .gguf file"
+            )
+        path = path.resolve()
+        out = _gguf_cache_dir(path)
+        if not (out / "config.json").is_file():
+            with cache_lock(f"gguf-{out.name}"):
+                if not (out / "config.json").is_file():  # another process may have just made it
+                    convert_gguf(path, out, progress=progress)
+        return out
+    if _HUB_ID.match(source):
+        return _download_from_hub(source)
+    raise ModelLoadError(
+        f"could not load model from {source}: no such file or directory; expected 'default', "
+        "an HF model directory, a .gguf file or a Hugging Face hub id like 'owner/name'"
+    )
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    import huggingface_hub
+
+    try:
+        path = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not download {repo_id} from the Hugging Face hub (no network?): {_reason(e)}"
+        ) from e
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"could not load model from {repo_id}: hub repo has no config.json")
+    return path
+
+
+def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ValueError("no *.safetensors files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:  # sharded checkpoints: every shard holds disjoint keys
+        state.update(safetensors.torch.load_file(f))
+    return state
+
+
+def _check_state_dict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Describe key and shape mismatches in one line (load_state_dict lists every key)."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing:
+        raise ValueError(f"{len(missing)} missing weights, e.g. {missing[0]}")
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} unexpected weights, e.g. {unexpected[0]}")
+    for k, v in state.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(
+                f"weight {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}"
+            )
+
+
+def load_model(
+    source: str | None, *, dtype: str | torch.dtype = torch.float32, progress: bool = True
+) -> tuple[Transformer, Any, Path]:
+    """Load (model, tokenizer, model_dir) from a source accepted by `resolve_model_dir`."""
+    dtype = parse_dtype(dtype)
+    model_dir = resolve_model_dir(source, progress=progress)
+    source = source or "default"
+    try:
+        config = transformers.AutoConfig.from_pretrained(model_dir)
+    except Exception as e:
+        raise ModelLoadError(f"could not load model from {source}: config: {_reason(e)}") from e
+    if config.model_type not in Transformer.SUPPORTED_ARCHITECTURES:
+        raise ModelLoadError(
+            f"could not load model from {source}: unsupported model type {config.model_type!r}; "
+            f"supported: {', '.join(Transformer.SUPPORTED_ARCHITECTURES)}"
+        )
+    try:
+        # Built on CPU rather than the meta device: the model's non-persistent buffers
+        # (e.g. rotary frequencies) must be computed by its constructor.
+        model = Transformer(config)
+        state = _load_state_dict(model_dir)
+        expected = model.state_dict()
+        # Tied checkpoints usually omit lm_head.weight; it is the embedding matrix.
+        tied = config.tie_word_embeddings and "model.embed_tokens.weight" in state
+        if tied and "lm_head.weight" in expected:
+            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+        _check_state_dict(expected, state)
+        model.load_state_dict(state, strict=True)
+    except Exception as e:
+        raise ModelLoadError(f"could not load model from {source}: weights: {_reason(e)}") from e
+    model = model.to(dtype).eval().requires_grad_(False)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:
+        raise ModelLoadError(f"could not load model from {source}: tokenizer: {_reason(e)}") from e
+    return model, tokenizer, model_dir
+
+
+def check_same_vocabulary(
+    llm_tokenizer: Any, ssm_tokenizer: Any, llm_config: Any, ssm_config: Any, ssm_source: str
+) -> None:
+    """Speculation only works if draft and target agree on every token id; raise if they don't."""
+    prefix = f"SSM {ssm_source} does not share the LLM's vocabulary"
+    if llm_config.vocab_size != ssm_config.vocab_size:
+        raise ModelLoadError(
+            f"{prefix}: vocab_size {ssm_config.vocab_size} vs LLM's {llm_config.vocab_size}"
+        )
+    llm_vocab, ssm_vocab = llm_tokenizer.get_vocab(), ssm_tokenizer.get_vocab()
+    if len(llm_vocab) != len(ssm_vocab):
+        raise ModelLoadError(
+            f"{prefix}: tokenizer has {len(ssm_vocab)} tokens vs LLM's {len(llm_vocab)}"
+        )
+    if llm_vocab != ssm_vocab:
+        differ = sorted(t for t in llm_vocab if ssm_vocab.get(t) != llm_vocab[t])
+        token = differ[0]
+        in_ssm = "missing" if token not in ssm_vocab else f"id {ssm_vocab[token]}"
+        raise ModelLoadError(
+            f"{prefix}: {len(differ)} tokens differ, e.g. {token!r} is {in_ssm} in the SSM "
+            f"but id {llm_vocab[token]} in the LLM"
+        )
