@@ -19,6 +19,8 @@ class EngineConfig:
     tree: str = ",".join(map(str, DEFAULT_WIDTHS))
     tree_budget: int = DEFAULT_TOKEN_BUDGET
     mode: str | None = None  # incremental | sequence | tree; None: tree when there is an SSM
+    verify: str = "mss"  # how sampled requests are verified: mss | naive
+    draft_temperature: float | None = None  # None: SSMs sample with each request's own transforms
     dtype: str = "float32"
     max_num_seqs: int = 16
 

@@ -41,21 +41,34 @@ def make_tiny_tokenizer(extra_tokens: Sequence[str] = ()) -> transformers.PreTra
     )
 
 
+def make_word_tokenizer(vocab_size: int) -> transformers.PreTrainedTokenizerFast:
+    """A tokenizer of exactly ``vocab_size`` tokens (4 specials, then "w4", "w5", ...): for
+    tiny-vocabulary models whose output distributions can be enumerated."""
+    words = [*SPECIAL_TOKENS, *(f"w{i}" for i in range(len(SPECIAL_TOKENS), vocab_size))]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
 def make_tiny_checkpoint(
     tmp_path: Path,
     arch: str = "llama",
     vocab_size: int | None = None,
     seed: int = 0,
     extra_tokens: Sequence[str] = (),
+    word_vocab: int | None = None,
     **overrides: Any,
 ) -> Path:
     """Write config.json + model.safetensors + tokenizer of a tiny random `arch` model.
 
     Returns a fresh directory under `tmp_path`. `vocab_size` defaults to the tokenizer's size
     (it may be larger, like real models that pad their embedding matrix). `overrides` go into
-    the config (e.g. num_hidden_layers=3, tie_word_embeddings=True).
+    the config (e.g. num_hidden_layers=3, tie_word_embeddings=True). ``word_vocab`` swaps in a
+    word-level tokenizer of that many tokens (see make_word_tokenizer).
     """
-    tokenizer = make_tiny_tokenizer(extra_tokens)
+    tokenizer = make_word_tokenizer(word_vocab) if word_vocab else make_tiny_tokenizer(extra_tokens)
     vocab_size = len(tokenizer) if vocab_size is None else vocab_size
     assert vocab_size >= len(tokenizer), "model vocab must cover every tokenizer id"
     kwargs: dict[str, Any] = dict(

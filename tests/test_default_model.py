@@ -53,7 +53,7 @@ def prompt_ids(llm_dir):
 )
 def test_default_llm_greedy_equals_transformers(llm_dir, hf, prompt_ids, ssm, tree):
     engine = LLMEngine(str(llm_dir), ssms=[str(llm_dir) if ssm == "llm" else "default"], tree=tree)
-    outs = engine.generate(prompt_ids, SamplingParams(max_tokens=MAX_NEW))
+    outs = engine.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=MAX_NEW))
     for ids, out in zip(prompt_ids, outs):
         assert_greedy_equal(hf, ids, out.token_ids, hf_greedy(hf, ids, MAX_NEW))
     if ssm == "llm":

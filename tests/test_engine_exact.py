@@ -57,7 +57,7 @@ def test_greedy_equals_transformers(models, mode, tree, which):
     llm, near, far, hf = models
     ssms = {"near": [near], "far": [far], None: []}[which]
     engine = LLMEngine(str(llm), ssms=[str(s) for s in ssms], tree=tree, mode=mode)
-    params = SamplingParams(max_tokens=MAX_NEW)
+    params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
     batch = prompts()
     outs = engine.generate(batch, params)
     for prompt, out in zip(batch, outs):
@@ -75,7 +75,7 @@ def test_two_ssms_merged_tree_is_exact(models):
     llm, near, far, hf = models
     engine = LLMEngine(str(llm), ssms=[str(near), str(far)], tree="1,2,1,1")
     batch = prompts(4, seed=5)
-    for prompt, out in zip(batch, engine.generate(batch, SamplingParams(max_tokens=MAX_NEW))):
+    for prompt, out in zip(batch, engine.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW))):
         assert_greedy_equal(hf, prompt, out.token_ids, hf_greedy(hf, prompt, MAX_NEW))
 
 
@@ -83,7 +83,7 @@ def test_batch_of_mixed_lengths_equals_each_alone(models):
     llm, near, _, _ = models
     engine = LLMEngine(str(llm), ssms=[str(near)], max_num_seqs=4)  # 7 prompts: requests join mid-way
     batch = prompts(7, seed=3)
-    params = [SamplingParams(max_tokens=m) for m in (5, 30, 12, 1, 20, 9, 16)]
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (5, 30, 12, 1, 20, 9, 16)]
     together = engine.generate(batch, params)
     for prompt, sp, out in zip(batch, params, together):
         [alone] = engine.generate(prompt, sp)
@@ -93,7 +93,7 @@ def test_batch_of_mixed_lengths_equals_each_alone(models):
 def test_kv_cache_after_speculative_steps_equals_incremental(models):
     llm, near, _, _ = models
     engine = LLMEngine(str(llm), ssms=[str(near)], tree="1,1,3,1,1")
-    seq = engine.add_request(prompts(1, seed=7)[0], SamplingParams(max_tokens=40, ignore_eos=True))
+    seq = engine.add_request(prompts(1, seed=7)[0], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     for _ in range(4):
         engine.step()
     assert seq.stats.accepted_tokens > 0 and not seq.finished
@@ -112,7 +112,7 @@ def test_max_tokens_is_exact(models):
     engine = LLMEngine(str(llm), ssms=[str(near)])
     prompt = prompts(1, seed=9)[0]
     for m in (1, 2, 3, 7, 10):
-        [out] = engine.generate(prompt, SamplingParams(max_tokens=m, ignore_eos=True))
+        [out] = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
         assert len(out.token_ids) == m and out.finish_reason == "length"
 
 
@@ -131,13 +131,13 @@ def test_eos_and_stop_strings_end_requests(models, tmp_path):
         data["eos_token_id"] = eos
         (eos_llm / name).write_text(json.dumps(data))
     engine = LLMEngine(str(eos_llm), ssms=[str(near)])
-    [out] = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW))
+    [out] = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=MAX_NEW))
     assert out.finish_reason == "stop" and out.token_ids == ref[: cut + 1]
 
     engine = LLMEngine(str(llm), ssms=[str(near)])
     full = engine.tokenizer.decode(ref, skip_special_tokens=True)
     stop = next(ch for ch in full[len(full) // 3 :] if ch.isascii() and ch.isprintable())
-    [out] = engine.generate(prompt, SamplingParams(max_tokens=MAX_NEW, stop=[stop]))
+    [out] = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=MAX_NEW, stop=[stop]))
     assert out.finish_reason == "stop"
     assert out.text == full[: full.index(stop)]
     assert ref[: len(out.token_ids)] == out.token_ids

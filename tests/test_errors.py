@@ -36,22 +36,22 @@ def engine(ckpts):
 @pytest.mark.parametrize("prompt", ["", [[]], [""], [1, -1], [1, 10_000], [1, "a"]])
 def test_bad_prompts(engine, prompt):
     with pytest.raises(InvalidRequestError):
-        engine.generate(prompt, SamplingParams(max_tokens=4))
+        engine.generate(prompt, SamplingParams(temperature=0, max_tokens=4))
 
 
 def test_bad_prompt_in_a_batch_leaves_the_engine_clean(engine):
     with pytest.raises(InvalidRequestError):
-        engine.generate([[5, 6, 7], []], SamplingParams(max_tokens=4))
+        engine.generate([[5, 6, 7], []], SamplingParams(temperature=0, max_tokens=4))
     assert not engine.scheduler.has_unfinished()
-    [out] = engine.generate([5, 6, 7], SamplingParams(max_tokens=4, ignore_eos=True))
+    [out] = engine.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
 
 
 def test_prompt_plus_max_tokens_beyond_context(engine):
     with pytest.raises(InvalidRequestError, match="context of 64"):
-        engine.generate([5] * 60, SamplingParams(max_tokens=5))
+        engine.generate([5] * 60, SamplingParams(temperature=0, max_tokens=5))
     # At the limit exactly, it runs (and the tree is clipped so no position overflows).
-    [out] = engine.generate([5] * 60, SamplingParams(max_tokens=4, ignore_eos=True))
+    [out] = engine.generate([5] * 60, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     assert len(out.token_ids) == 4
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from specinfer_dist.drafters.base import Drafter
 from specinfer_dist.engine.kv_cache import KVCache
 from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.engine.sequence import Sequence
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
 
@@ -17,6 +20,7 @@ from specinfer_dist.tree.token_tree import TokenTree
 class _Expansion:
     """One request's tree under construction and how its nodes map to pending cache rows."""
 
+    seq: Sequence
     cache: KVCache
     tree: TokenTree
     chain_len: int  # committed tokens fed this step (the root is the last of them)
@@ -27,15 +31,20 @@ class _Expansion:
 
 
 class SSMDrafter(Drafter):
-    """Greedy expansion: each frontier node at depth i gets the SSM's top-k_i tokens as children.
+    """Each frontier node at depth i gets k_i children: the SSM's top-k_i tokens for a greedy
+    request; k_i independent draws from the SSM's processed distribution q (recorded on each
+    child) for a sampled one. ``draft_temperature`` None gives q the request's own transforms.
 
     The SSM keeps a KV cache of the committed tokens per request. Each step first feeds the
     tokens committed since the last step (they end with the tree's root), then one forward
     per depth over the new frontier; afterwards only the committed rows stay in its cache.
     """
 
-    def __init__(self, model: Transformer, spec: TreeSpec, name: str = "ssm") -> None:
+    def __init__(
+        self, model: Transformer, spec: TreeSpec, name: str = "ssm", draft_temperature: float | None = None
+    ) -> None:
         super().__init__(name, spec)
+        self.draft_temperature = draft_temperature
         self.runner = ModelRunner(model)
         self.caches: dict[int, KVCache] = {}
 
@@ -48,6 +57,7 @@ class SSMDrafter(Drafter):
             chain = seq.tokens[cache.length :]
             states.append(
                 _Expansion(
+                    seq=seq,
                     cache=cache,
                     tree=TokenTree.from_root(chain[-1]),
                     chain_len=len(chain),
@@ -62,8 +72,10 @@ class SSMDrafter(Drafter):
             logits = self.runner.forward([s.item for s in active])
             still = []
             for state, node_logits in zip(active, logits):
-                top = node_logits.topk(self.spec.widths[depth], dim=-1).indices.tolist()
-                state.frontier = [state.tree.add(p, t) for p, toks in zip(state.frontier, top) for t in toks]
+                children = self._children(state.seq, node_logits, self.spec.widths[depth])
+                state.frontier = [
+                    state.tree.add(parent, token, q) for parent, kids in zip(state.frontier, children) for token, q in kids
+                ]
                 if depth + 1 < state.max_depth:
                     self._feed_frontier(state)
                     still.append(state)
@@ -72,6 +84,18 @@ class SSMDrafter(Drafter):
             if state.cache.pending:
                 state.cache.commit(range(state.chain_len))
         return [state.tree for state in states]
+
+    def _children(self, seq: Sequence, logits: torch.Tensor, k: int) -> list[list[tuple[int, torch.Tensor | None]]]:
+        """For each frontier row of ``logits``: k (token, q) children; q None = chosen, not drawn."""
+        params = seq.params
+        if params.greedy:
+            return [[(t, None) for t in row] for row in logits.topk(k, dim=-1).indices.tolist()]
+        if self.draft_temperature is None:
+            q = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+        else:
+            q = sampling_probs(logits, self.draft_temperature)
+        draws = torch.multinomial(q, k, replacement=True, generator=seq.generator).tolist()
+        return [[(t, q[row]) for t in tokens] for row, tokens in enumerate(draws)]
 
     @staticmethod
     def _feed_frontier(state: _Expansion) -> None:

@@ -30,18 +30,21 @@ from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
-from specinfer_dist.tree.verify import verify_greedy
+from specinfer_dist.tree.sampling import sampling_probs
+from specinfer_dist.tree.verify import verify_greedy, verify_mss, verify_naive
 
 MODES = ("incremental", "sequence", "tree")
+VERIFIERS = {"mss": verify_mss, "naive": verify_naive}
 Prompt = str | list[int]
 
 
 class LLMEngine:
-    """Generate with tree-based speculative inference; the output is the LLM's own greedy output.
+    """Generate with tree-based speculative inference; the output is the LLM's own.
 
     ``llm`` / ``ssms`` are model sources: "default", a HF checkpoint dir, a .gguf file or a hub
     id. Without ``ssms`` the default LLM gets the default SSM and any other LLM none. ``mode``
-    defaults to "tree" when there is a drafter, else "incremental".
+    defaults to "tree" when there is a drafter, else "incremental". Sampled requests are
+    verified by multi-step speculative sampling (``verify="mss"``) or the naive baseline.
     """
 
     def __init__(
@@ -51,6 +54,8 @@ class LLMEngine:
         tree: str | Seq[int] | TreeSpec | None = None,
         tree_budget: int = DEFAULT_TOKEN_BUDGET,
         mode: str | None = None,
+        verify: str = "mss",
+        draft_temperature: float | None = None,
         dtype: str | torch.dtype = "float32",
         max_num_seqs: int = 16,
         progress: bool = False,
@@ -64,16 +69,22 @@ class LLMEngine:
             raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode != "incremental" and not ssms:
             raise InvalidConfigError(f"mode {mode!r} needs at least one SSM")
+        if verify not in VERIFIERS:
+            raise InvalidConfigError(f"verify must be one of {', '.join(VERIFIERS)}, got {verify!r}")
+        if draft_temperature is not None and not draft_temperature > 0:
+            raise InvalidConfigError(f"draft_temperature must be positive, got {draft_temperature!r}")
         if max_num_seqs < 1:
             raise InvalidConfigError(f"max_num_seqs must be positive, got {max_num_seqs}")
         self.mode = mode
+        self.verify = verify
         self.spec = _tree_spec(tree, tree_budget)
         if mode == "sequence":
             self.spec = self.spec.as_sequence()
         self.drafters: list[Drafter] = []
         if mode != "incremental":
             for i, source in enumerate(ssms):
-                self.drafters.append(SSMDrafter(self._load_ssm(source, dtype, progress), self.spec, f"ssm{i}"))
+                model = self._load_ssm(source, dtype, progress)
+                self.drafters.append(SSMDrafter(model, self.spec, f"ssm{i}", draft_temperature))
         self.eos_ids = _eos_ids(model_dir, self.model.config, self.tokenizer)
         self.scheduler = Scheduler(max_num_seqs)
         self._ids = itertools.count()
@@ -125,7 +136,7 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {self.model.max_positions} tokens"
             )
-        return Sequence(next(self._ids), ids, params, llm_cache=self.runner.new_cache())
+        return Sequence(next(self._ids), ids, params)
 
     def generate(
         self,
@@ -160,6 +171,9 @@ class LLMEngine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
+        for seq in seqs:
+            if seq.llm_cache is None:  # admitted just now
+                seq.llm_cache = self.runner.new_cache()
         start = time.perf_counter()
         trees = self._draft(seqs)
         drafted = time.perf_counter()
@@ -172,7 +186,7 @@ class LLMEngine:
         logits = self.runner.forward(items)
         finished = []
         for seq, tree, item, node_logits in zip(seqs, trees, items, logits):
-            accepted, bonus = verify_greedy(tree, node_logits)
+            accepted, bonus = self._verify(seq, tree, node_logits)
             chain_len = len(item.tokens) - len(tree)
             seq.llm_cache.commit([*range(chain_len), *(chain_len + n for n in [0, *accepted])])
             seq.stats.steps += 1
@@ -186,6 +200,13 @@ class LLMEngine:
         self.timing["verify_s"] += time.perf_counter() - drafted
         return finished
 
+    def _verify(self, seq: Sequence, tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int]:
+        params = seq.params
+        if params.greedy:
+            return verify_greedy(tree, logits)
+        target = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+        return VERIFIERS[self.verify](tree, target, seq.generator)
+
     def _draft(self, seqs: list[Sequence]) -> list[TokenTree]:
         roots = [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
         if not self.drafters:
@@ -193,7 +214,9 @@ class LLMEngine:
         # A step yields at most depth + 1 tokens: never draft past max_tokens.
         max_depths = [seq.remaining - 1 for seq in seqs]
         proposals = [d.propose(seqs, max_depths) for d in self.drafters]
-        return [merge_trees(list(trees)).dfs() for trees in zip(*proposals)]
+        return [
+            merge_trees(list(trees), dedup=seq.params.greedy).dfs() for seq, trees in zip(seqs, zip(*proposals))
+        ]
 
     def _append(self, seq: Sequence, tokens: Iterable[int]) -> None:
         """Add verified tokens, ending the request at EOS, a stop string or max_tokens."""

@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
+
 from specinfer_dist.engine.kv_cache import KVCache
 from specinfer_dist.engine.sampling_params import SamplingParams
 
@@ -40,6 +42,14 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     llm_cache: KVCache | None = None
+    generator: torch.Generator = field(init=False)  # all of this request's random draws
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        if self.params.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(self.params.seed)
 
     @property
     def tokens(self) -> list[int]:

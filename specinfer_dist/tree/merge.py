@@ -5,8 +5,12 @@ from __future__ import annotations
 from specinfer_dist.tree.token_tree import TokenTree
 
 
-def merge_trees(trees: list[TokenTree]) -> TokenTree:
-    """Union of root-to-node token sequences; identical prefixes share nodes (greedy mode)."""
+def merge_trees(trees: list[TokenTree], dedup: bool = True) -> TokenTree:
+    """Union of root-to-node token sequences.
+
+    With ``dedup`` (greedy mode) identical prefixes share nodes. Without it (stochastic mode)
+    every draw stays its own candidate with its own q, as multi-step speculative sampling needs.
+    """
     if not trees:
         raise ValueError("nothing to merge")
     root = trees[0].tokens[0]
@@ -18,7 +22,10 @@ def merge_trees(trees: list[TokenTree]) -> TokenTree:
         where = [0] * len(tree)
         for node in range(1, len(tree)):
             key = (where[tree.parents[node]], tree.tokens[node])
-            if key not in child_of:
-                child_of[key] = merged.add(*key)
-            where[node] = child_of[key]
+            if not dedup:
+                where[node] = merged.add(*key, tree.probs[node])
+            else:
+                if key not in child_of:
+                    child_of[key] = merged.add(*key)
+                where[node] = child_of[key]
     return merged

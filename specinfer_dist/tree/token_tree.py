@@ -2,7 +2,9 @@
 
 Node 0 is the root, the request's last committed token; every other node is a drafted
 token whose parent has a smaller index. A node attends to the committed prefix and to
-its own ancestors, and sits at position ``prefix length + depth``.
+its own ancestors, and sits at position ``prefix length + depth``. In stochastic mode each
+drafted node also records the distribution q it was sampled from (None: proposed
+deterministically, a point mass), which multi-step speculative sampling needs.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import torch
 class TokenTree:
     tokens: list[int]
     parents: list[int] = field(default_factory=lambda: [-1])
+    probs: list[torch.Tensor | None] = field(default_factory=lambda: [None])
 
     @classmethod
     def from_root(cls, token: int) -> "TokenTree":
-        return cls([token], [-1])
+        return cls([token], [-1], [None])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -28,12 +31,13 @@ class TokenTree:
     def num_drafted(self) -> int:
         return len(self.tokens) - 1
 
-    def add(self, parent: int, token: int) -> int:
-        """Append a child of ``parent`` and return its index."""
+    def add(self, parent: int, token: int, probs: torch.Tensor | None = None) -> int:
+        """Append a child of ``parent`` (drawn from ``probs``, if sampled) and return its index."""
         if not 0 <= parent < len(self.tokens):
             raise IndexError(f"parent {parent} is not a node of this tree")
         self.tokens.append(token)
         self.parents.append(parent)
+        self.probs.append(probs)
         return len(self.tokens) - 1
 
     def children(self) -> list[list[int]]:
@@ -65,6 +69,7 @@ class TokenTree:
         return TokenTree(
             [self.tokens[old] for old in order],
             [-1] + [new_index[self.parents[old]] for old in order[1:]],
+            [self.probs[old] for old in order],
         )
 
     def attention_mask(self) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Verification of a token tree against the LLM's logits."""
+"""Verification of a token tree against the LLM: greedy, multi-step speculative sampling, naive.
+
+Each returns the accepted drafted nodes (root-to-leaf order) and one more token from the LLM,
+so every step yields ``len(accepted) + 1`` tokens.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,7 @@ from specinfer_dist.tree.token_tree import TokenTree
 def verify_greedy(tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int]:
     """VerifyGreedy: follow the child matching the LLM's argmax, then add the LLM's own token.
 
-    ``logits[i]`` is the LLM's prediction after node i. Returns the accepted drafted nodes
-    (root-to-leaf order) and the bonus token, so each step yields ``len(accepted) + 1`` tokens.
+    ``logits[i]`` is the LLM's prediction after node i.
     """
     best = logits.argmax(dim=-1).tolist()
     kids = tree.children()
@@ -21,5 +24,59 @@ def verify_greedy(tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int
         match = next((c for c in kids[node] if tree.tokens[c] == best[node]), None)
         if match is None:
             return accepted, best[node]
+        accepted.append(match)
+        node = match
+
+
+def verify_mss(tree: TokenTree, target: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
+    """Multi-step speculative sampling (SpecInfer, Algorithm 2): the output is distributed as p.
+
+    ``target[i]`` is the LLM's processed distribution p after node i. At each node a random
+    candidate s is accepted with probability min(1, p(x_s) / q_s(x_s)); otherwise p becomes
+    norm(max(0, p - q_s)) and s is dropped. With no candidate left, sample from what p became.
+    ``tree.probs[s]`` is the q that drew s; None means s was proposed deterministically (q = delta).
+    """
+    kids = tree.children()
+    accepted: list[int] = []
+    node = 0
+    while True:
+        p = target[node].clone()
+        candidates = list(kids[node])
+        chosen = None
+        while candidates:
+            s = candidates.pop(int(torch.randint(len(candidates), (1,), generator=generator)))
+            x, q = tree.tokens[s], tree.probs[s]
+            q_x = 1.0 if q is None else q[x].item()
+            if torch.rand((), generator=generator, dtype=torch.float64).item() * q_x <= p[x].item():
+                chosen = s
+                break
+            p = _residual(p, x, q)
+        if chosen is None:
+            return accepted, int(torch.multinomial(p, 1, generator=generator))
+        accepted.append(chosen)
+        node = chosen
+
+
+def _residual(p: torch.Tensor, x: int, q: torch.Tensor | None) -> torch.Tensor:
+    if q is None:
+        residual = p.clone()
+        residual[x] = 0.0
+    else:
+        residual = (p - q.to(p.dtype)).clamp_min(0.0)
+    total = residual.sum()
+    # A zero residual means p <= q everywhere, i.e. p == q up to rounding: nothing left to correct.
+    return residual / total if total > 0 else p
+
+
+def verify_naive(tree: TokenTree, target: torch.Tensor, generator: torch.Generator) -> tuple[list[int], int]:
+    """Naive sampling (baseline): sample from p at each node and descend while a child matches."""
+    kids = tree.children()
+    accepted: list[int] = []
+    node = 0
+    while True:
+        token = int(torch.multinomial(target[node], 1, generator=generator))
+        match = next((c for c in kids[node] if tree.tokens[c] == token), None)
+        if match is None:
+            return accepted, token
         accepted.append(match)
         node = match

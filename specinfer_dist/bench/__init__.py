@@ -1,0 +1,3 @@
+from specinfer_dist.bench.run import BenchConfig, run_bench
+
+__all__ = ["BenchConfig", "run_bench"]

@@ -1,0 +1,152 @@
+"""Side-by-side benchmark: our engine's decoding modes against Hugging Face greedy generate().
+
+Every mode runs the same prompts one at a time (concurrency 1) in the same process, so the
+ratios printed are measured side by side. Greedy outputs are also compared across modes.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tqdm import tqdm
+
+from specinfer_dist.engine.engine import LLMEngine
+from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.models.loader import parse_dtype, resolve_model_dir
+
+ENGINE_MODES = ("incremental", "sequence", "tree")
+MODES = (*ENGINE_MODES, "hf")
+
+
+@dataclass
+class BenchConfig:
+    llm: str = "default"
+    ssms: list[str] | None = None
+    tree: str = "1,1,3,1,1,1,1,1"
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    prompts: str | None = None  # JSONL with "prompt" and optional "chat"; None: the shipped set
+    max_tokens: int = 64
+    dtype: str = "float32"
+    out: str = "bench-out"
+
+
+def load_prompts(path: str | None) -> list[dict[str, Any]]:
+    text = Path(path).read_text() if path else resources.files(__package__).joinpath("prompts.jsonl").read_text()
+    try:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as err:
+        raise InvalidConfigError(f"prompts file {path}: {err}") from None
+    if not rows or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
+        raise InvalidConfigError(f"prompts file {path} needs JSON lines with a string 'prompt'")
+    return rows
+
+
+def _machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def _engine_mode(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    engine.generate(prompt_ids[0], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+    engine.timing = {"draft_s": 0.0, "verify_s": 0.0}
+    outs, start = [], time.perf_counter()
+    for ids in prompt_ids:
+        outs.extend(engine.generate(ids, params))
+    elapsed = time.perf_counter() - start
+    steps = sum(o.stats.steps for o in outs)
+    return {
+        "outputs": [o.token_ids for o in outs],
+        "elapsed_s": elapsed,
+        "steps": steps,
+        "accepted_tokens": sum(o.stats.accepted_tokens for o in outs),
+        "drafted_tokens": sum(o.stats.drafted_tokens for o in outs),
+        "draft_fraction": engine.timing["draft_s"] / max(1e-9, elapsed),
+    }
+
+
+def _hf_mode(llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
+    model = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype).eval()
+
+    def generate(ids: list[int], n: int) -> list[int]:
+        with torch.inference_mode():
+            out = model.generate(
+                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                max_new_tokens=n, do_sample=False, pad_token_id=model.generation_config.eos_token_id,
+            )
+        return out[0, len(ids):].tolist()
+
+    generate(prompt_ids[0], 4)  # warm-up
+    start = time.perf_counter()
+    outs = [generate(ids, max_tokens) for ids in prompt_ids]
+    elapsed = time.perf_counter() - start
+    n = sum(len(o) for o in outs)
+    return {"outputs": outs, "elapsed_s": elapsed, "steps": n, "accepted_tokens": 0, "drafted_tokens": 0,
+            "draft_fraction": 0.0}
+
+
+def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
+    unknown = set(config.modes) - set(MODES)
+    if unknown:
+        raise InvalidConfigError(f"unknown bench mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    rows = load_prompts(config.prompts)
+    dtype = parse_dtype(config.dtype)
+    base = LLMEngine(config.llm, mode="incremental", dtype=dtype, progress=progress)
+    prompt_ids = [base.encode(r["prompt"], chat=bool(r.get("chat"))) for r in rows]
+    raw: dict[str, dict[str, Any]] = {}
+    for mode in tqdm(config.modes, desc="bench modes", disable=not progress):
+        if mode == "hf":
+            raw[mode] = _hf_mode(resolve_model_dir(config.llm, progress=progress), dtype, prompt_ids, config.max_tokens)
+        else:
+            engine = base if mode == "incremental" else LLMEngine(
+                config.llm, ssms=config.ssms, tree=config.tree, mode=mode, dtype=dtype, progress=progress
+            )
+            raw[mode] = _engine_mode(engine, prompt_ids, config.max_tokens)
+    reference = raw.get("incremental") or raw.get("hf")
+    summary = {}
+    for mode, r in raw.items():
+        tokens = sum(len(o) for o in r["outputs"])
+        summary[mode] = {
+            "generated_tokens": tokens,
+            "tokens_per_step": tokens / r["steps"],
+            "tokens_per_s": tokens / r["elapsed_s"],
+            "ms_per_token": 1000 * r["elapsed_s"] / tokens,
+            "accepted_tokens": r["accepted_tokens"],
+            "drafted_tokens": r["drafted_tokens"],
+            "draft_time_fraction": r["draft_fraction"],
+            "outputs_equal_reference": sum(a == b for a, b in zip(r["outputs"], reference["outputs"])),
+        }
+    for mode, s in summary.items():
+        for other in ("incremental", "hf"):
+            if other in summary:
+                s[f"speedup_vs_{other}"] = s["tokens_per_s"] / summary[other]["tokens_per_s"]
+    result = {
+        "machine": _machine(),
+        "config": asdict(config),
+        "num_prompts": len(rows),
+        "summary": summary,
+        "outputs": {mode: r["outputs"] for mode, r in raw.items()},
+    }
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    cols = ("tokens_per_step", "tokens_per_s", "ms_per_token", "speedup_vs_incremental", "speedup_vs_hf",
+            "draft_time_fraction", "outputs_equal_reference")
+    lines = [f"machine: {result['machine']}; prompts: {result['num_prompts']}",
+             "| mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for mode, s in result["summary"].items():
+        cells = [f"{s[c]:.3g}" if isinstance(s.get(c), float) else str(s.get(c, "-")) for c in cols]
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
