@@ -18,6 +18,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML file with an 'engine:' section (flags override it)")
     parser.add_argument("--llm", help="'default', a HF checkpoint dir, a .gguf file or a hub id")
     parser.add_argument("--ssm", dest="ssms", action="append", help="SSM source; repeat for several")
+    parser.add_argument("--drafter", dest="drafters", action="append",
+                        help="model-free drafter: ngram or ngram:<widths>; repeat for several")
     parser.add_argument("--tree", help="children per node at each depth, e.g. 1,1,3,1,1,1,1,1")
     parser.add_argument("--tree-budget", type=int, help="most drafted tokens per step (default 64)")
     parser.add_argument("--mode", choices=MODES)

@@ -16,6 +16,7 @@ from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, DEFAULT_WIDTHS
 class EngineConfig:
     llm: str = "default"  # "default", a HF checkpoint dir, a .gguf file or a hub id
     ssms: list[str] | None = None  # None: the default SSM for the default LLM, none otherwise
+    drafters: list[str] = field(default_factory=list)  # model-free drafters, e.g. "ngram" or "ngram:2,1,1,1"
     tree: str = ",".join(map(str, DEFAULT_WIDTHS))
     tree_budget: int = DEFAULT_TOKEN_BUDGET
     mode: str | None = None  # incremental | sequence | tree; None: tree when there is an SSM

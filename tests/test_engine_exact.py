@@ -79,6 +79,18 @@ def test_two_ssms_merged_tree_is_exact(models):
         assert_greedy_equal(hf, prompt, out.token_ids, hf_greedy(hf, prompt, MAX_NEW))
 
 
+def test_ngram_drafter_alone_and_merged_is_exact(models):
+    llm, near, _, hf = models
+    # Prompts that repeat themselves, so prompt lookup has something to find.
+    batch = [p + p[: len(p) // 2] for p in prompts(4, seed=13)]
+    for ssms, drafters in (([], ["ngram"]), ([str(near)], ["ngram:2,1,1,1"])):
+        engine = LLMEngine(str(llm), ssms=ssms, drafters=drafters, tree="1,1,1,1")
+        outs = engine.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW))
+        for prompt, out in zip(batch, outs):
+            assert_greedy_equal(hf, prompt, out.token_ids, hf_greedy(hf, prompt, MAX_NEW))
+        assert sum(o.stats.drafted_tokens for o in outs) > 0
+
+
 def test_batch_of_mixed_lengths_equals_each_alone(models):
     llm, near, _, _ = models
     engine = LLMEngine(str(llm), ssms=[str(near)], max_num_seqs=4)  # 7 prompts: requests join mid-way

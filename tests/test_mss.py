@@ -85,17 +85,19 @@ def sample(engine: LLMEngine, trials: int = TRIALS, **kwargs) -> tuple[Counter, 
 
 
 CASES = [
-    # (ssms, tree, temperature, top_k, top_p)
-    (["near"], "2,2", 1.0, 0, 1.0),
-    (["far"], "1,3", 0.7, 0, 1.0),
-    (["near", "far"], "2,1", 1.0, 0, 0.8),
-    (["near"], "1,1", 0.7, 5, 0.9),
+    # (ssms, model-free drafters, tree, temperature, top_k, top_p)
+    (["near"], [], "2,2", 1.0, 0, 1.0),
+    (["far"], [], "1,3", 0.7, 0, 1.0),
+    (["near", "far"], ["ngram"], "2,1", 1.0, 0, 0.8),  # merged: two SSMs plus prompt lookup
+    (["near"], [], "1,1", 0.7, 5, 0.9),
 ]
 
 
-@pytest.mark.parametrize("ssms,tree,temperature,top_k,top_p", CASES)
-def test_tree_mss_matches_llm_distribution(ckpts, ssms, tree, temperature, top_k, top_p):
-    engine = LLMEngine(ckpts["llm"], ssms=[ckpts[s] for s in ssms], tree=tree, max_num_seqs=2048)
+@pytest.mark.parametrize("ssms,drafters,tree,temperature,top_k,top_p", CASES)
+def test_tree_mss_matches_llm_distribution(ckpts, ssms, drafters, tree, temperature, top_k, top_p):
+    engine = LLMEngine(
+        ckpts["llm"], ssms=[ckpts[s] for s in ssms], drafters=drafters, tree=tree, max_num_seqs=2048
+    )
     counts, tokens_per_step = sample(engine, temperature=temperature, top_k=top_k, top_p=top_p)
     exact = exact_distribution(ckpts["hf"], PROMPT, NEW_TOKENS, temperature, top_k, top_p)
     p_value = g_test(counts, exact)

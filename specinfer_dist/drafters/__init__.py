@@ -1,4 +1,5 @@
 from specinfer_dist.drafters.base import Drafter
+from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.drafters.ssm import SSMDrafter
 
-__all__ = ["Drafter", "SSMDrafter"]
+__all__ = ["Drafter", "NgramDrafter", "SSMDrafter"]

@@ -18,6 +18,7 @@ from transformers import GenerationConfig
 
 from specinfer_dist.config import EngineConfig
 from specinfer_dist.drafters.base import Drafter
+from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.drafters.ssm import SSMDrafter
 from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.engine.outputs import RequestOutput
@@ -51,6 +52,7 @@ class LLMEngine:
         self,
         llm: str | None = None,
         ssms: Seq[str] | None = None,
+        drafters: Seq[str] = (),
         tree: str | Seq[int] | TreeSpec | None = None,
         tree_budget: int = DEFAULT_TOKEN_BUDGET,
         mode: str | None = None,
@@ -64,11 +66,12 @@ class LLMEngine:
         self.runner = ModelRunner(self.model)
         if ssms is None:
             ssms = ["default"] if llm in (None, "default") else []
-        mode = mode or ("tree" if ssms else "incremental")
+        ssms = [s for s in ssms if s != "none"]  # "none": explicitly no SSM
+        mode = mode or ("tree" if ssms or drafters else "incremental")
         if mode not in MODES:
             raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode != "incremental" and not ssms:
-            raise InvalidConfigError(f"mode {mode!r} needs at least one SSM")
+        if mode != "incremental" and not (ssms or drafters):
+            raise InvalidConfigError(f"mode {mode!r} needs at least one SSM or drafter")
         if verify not in VERIFIERS:
             raise InvalidConfigError(f"verify must be one of {', '.join(VERIFIERS)}, got {verify!r}")
         if draft_temperature is not None and not draft_temperature > 0:
@@ -85,6 +88,7 @@ class LLMEngine:
             for i, source in enumerate(ssms):
                 model = self._load_ssm(source, dtype, progress)
                 self.drafters.append(SSMDrafter(model, self.spec, f"ssm{i}", draft_temperature))
+            self.drafters.extend(_model_free_drafter(name, self.spec) for name in drafters)
         self.eos_ids = _eos_ids(model_dir, self.model.config, self.tokenizer)
         self.scheduler = Scheduler(max_num_seqs)
         self._ids = itertools.count()
@@ -215,7 +219,8 @@ class LLMEngine:
         max_depths = [seq.remaining - 1 for seq in seqs]
         proposals = [d.propose(seqs, max_depths) for d in self.drafters]
         return [
-            merge_trees(list(trees), dedup=seq.params.greedy).dfs() for seq, trees in zip(seqs, zip(*proposals))
+            merge_trees(list(trees), seq.params.greedy, self.spec.token_budget).dfs()
+            for seq, trees in zip(seqs, zip(*proposals))
         ]
 
     def _append(self, seq: Sequence, tokens: Iterable[int]) -> None:
@@ -246,6 +251,15 @@ class LLMEngine:
         for drafter in self.drafters:
             drafter.release(seq)
         self.scheduler.finish(seq)
+
+
+def _model_free_drafter(name: str, spec: TreeSpec) -> Drafter:
+    """``ngram`` or ``ngram:<widths>``; without widths, a chain as deep as the SSMs' tree."""
+    kind, _, widths = name.partition(":")
+    if kind != "ngram":
+        raise InvalidConfigError(f"unknown drafter {name!r}; model-free drafters: ngram[:widths]")
+    own = TreeSpec.parse(widths, spec.token_budget) if widths else TreeSpec((1,) * spec.depth, spec.token_budget)
+    return NgramDrafter(own)
 
 
 def _tree_spec(tree: str | Seq[int] | TreeSpec | None, budget: int) -> TreeSpec:
