@@ -8,6 +8,8 @@ import sys
 import time
 from dataclasses import fields
 
+from specinfer_dist.bench.run import DEFAULT_MODES, BenchConfig, format_summary, run_bench
+from specinfer_dist.bench.run import MODES as BENCH_MODES
 from specinfer_dist.config import EngineConfig, load_config
 from specinfer_dist.engine.engine import MODES, VERIFIERS, LLMEngine
 from specinfer_dist.engine.sampling_params import SamplingParams
@@ -68,13 +70,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from specinfer_dist.bench import BenchConfig, run_bench
-    from specinfer_dist.bench.run import format_summary
-
     config = BenchConfig(
         llm=args.llm or "default", ssms=args.ssms, tree=args.tree or BenchConfig.tree,
         modes=args.modes.split(","), prompts=args.prompts, max_tokens=args.max_tokens,
-        dtype=args.dtype or "float32", out=args.out,
+        temperature=args.temperature, dtype=args.dtype or "float32", out=args.out,
     )
     result = run_bench(config)
     print(format_summary(result))
@@ -104,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ssm", dest="ssms", action="append")
     bench.add_argument("--tree")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"))
-    bench.add_argument("--modes", default="incremental,sequence,tree,hf")
+    bench.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from: {','.join(BENCH_MODES)}")
+    bench.add_argument("--temperature", type=float, default=1.0, help="for the sampled -mss/-naive modes")
     bench.add_argument("--prompts", help="JSONL file with 'prompt' and optional 'chat' (default: shipped set)")
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--out", default="bench-out")

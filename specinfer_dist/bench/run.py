@@ -1,7 +1,7 @@
 """Side-by-side benchmark: our engine's decoding modes against Hugging Face greedy generate().
 
 Every mode runs the same prompts one at a time (concurrency 1) in the same process, so the
-ratios printed are measured side by side. Greedy outputs are also compared across modes.
+ratios are measured side by side. Greedy outputs are compared with incremental decoding's.
 """
 
 from __future__ import annotations
@@ -23,8 +23,20 @@ from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.loader import parse_dtype, resolve_model_dir
 
-ENGINE_MODES = ("incremental", "sequence", "tree")
+# Engine settings per mode. "-mss"/"-naive" modes sample at the bench temperature.
+ENGINE_MODES: dict[str, dict[str, Any]] = {
+    "incremental": {"mode": "incremental"},
+    "sequence": {"mode": "sequence"},
+    "tree": {"mode": "tree"},
+    "ngram": {"mode": "sequence", "ssms": ["none"], "drafters": ["ngram"]},
+    "merged": {"mode": "tree", "drafters": ["ngram"]},  # the SSMs' tree plus prompt lookup
+    "sequence-naive": {"mode": "sequence", "verify": "naive"},
+    "sequence-mss": {"mode": "sequence", "verify": "mss"},
+    "tree-naive": {"mode": "tree", "verify": "naive"},
+    "tree-mss": {"mode": "tree", "verify": "mss"},
+}
 MODES = (*ENGINE_MODES, "hf")
+DEFAULT_MODES = "incremental,sequence,tree,ngram,merged,hf"
 
 
 @dataclass
@@ -32,9 +44,10 @@ class BenchConfig:
     llm: str = "default"
     ssms: list[str] | None = None
     tree: str = "1,1,3,1,1,1,1,1"
-    modes: list[str] = field(default_factory=lambda: list(MODES))
+    modes: list[str] = field(default_factory=lambda: DEFAULT_MODES.split(","))
     prompts: str | None = None  # JSONL with "prompt" and optional "chat"; None: the shipped set
     max_tokens: int = 64
+    temperature: float = 1.0  # for the sampled (-mss / -naive) modes
     dtype: str = "float32"
     out: str = "bench-out"
 
@@ -50,18 +63,30 @@ def load_prompts(path: str | None) -> list[dict[str, Any]]:
     return rows
 
 
-def _machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+def machine() -> str:
+    """CPU model and threads (or the GPU), for labelling numbers."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    cpu = platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
-def _engine_mode(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    engine.generate(prompt_ids[0], SamplingParams(temperature=0, max_tokens=4))  # warm-up
+def _run_engine(engine: LLMEngine, prompt_ids: list[list[int]], params: list[SamplingParams]) -> dict[str, Any]:
+    engine.generate(prompt_ids[0], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     engine.timing = {"draft_s": 0.0, "verify_s": 0.0}
     outs, start = [], time.perf_counter()
-    for ids in prompt_ids:
-        outs.extend(engine.generate(ids, params))
+    for ids, sp in zip(prompt_ids, params):
+        outs.extend(engine.generate(ids, sp))
     elapsed = time.perf_counter() - start
+    depth_counts: list[int] = []
+    for o in outs:
+        for d, n in enumerate(o.stats.accepted_at_depth):
+            depth_counts.extend([0] * (d + 1 - len(depth_counts)))
+            depth_counts[d] += n
     steps = sum(o.stats.steps for o in outs)
     return {
         "outputs": [o.token_ids for o in outs],
@@ -69,11 +94,12 @@ def _engine_mode(engine: LLMEngine, prompt_ids: list[list[int]], max_tokens: int
         "steps": steps,
         "accepted_tokens": sum(o.stats.accepted_tokens for o in outs),
         "drafted_tokens": sum(o.stats.drafted_tokens for o in outs),
-        "draft_fraction": engine.timing["draft_s"] / max(1e-9, elapsed),
+        "acceptance_by_depth": [n / steps for n in depth_counts],
+        "draft_time_fraction": engine.timing["draft_s"] / elapsed,
     }
 
 
-def _hf_mode(llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def _run_hf(llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype).eval()
 
     def generate(ids: list[int], n: int) -> list[int]:
@@ -88,9 +114,7 @@ def _hf_mode(llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max
     start = time.perf_counter()
     outs = [generate(ids, max_tokens) for ids in prompt_ids]
     elapsed = time.perf_counter() - start
-    n = sum(len(o) for o in outs)
-    return {"outputs": outs, "elapsed_s": elapsed, "steps": n, "accepted_tokens": 0, "drafted_tokens": 0,
-            "draft_fraction": 0.0}
+    return {"outputs": outs, "elapsed_s": elapsed, "steps": sum(len(o) for o in outs)}
 
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -101,35 +125,42 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     dtype = parse_dtype(config.dtype)
     base = LLMEngine(config.llm, mode="incremental", dtype=dtype, progress=progress)
     prompt_ids = [base.encode(r["prompt"], chat=bool(r.get("chat"))) for r in rows]
+    greedy = [SamplingParams(max_tokens=config.max_tokens, temperature=0)] * len(rows)
+    sampled = [
+        SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, seed=i) for i in range(len(rows))
+    ]
     raw: dict[str, dict[str, Any]] = {}
     for mode in tqdm(config.modes, desc="bench modes", disable=not progress):
         if mode == "hf":
-            raw[mode] = _hf_mode(resolve_model_dir(config.llm, progress=progress), dtype, prompt_ids, config.max_tokens)
-        else:
-            engine = base if mode == "incremental" else LLMEngine(
-                config.llm, ssms=config.ssms, tree=config.tree, mode=mode, dtype=dtype, progress=progress
-            )
-            raw[mode] = _engine_mode(engine, prompt_ids, config.max_tokens)
+            raw[mode] = _run_hf(resolve_model_dir(config.llm, progress=progress), dtype, prompt_ids, config.max_tokens)
+            continue
+        settings = {"ssms": config.ssms, "tree": config.tree, **ENGINE_MODES[mode]}
+        engine = base if mode == "incremental" else LLMEngine(config.llm, dtype=dtype, progress=progress, **settings)
+        is_sampled = "verify" in settings
+        raw[mode] = _run_engine(engine, prompt_ids, sampled if is_sampled else greedy)
+        raw[mode]["sampled"] = is_sampled
     reference = raw.get("incremental") or raw.get("hf")
     summary = {}
     for mode, r in raw.items():
         tokens = sum(len(o) for o in r["outputs"])
-        summary[mode] = {
+        s = summary[mode] = {
             "generated_tokens": tokens,
             "tokens_per_step": tokens / r["steps"],
             "tokens_per_s": tokens / r["elapsed_s"],
             "ms_per_token": 1000 * r["elapsed_s"] / tokens,
-            "accepted_tokens": r["accepted_tokens"],
-            "drafted_tokens": r["drafted_tokens"],
-            "draft_time_fraction": r["draft_fraction"],
-            "outputs_equal_reference": sum(a == b for a, b in zip(r["outputs"], reference["outputs"])),
         }
-    for mode, s in summary.items():
+        for key in ("accepted_tokens", "drafted_tokens", "acceptance_by_depth", "draft_time_fraction"):
+            if key in r:
+                s[key] = r[key]
+        if reference and not r.get("sampled"):
+            s["outputs_equal_reference"] = sum(a == b for a, b in zip(r["outputs"], reference["outputs"]))
+    for s in summary.values():
         for other in ("incremental", "hf"):
             if other in summary:
                 s[f"speedup_vs_{other}"] = s["tokens_per_s"] / summary[other]["tokens_per_s"]
     result = {
-        "machine": _machine(),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
         "config": asdict(config),
         "num_prompts": len(rows),
         "summary": summary,
@@ -142,7 +173,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def format_summary(result: dict[str, Any]) -> str:
-    cols = ("tokens_per_step", "tokens_per_s", "ms_per_token", "speedup_vs_incremental", "speedup_vs_hf",
+    cols = ("tokens_per_step", "ms_per_token", "speedup_vs_incremental", "speedup_vs_hf",
             "draft_time_fraction", "outputs_equal_reference")
     lines = [f"machine: {result['machine']}; prompts: {result['num_prompts']}",
              "| mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]

@@ -196,6 +196,10 @@ class LLMEngine:
             seq.stats.steps += 1
             seq.stats.drafted_tokens += tree.num_drafted
             seq.stats.accepted_tokens += len(accepted)
+            depths = seq.stats.accepted_at_depth
+            depths.extend([0] * (len(accepted) - len(depths)))
+            for d in range(len(accepted)):
+                depths[d] += 1
             self._append(seq, [tree.tokens[n] for n in accepted] + [bonus])
             if seq.finished:
                 self._finish(seq)

@@ -23,6 +23,7 @@ class SpecStats:
     drafted_tokens: int = 0
     accepted_tokens: int = 0  # drafted tokens the LLM kept
     generated_tokens: int = 0
+    accepted_at_depth: list[int] = field(default_factory=list)  # steps that kept a token at depth d+1
 
     @property
     def tokens_per_step(self) -> float:
