@@ -1,8 +1,8 @@
 """Model-free drafting (prompt lookup) and the merge budget, on hand-made token streams."""
 
+from specinfer_dist.drafters.base import DraftRequest
 from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.engine.sampling_params import SamplingParams
-from specinfer_dist.engine.sequence import Sequence
 from specinfer_dist.tree import TokenTree, TreeSpec, merge_trees
 
 
@@ -23,8 +23,7 @@ def test_ngram_branches_on_distinct_matches_and_respects_depth():
     assert drafter.continuations(tokens, 3) == [[2, 7, 1]]
     tokens = [7, 1, 7, 2, 7]  # only the 1-gram [7] recurs: two distinct continuations, latest first
     assert drafter.continuations(tokens, 2) == [[2, 7], [1, 7]]
-    seq = Sequence(0, tokens, SamplingParams())
-    [tree] = drafter.propose([seq], max_depths=[1])
+    [tree] = drafter.propose([DraftRequest(0, tokens, SamplingParams())], max_depths=[1])
     assert tree.tokens[0] == 7 and sorted(tree.tokens[1:]) == [1, 2] and tree.depths() == [0, 1, 1]
     assert all(q is None for q in tree.probs)  # deterministic proposals: point masses
 

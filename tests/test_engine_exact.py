@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from exactness import assert_greedy_equal, hf_greedy
 from helpers import make_tiny_checkpoint
 from specinfer_dist import LLMEngine, SamplingParams
-from specinfer_dist.engine.model_runner import ModelRunner, RunItem
+from specinfer_dist.engine.model_runner import RunItem
 
 MAX_NEW = 24
 
@@ -109,9 +109,9 @@ def test_kv_cache_after_speculative_steps_equals_incremental(models):
     for _ in range(4):
         engine.step()
     assert seq.stats.accepted_tokens > 0 and not seq.finished
-    spec_cache = seq.llm_cache.committed()
+    spec_cache = engine.verifier.caches[seq.request_id].committed()
     assert spec_cache.shape[3] == len(seq.tokens) - 1  # everything but the newest token
-    runner = ModelRunner(engine.model)
+    runner = engine.verifier.runner
     cache = runner.new_cache()
     for token in seq.tokens[:-1]:  # plain incremental decoding, one token per forward
         runner.forward([RunItem(cache, [token], [-1], [0])])

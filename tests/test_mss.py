@@ -109,8 +109,8 @@ def test_tree_mss_matches_llm_distribution(ckpts, ssms, drafters, tree, temperat
 class TopKButClaimsDrawn(SSMDrafter):
     """Wrong on purpose: takes the SSM's top-k tokens but records them as drawn from q."""
 
-    def _children(self, seq, logits, k):
-        q = sampling_probs(logits, seq.params.temperature)
+    def _children(self, request, logits, k):
+        q = sampling_probs(logits, request.params.temperature)
         return [[(t, q[row]) for t in tokens] for row, tokens in enumerate(q.topk(k, dim=-1).indices.tolist())]
 
 

@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
+import zlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
-from specinfer_dist.engine.sequence import Sequence
+import torch
+
+from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
+
+
+@dataclass
+class DraftRequest:
+    """What a drafter sees of a request (small and picklable, so drafters can run elsewhere)."""
+
+    request_id: int
+    tokens: list[int]  # prompt + output so far; the tree's root is the last one
+    params: SamplingParams
 
 
 class Drafter(ABC):
@@ -15,8 +28,19 @@ class Drafter(ABC):
         self.spec = spec
 
     @abstractmethod
-    def propose(self, seqs: list[Sequence], max_depths: list[int]) -> list[TokenTree]:
-        """One tree per sequence, rooted at its last token, at most ``max_depths[i]`` deep."""
+    def propose(self, requests: list[DraftRequest], max_depths: list[int]) -> list[TokenTree]:
+        """One tree per request, rooted at its last token, at most ``max_depths[i]`` deep."""
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, request_id: int) -> None:
         """Forget per-request state once a request ends."""
+
+
+def draft_generator(params: SamplingParams, drafter_name: str) -> torch.Generator:
+    """A drafter's own random stream for a request: seeded requests draft reproducibly
+    wherever the drafter runs, independently of the verifier's stream and of other drafters."""
+    generator = torch.Generator()
+    if params.seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed((params.seed * 1_000_003 + zlib.crc32(drafter_name.encode())) % 2**63)
+    return generator

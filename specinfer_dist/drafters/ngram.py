@@ -6,8 +6,7 @@ code, quoting). Its proposals are deterministic, so each node is a point mass fo
 
 from __future__ import annotations
 
-from specinfer_dist.drafters.base import Drafter
-from specinfer_dist.engine.sequence import Sequence
+from specinfer_dist.drafters.base import DraftRequest, Drafter
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
@@ -24,10 +23,10 @@ class NgramDrafter(Drafter):
         super().__init__(name, spec)
         self.max_ngram, self.min_ngram = max_ngram, min_ngram
 
-    def propose(self, seqs: list[Sequence], max_depths: list[int]) -> list[TokenTree]:
+    def propose(self, requests: list[DraftRequest], max_depths: list[int]) -> list[TokenTree]:
         trees = []
-        for seq, max_depth in zip(seqs, max_depths):
-            tokens = seq.tokens
+        for request, max_depth in zip(requests, max_depths):
+            tokens = request.tokens
             branches = []
             for continuation in self.continuations(tokens, min(max_depth, self.spec.depth)):
                 branch = TokenTree.from_root(tokens[-1])

@@ -6,10 +6,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specinfer_dist.drafters.base import Drafter
+from specinfer_dist.drafters.base import DraftRequest, Drafter, draft_generator
 from specinfer_dist.engine.kv_cache import KVCache
 from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
-from specinfer_dist.engine.sequence import Sequence
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.spec import TreeSpec
@@ -20,7 +19,7 @@ from specinfer_dist.tree.token_tree import TokenTree
 class _Expansion:
     """One request's tree under construction and how its nodes map to pending cache rows."""
 
-    seq: Sequence
+    request: DraftRequest
     cache: KVCache
     tree: TokenTree
     chain_len: int  # committed tokens fed this step (the root is the last of them)
@@ -47,17 +46,19 @@ class SSMDrafter(Drafter):
         self.draft_temperature = draft_temperature
         self.runner = ModelRunner(model)
         self.caches: dict[int, KVCache] = {}
+        self.generators: dict[int, torch.Generator] = {}
 
-    def propose(self, seqs: list[Sequence], max_depths: list[int]) -> list[TokenTree]:
+    def propose(self, requests: list[DraftRequest], max_depths: list[int]) -> list[TokenTree]:
         states = []
-        for seq, max_depth in zip(seqs, max_depths):
-            if seq.request_id not in self.caches:
-                self.caches[seq.request_id] = self.runner.new_cache()
-            cache = self.caches[seq.request_id]
-            chain = seq.tokens[cache.length :]
+        for request, max_depth in zip(requests, max_depths):
+            if request.request_id not in self.caches:
+                self.caches[request.request_id] = self.runner.new_cache()
+                self.generators[request.request_id] = draft_generator(request.params, self.name)
+            cache = self.caches[request.request_id]
+            chain = request.tokens[cache.length :]
             states.append(
                 _Expansion(
-                    seq=seq,
+                    request=request,
                     cache=cache,
                     tree=TokenTree.from_root(chain[-1]),
                     chain_len=len(chain),
@@ -72,7 +73,7 @@ class SSMDrafter(Drafter):
             logits = self.runner.forward([s.item for s in active])
             still = []
             for state, node_logits in zip(active, logits):
-                children = self._children(state.seq, node_logits, self.spec.widths[depth])
+                children = self._children(state.request, node_logits, self.spec.widths[depth])
                 state.frontier = [
                     state.tree.add(parent, token, q) for parent, kids in zip(state.frontier, children) for token, q in kids
                 ]
@@ -85,16 +86,18 @@ class SSMDrafter(Drafter):
                 state.cache.commit(range(state.chain_len))
         return [state.tree for state in states]
 
-    def _children(self, seq: Sequence, logits: torch.Tensor, k: int) -> list[list[tuple[int, torch.Tensor | None]]]:
+    def _children(
+        self, request: DraftRequest, logits: torch.Tensor, k: int
+    ) -> list[list[tuple[int, torch.Tensor | None]]]:
         """For each frontier row of ``logits``: k (token, q) children; q None = chosen, not drawn."""
-        params = seq.params
+        params = request.params
         if params.greedy:
             return [[(t, None) for t in row] for row in logits.topk(k, dim=-1).indices.tolist()]
         if self.draft_temperature is None:
             q = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
         else:
             q = sampling_probs(logits, self.draft_temperature)
-        draws = torch.multinomial(q, k, replacement=True, generator=seq.generator).tolist()
+        draws = torch.multinomial(q, k, replacement=True, generator=self.generators[request.request_id]).tolist()
         return [[(t, q[row]) for t in tokens] for row, tokens in enumerate(draws)]
 
     @staticmethod
@@ -106,5 +109,6 @@ class SSMDrafter(Drafter):
         tokens = [state.tree.tokens[n] for n in state.frontier]
         state.item = RunItem(state.cache, tokens, parents, list(range(len(tokens))))
 
-    def release(self, seq: Sequence) -> None:
-        self.caches.pop(seq.request_id, None)
+    def release(self, request_id: int) -> None:
+        self.caches.pop(request_id, None)
+        self.generators.pop(request_id, None)

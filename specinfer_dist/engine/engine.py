@@ -10,23 +10,24 @@ import itertools
 from dataclasses import asdict
 import time
 from pathlib import Path
-from typing import Iterable, Sequence as Seq
+from typing import Any, Iterable, Sequence as Seq
 
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
 from specinfer_dist.config import EngineConfig
-from specinfer_dist.drafters.base import Drafter
+from specinfer_dist.drafters.base import DraftRequest, Drafter
 from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.drafters.ssm import SSMDrafter
-from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.engine.model_runner import chain_parents
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence
+from specinfer_dist.engine.verifier import LocalVerifier, Verifier, VerifyItem
 from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
-from specinfer_dist.models.default import default_ssm_dir
+from specinfer_dist.models.default import default_ssm_dirs
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, TreeSpec
@@ -43,9 +44,10 @@ class LLMEngine:
     """Generate with tree-based speculative inference; the output is the LLM's own.
 
     ``llm`` / ``ssms`` are model sources: "default", a HF checkpoint dir, a .gguf file or a hub
-    id. Without ``ssms`` the default LLM gets the default SSM and any other LLM none. ``mode``
-    defaults to "tree" when there is a drafter, else "incremental". Sampled requests are
-    verified by multi-step speculative sampling (``verify="mss"``) or the naive baseline.
+    id. Without ``ssms`` the default LLM gets its shipped SSMs ("default") and any other LLM
+    none. ``mode`` defaults to "tree" when there is a drafter, else "incremental". Sampled
+    requests are verified by multi-step speculative sampling (``verify="mss"``) or the naive
+    baseline.
     """
 
     def __init__(
@@ -63,33 +65,72 @@ class LLMEngine:
         progress: bool = False,
     ) -> None:
         self.model, self.tokenizer, model_dir = load_model(llm, dtype=dtype, progress=progress)
-        self.runner = ModelRunner(self.model)
         if ssms is None:
             ssms = ["default"] if llm in (None, "default") else []
         ssms = [s for s in ssms if s != "none"]  # "none": explicitly no SSM
         mode = mode or ("tree" if ssms or drafters else "incremental")
+        spec = _tree_spec(tree, tree_budget)
+        if mode == "sequence":
+            spec = spec.as_sequence()
+        if draft_temperature is not None and not draft_temperature > 0:
+            raise InvalidConfigError(f"draft_temperature must be positive, got {draft_temperature!r}")
+        all_drafters: list[Drafter] = []
+        if mode != "incremental":
+            # "default": every SSM shipped for the default LLM.
+            sources = [str(d) for s in ssms for d in (default_ssm_dirs() if s == "default" else [s])]
+            for i, source in enumerate(sources):
+                model = self._load_ssm(source, dtype, progress)
+                all_drafters.append(SSMDrafter(model, spec, f"ssm{i}", draft_temperature))
+            all_drafters.extend(model_free_drafter(name, spec) for name in drafters)
+        self._init_parts(
+            tokenizer=self.tokenizer,
+            model_config=self.model.config,
+            eos_ids=eos_ids(model_dir, self.model.config, self.tokenizer),
+            verifier=LocalVerifier(self.model),
+            drafters=all_drafters,
+            spec=spec,
+            mode=mode,
+            verify=verify,
+            max_num_seqs=max_num_seqs,
+        )
+
+    @classmethod
+    def from_parts(cls, **parts: Any) -> "LLMEngine":
+        """An engine whose LLM and drafters run elsewhere (e.g. Ray actors): see ``_init_parts``."""
+        engine = cls.__new__(cls)
+        engine._init_parts(**parts)
+        return engine
+
+    def _init_parts(
+        self,
+        *,
+        tokenizer: Any,
+        model_config: Any,
+        eos_ids: set[int],
+        verifier: Verifier,
+        drafters: list[Drafter],
+        spec: TreeSpec,
+        mode: str,
+        verify: str,
+        max_num_seqs: int,
+    ) -> None:
         if mode not in MODES:
             raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode != "incremental" and not (ssms or drafters):
+        if mode != "incremental" and not drafters:
             raise InvalidConfigError(f"mode {mode!r} needs at least one SSM or drafter")
         if verify not in VERIFIERS:
             raise InvalidConfigError(f"verify must be one of {', '.join(VERIFIERS)}, got {verify!r}")
-        if draft_temperature is not None and not draft_temperature > 0:
-            raise InvalidConfigError(f"draft_temperature must be positive, got {draft_temperature!r}")
         if max_num_seqs < 1:
             raise InvalidConfigError(f"max_num_seqs must be positive, got {max_num_seqs}")
+        self.tokenizer = tokenizer
+        self.vocab_size = model_config.vocab_size
+        self.max_positions = model_config.max_position_embeddings
+        self.eos_ids = eos_ids
+        self.verifier = verifier
+        self.drafters = drafters if mode != "incremental" else []
+        self.spec = spec
         self.mode = mode
         self.verify = verify
-        self.spec = _tree_spec(tree, tree_budget)
-        if mode == "sequence":
-            self.spec = self.spec.as_sequence()
-        self.drafters: list[Drafter] = []
-        if mode != "incremental":
-            for i, source in enumerate(ssms):
-                model = self._load_ssm(source, dtype, progress)
-                self.drafters.append(SSMDrafter(model, self.spec, f"ssm{i}", draft_temperature))
-            self.drafters.extend(_model_free_drafter(name, self.spec) for name in drafters)
-        self.eos_ids = _eos_ids(model_dir, self.model.config, self.tokenizer)
         self.scheduler = Scheduler(max_num_seqs)
         self._ids = itertools.count()
         self.timing = {"draft_s": 0.0, "verify_s": 0.0}
@@ -99,8 +140,8 @@ class LLMEngine:
         return cls(**asdict(config), progress=progress)
 
     def _load_ssm(self, source: str, dtype, progress: bool):
-        path = str(default_ssm_dir(progress=progress)) if source == "default" else source
-        model, tokenizer, _ = load_model(path, dtype=dtype, progress=progress)
+        # SSMs trained by boost-tuning take their embedding and head from this LLM (no copy).
+        model, tokenizer, _ = load_model(source, dtype=dtype, progress=progress, shared_from=self.model)
         check_same_vocabulary(self.tokenizer, tokenizer, self.model.config, model.config, source)
         return model
 
@@ -122,7 +163,7 @@ class LLMEngine:
         ids = list(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty")
-        vocab = self.model.config.vocab_size
+        vocab = self.vocab_size
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in ids):
             raise InvalidRequestError(f"prompt token ids must be integers in [0, {vocab})")
         return ids
@@ -135,10 +176,10 @@ class LLMEngine:
     def _new_sequence(self, prompt: Prompt, params: SamplingParams | None, chat: bool) -> Sequence:
         params = params or SamplingParams()
         ids = self.encode(prompt, chat)
-        if len(ids) + params.max_tokens > self.model.max_positions:
+        if len(ids) + params.max_tokens > self.max_positions:
             raise InvalidRequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
-                f"context of {self.model.max_positions} tokens"
+                f"context of {self.max_positions} tokens"
             )
         return Sequence(next(self._ids), ids, params)
 
@@ -165,6 +206,13 @@ class LLMEngine:
                 bar.update(len(self.step()))
         return [self.output(seq) for seq in seqs]
 
+    def abort(self, request_id: int) -> bool:
+        """Drop a request (e.g. its client went away) and free everything it holds."""
+        seq = self.scheduler.remove(request_id)
+        if seq is not None:
+            self._release(seq)
+        return seq is not None
+
     def output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(seq.request_id, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finish_reason.value, seq.stats)
 
@@ -175,24 +223,23 @@ class LLMEngine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
-        for seq in seqs:
-            if seq.llm_cache is None:  # admitted just now
-                seq.llm_cache = self.runner.new_cache()
         start = time.perf_counter()
         trees = self._draft(seqs)
         drafted = time.perf_counter()
         items = []
         for seq, tree in zip(seqs, trees):
-            chain = seq.tokens[seq.llm_cache.length : -1]  # committed but not yet cached: the prompt, at first
+            chain = seq.tokens[seq.num_cached : -1]  # committed but not yet cached: the prompt, at first
             parents = chain_parents(len(chain)) + [p + len(chain) if p >= 0 else len(chain) - 1 for p in tree.parents]
             rows = list(range(len(chain), len(chain) + len(tree)))
-            items.append(RunItem(seq.llm_cache, chain + tree.tokens, parents, rows))
-        logits = self.runner.forward(items)
+            items.append(VerifyItem(seq.request_id, chain + tree.tokens, parents, rows))
+        logits = self.verifier.forward(items)
         finished = []
         for seq, tree, item, node_logits in zip(seqs, trees, items, logits):
             accepted, bonus = self._verify(seq, tree, node_logits)
             chain_len = len(item.tokens) - len(tree)
-            seq.llm_cache.commit([*range(chain_len), *(chain_len + n for n in [0, *accepted])])
+            keep = [*range(chain_len), *(chain_len + n for n in [0, *accepted])]
+            self.verifier.commit(seq.request_id, keep)
+            seq.num_cached += len(keep)
             seq.stats.steps += 1
             seq.stats.drafted_tokens += tree.num_drafted
             seq.stats.accepted_tokens += len(accepted)
@@ -221,7 +268,8 @@ class LLMEngine:
             return roots
         # A step yields at most depth + 1 tokens: never draft past max_tokens.
         max_depths = [seq.remaining - 1 for seq in seqs]
-        proposals = [d.propose(seqs, max_depths) for d in self.drafters]
+        requests = [DraftRequest(seq.request_id, seq.tokens, seq.params) for seq in seqs]
+        proposals = [d.propose(requests, max_depths) for d in self.drafters]
         return [
             merge_trees(list(trees), seq.params.greedy, self.spec.token_budget).dfs()
             for seq, trees in zip(seqs, zip(*proposals))
@@ -251,13 +299,16 @@ class LLMEngine:
     def _finish(self, seq: Sequence) -> None:
         if seq.text is None:  # not already cut at a stop string
             seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
-        seq.llm_cache = None
-        for drafter in self.drafters:
-            drafter.release(seq)
         self.scheduler.finish(seq)
+        self._release(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.verifier.release(seq.request_id)
+        for drafter in self.drafters:
+            drafter.release(seq.request_id)
 
 
-def _model_free_drafter(name: str, spec: TreeSpec) -> Drafter:
+def model_free_drafter(name: str, spec: TreeSpec) -> Drafter:
     """``ngram`` or ``ngram:<widths>``; without widths, a chain as deep as the SSMs' tree."""
     kind, _, widths = name.partition(":")
     if kind != "ngram":
@@ -276,7 +327,7 @@ def _tree_spec(tree: str | Seq[int] | TreeSpec | None, budget: int) -> TreeSpec:
     return TreeSpec(tuple(tree), budget)
 
 
-def _eos_ids(model_dir: Path, config, tokenizer) -> set[int]:
+def eos_ids(model_dir: Path, config, tokenizer) -> set[int]:
     """EOS as Hugging Face generate() sees it (generation_config.json, else config), plus the tokenizer's."""
     try:
         generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id

@@ -25,5 +25,14 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
 
+    def remove(self, request_id: int) -> Sequence | None:
+        """Take a request out wherever it is (waiting or running)."""
+        for queue in (self.waiting, self.running):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    return seq
+        return None
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)

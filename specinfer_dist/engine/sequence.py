@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 
-from specinfer_dist.engine.kv_cache import KVCache
 from specinfer_dist.engine.sampling_params import SamplingParams
 
 
@@ -42,8 +41,8 @@ class Sequence:
     text: str | None = None  # set when the request finishes
     finish_reason: FinishReason | None = None
     stats: SpecStats = field(default_factory=SpecStats)
-    llm_cache: KVCache | None = None
-    generator: torch.Generator = field(init=False)  # all of this request's random draws
+    num_cached: int = 0  # tokens whose K/V the LLM holds (all but the newest, after a step)
+    generator: torch.Generator = field(init=False)  # the verifier's random draws for this request
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
