@@ -203,7 +203,7 @@ class LLMEngine:
             self.scheduler.add(seq)
         with tqdm(total=len(seqs), disable=not use_tqdm, desc="generating") as bar:
             while self.scheduler.has_unfinished():
-                bar.update(len(self.step()))
+                bar.update(sum(seq.finished for seq in self.step()))
         return [self.output(seq) for seq in seqs]
 
     def abort(self, request_id: int) -> bool:
@@ -219,21 +219,35 @@ class LLMEngine:
     # ---- one iteration --------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Draft, verify and commit once for every running request; returns those that finished."""
+        """Draft, verify and commit once for every running request; returns them all
+        (the ones that ended have ``finished`` set and have left the engine)."""
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
         start = time.perf_counter()
-        trees = self._draft(seqs)
+        trees = self.draft(seqs)
         drafted = time.perf_counter()
+        items = self.verify_items(seqs, trees)
+        self.apply(seqs, trees, items, self.verifier.forward(items))
+        self.timing["draft_s"] += drafted - start
+        self.timing["verify_s"] += time.perf_counter() - drafted
+        return seqs
+
+    def verify_items(self, seqs: list[Sequence], trees: list[TokenTree]) -> list[VerifyItem]:
+        """The LLM's input per request: tokens committed but not yet cached (the prompt, at
+        first), then the tree hanging below the last of them."""
         items = []
         for seq, tree in zip(seqs, trees):
-            chain = seq.tokens[seq.num_cached : -1]  # committed but not yet cached: the prompt, at first
+            chain = seq.tokens[seq.num_cached : -1]
             parents = chain_parents(len(chain)) + [p + len(chain) if p >= 0 else len(chain) - 1 for p in tree.parents]
             rows = list(range(len(chain), len(chain) + len(tree)))
             items.append(VerifyItem(seq.request_id, chain + tree.tokens, parents, rows))
-        logits = self.verifier.forward(items)
-        finished = []
+        return items
+
+    def apply(
+        self, seqs: list[Sequence], trees: list[TokenTree], items: list[VerifyItem], logits: list[torch.Tensor]
+    ) -> None:
+        """Verify each tree against the LLM's logits, commit the accepted path, end finished requests."""
         for seq, tree, item, node_logits in zip(seqs, trees, items, logits):
             accepted, bonus = self._verify(seq, tree, node_logits)
             chain_len = len(item.tokens) - len(tree)
@@ -250,10 +264,6 @@ class LLMEngine:
             self._append(seq, [tree.tokens[n] for n in accepted] + [bonus])
             if seq.finished:
                 self._finish(seq)
-                finished.append(seq)
-        self.timing["draft_s"] += drafted - start
-        self.timing["verify_s"] += time.perf_counter() - drafted
-        return finished
 
     def _verify(self, seq: Sequence, tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int]:
         params = seq.params
@@ -262,7 +272,8 @@ class LLMEngine:
         target = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
         return VERIFIERS[self.verify](tree, target, seq.generator)
 
-    def _draft(self, seqs: list[Sequence]) -> list[TokenTree]:
+    def draft(self, seqs: list[Sequence]) -> list[TokenTree]:
+        """One merged, DFS-ordered tree per request from every drafter (just the root without)."""
         roots = [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
         if not self.drafters:
             return roots

@@ -1,0 +1,100 @@
+"""Streaming wrapper: deltas add up to generate()'s output, disconnects free requests, failures stay contained."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from helpers import make_tiny_checkpoint
+from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
+from specinfer_dist.engine.async_engine import AsyncLLMEngine, EngineStepError
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("async")
+    llm = str(make_tiny_checkpoint(tmp, "llama", seed=1))
+    sync = LLMEngine(llm, ssms=[llm], tree="1,2,1")
+    served = AsyncLLMEngine(LLMEngine(llm, ssms=[llm], tree="1,2,1"))
+    yield sync, served
+    served.shutdown()
+
+
+async def collect(served, prompt, params):
+    deltas = [d async for d in served.generate(prompt, params)]
+    return deltas
+
+
+def test_stream_concatenates_to_generate_output(engines):
+    sync, served = engines
+    prompts = ["hello world", "abc", "the quick brown fox"]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (9, 3, 14)]
+    expected = sync.generate(prompts, params)
+
+    async def main():
+        return await asyncio.gather(*(collect(served, p, sp) for p, sp in zip(prompts, params)))
+
+    for deltas, want in zip(asyncio.run(main()), expected):
+        assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
+        assert [t for d in deltas for t in d.token_ids] == want.token_ids
+        assert "".join(d.text for d in deltas) == want.text
+        assert deltas[-1].finish_reason == "length" and deltas[-1].stats.tokens_per_step > 1
+    c = served.counters
+    assert c.generation_tokens >= 26 and c.spec_decode_num_accepted_tokens > 0
+    assert sum(c.spec_decode_num_accepted_tokens_per_pos) == c.spec_decode_num_accepted_tokens
+
+
+def test_stop_string_never_leaks_into_the_stream(engines):
+    sync, served = engines
+    [full] = sync.generate("hello world", SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    stop = full.text[5:8]
+    deltas = asyncio.run(collect(served, "hello world", SamplingParams(temperature=0, max_tokens=20, stop=stop)))
+    streamed = "".join(d.text for d in deltas)
+    assert stop not in streamed and streamed == full.text[: full.text.index(stop)]
+
+
+def test_disconnect_aborts_and_frees(engines):
+    _, served = engines
+
+    async def main():
+        gen = served.generate("hello", SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        await gen.__anext__()
+        await gen.aclose()  # the client went away
+        for _ in range(100):
+            if served.num_running() == 0 and not served.engine.verifier.caches:
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    assert asyncio.run(main())
+
+
+def test_bad_input_raises_before_streaming_and_service_continues(engines):
+    _, served = engines
+
+    async def bad():
+        return [d async for d in served.generate("", SamplingParams())]
+
+    with pytest.raises(InvalidRequestError):
+        asyncio.run(bad())
+    deltas = asyncio.run(collect(served, "ok", SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)))
+    assert sum(len(d.token_ids) for d in deltas) == 4
+
+
+def test_failed_step_ends_its_requests_with_an_error_and_serving_continues(engines, monkeypatch):
+    _, served = engines
+    real_forward = served.engine.verifier.forward
+    calls = {"n": 0}
+
+    def flaky(items):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("verifier shard died")
+        return real_forward(items)
+
+    monkeypatch.setattr(served.engine.verifier, "forward", flaky)
+    with pytest.raises(EngineStepError, match="shard died"):
+        asyncio.run(collect(served, "hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)))
+    deltas = asyncio.run(collect(served, "hello", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)))
+    assert sum(len(d.token_ids) for d in deltas) == 5
