@@ -6,14 +6,17 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 from specinfer_dist.bench.run import DEFAULT_MODES, BenchConfig, format_summary, run_bench
 from specinfer_dist.bench.run import MODES as BENCH_MODES
-from specinfer_dist.config import EngineConfig, load_config
+from specinfer_dist.bench.tune import tune_tree
+from specinfer_dist.config import ClusterConfig, EngineConfig, load_cluster_config, load_config
 from specinfer_dist.engine.engine import MODES, VERIFIERS, LLMEngine
 from specinfer_dist.engine.sampling_params import SamplingParams
-from specinfer_dist.errors import SpecInferError
+from specinfer_dist.errors import InvalidConfigError, SpecInferError
+from specinfer_dist.serve.cli import add_serve_parser
+from specinfer_dist.training.cli import add_boost_tune_parser
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -39,20 +42,39 @@ def _engine_config(args: argparse.Namespace) -> EngineConfig:
     return config
 
 
+def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
+    config = load_cluster_config(args.config) if args.config else ClusterConfig()
+    flags = {f.name: getattr(args, f.name) for f in fields(ClusterConfig) if getattr(args, f.name, None) is not None}
+    return replace(config, **flags)
+
+
 def _generate(args: argparse.Namespace) -> int:
-    engine = LLMEngine.from_config(_engine_config(args), progress=True)
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos,
     )
-    start = time.perf_counter()
-    [out] = engine.generate(args.prompt, params, chat=args.chat)
-    elapsed = time.perf_counter() - start
+    if args.ray:
+        from specinfer_dist.distributed import CoordinatorClient  # Ray is imported only when asked for
+
+        client = CoordinatorClient.from_config(_engine_config(args), _cluster_config(args))
+        try:
+            start = time.perf_counter()
+            out = client.complete(args.prompt, params, chat=args.chat)
+            elapsed = time.perf_counter() - start
+            info = client.info()
+        finally:
+            client.shutdown()
+    else:
+        engine = LLMEngine.from_config(_engine_config(args), progress=True)
+        start = time.perf_counter()
+        [out] = engine.generate(args.prompt, params, chat=args.chat)
+        elapsed = time.perf_counter() - start
+        info = {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify}
     result = {
         **out.to_dict(),
-        "mode": engine.mode,
-        "tree": str(engine.spec) if engine.mode != "incremental" else None,
-        "verify": "greedy" if params.greedy else engine.verify,
+        "mode": info["mode"],
+        "tree": str(info["spec"]) if info["mode"] != "incremental" else None,
+        "verify": "greedy" if params.greedy else info["verify"],
         "elapsed_s": round(elapsed, 4),
         "ms_per_token": round(1000 * elapsed / max(1, len(out.token_ids)), 2),
     }
@@ -61,7 +83,7 @@ def _generate(args: argparse.Namespace) -> int:
     else:
         print(out.text)
         print(
-            f"[{engine.mode}] {len(out.token_ids)} tokens in {out.stats.steps} steps "
+            f"[{info['mode']}] {len(out.token_ids)} tokens in {out.stats.steps} steps "
             f"({out.stats.tokens_per_step:.2f} tokens/step, {result['ms_per_token']} ms/token), "
             f"finish: {out.finish_reason}",
             file=sys.stderr,
@@ -73,11 +95,21 @@ def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         llm=args.llm or "default", ssms=args.ssms, tree=args.tree or BenchConfig.tree,
         modes=args.modes.split(","), prompts=args.prompts, max_tokens=args.max_tokens,
-        temperature=args.temperature, dtype=args.dtype or "float32", out=args.out,
+        temperature=args.temperature, sweep=args.sweep, dtype=args.dtype or "float32", out=args.out,
     )
     result = run_bench(config)
     print(format_summary(result))
     print(f"results: {args.out}/results.json", file=sys.stderr)
+    return 0
+
+
+def _tune_tree(args: argparse.Namespace) -> int:
+    engine = LLMEngine.from_config(_engine_config(args), progress=True)
+    if not engine.drafters:
+        raise InvalidConfigError("tune-tree needs at least one SSM (--ssm)")
+    ssms = [d.runner.model for d in engine.drafters if hasattr(d, "runner")]
+    result = tune_tree(engine.model, engine.tokenizer, ssms, context=args.context, budget=engine.spec.token_budget)
+    print(json.dumps(result, indent=2))
     return 0
 
 
@@ -96,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
+    ray_args = gen.add_argument_group("Ray runtime (--config: its 'cluster:' section, see configs/ray.yaml)")
+    ray_args.add_argument("--ray", action="store_true", help="run on Ray: verifier shards, draft workers, a coordinator")
+    ray_args.add_argument("--address", help="Ray cluster to join (default: start Ray here; 'auto': the local `ray start`)")
+    ray_args.add_argument("--tp", type=int, help="tensor-parallel verifier shards (default 1)")
+    ray_args.add_argument("--draft-workers", type=int, help="data-parallel draft workers (default 1)")
+    ray_args.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False,
+                          help="do not overlap drafting and verification")
     gen.set_defaults(run=_generate)
 
     bench = sub.add_parser("bench", help="compare decoding modes and Hugging Face side by side")
@@ -108,7 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--prompts", help="JSONL file with 'prompt' and optional 'chat' (default: shipped set)")
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--out", default="bench-out")
+    bench.add_argument("--sweep", action="store_true", help="also time LLM forwards for 1..128 tree tokens")
     bench.set_defaults(run=_bench)
+
+    tune = sub.add_parser("tune-tree", help="measure verify/draft cost and SSM coverage; print the best tree")
+    _engine_args(tune)
+    tune.add_argument("--context", type=int, default=256, help="cached tokens during the cost sweep")
+    tune.set_defaults(run=_tune_tree)
+
+    add_boost_tune_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

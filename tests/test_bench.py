@@ -11,9 +11,9 @@ def test_bench_writes_summary_with_ratios(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["hello hello hello", "abc abc", "xyz"]))
     out = tmp_path / "out"
-    modes = "incremental,sequence,tree,ngram,merged,tree-mss,tree-naive,hf"
+    modes = "incremental,sequence,tree,ngram,merged,tree-mss,tree-naive,hf,hf-assisted"
     code = main(["bench", "--llm", str(llm), "--ssm", str(llm), "--tree", "1,2,1", "--modes", modes,
-                 "--prompts", str(prompts), "--max-tokens", "12", "--out", str(out)])
+                 "--prompts", str(prompts), "--max-tokens", "12", "--out", str(out), "--sweep"])
     assert code == 0
     result = json.loads((out / "results.json").read_text())
     summary = result["summary"]
@@ -27,3 +27,19 @@ def test_bench_writes_summary_with_ratios(tmp_path, capsys):
     assert summary["incremental"]["tokens_per_step"] == 1.0
     assert len(summary["tree"]["acceptance_by_depth"]) == 3
     assert "| tree |" in capsys.readouterr().out
+    assert set(result["verify_cost_s"]) == {"128", "512", "1024"}
+    for png in ("tokens_per_step.png", "speedup_vs_incremental.png", "verify_cost.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_synthetic_gpu_bench_smoke_on_cpu(tmp_path):
+    from specinfer_dist.bench import synthetic
+
+    assert synthetic.main(["--shapes", "tiny", "--max-tokens", "12", "--prompt-len", "8", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())["tiny"]
+    assert set(result["verify_cost_s"]) == {"512", "2048"}
+    for batch in ("batch1", "batch8"):
+        rows = result[batch]
+        assert rows["incremental"]["tokens_per_step"] == 1.0
+        # Higher acceptance, more tokens per step: the synthetic drafter does what it says.
+        assert rows["sequence-alpha0.8"]["tokens_per_step"] > rows["sequence-alpha0.6"]["tokens_per_step"] > 1.0

@@ -1,3 +1,1 @@
-from specinfer_dist.bench.run import BenchConfig, run_bench
-
-__all__ = ["BenchConfig", "run_bench"]
+"""Benchmarks: run.py (modes side by side), tree_cost.py + tune.py (choosing a tree)."""

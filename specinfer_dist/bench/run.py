@@ -7,10 +7,8 @@ ratios are measured side by side. Greedy outputs are compared with incremental d
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +16,14 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from specinfer_dist.bench.common import load_prompts, machine
+from specinfer_dist.bench.plots import write_plots
+from specinfer_dist.bench.tree_cost import SWEEP_SIZES, forward_cost
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.loader import parse_dtype, resolve_model_dir
+from specinfer_dist.models.transformer import Transformer
 
 # Engine settings per mode. "-mss"/"-naive" modes sample at the bench temperature.
 ENGINE_MODES: dict[str, dict[str, Any]] = {
@@ -35,8 +37,9 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "tree-naive": {"mode": "tree", "verify": "naive"},
     "tree-mss": {"mode": "tree", "verify": "mss"},
 }
-MODES = (*ENGINE_MODES, "hf")
+MODES = (*ENGINE_MODES, "hf", "hf-assisted")  # hf-assisted: HF generate(assistant_model=our first SSM)
 DEFAULT_MODES = "incremental,sequence,tree,ngram,merged,hf"
+SWEEP_CONTEXTS = (128, 512, 1024)
 
 
 @dataclass
@@ -48,31 +51,9 @@ class BenchConfig:
     prompts: str | None = None  # JSONL with "prompt" and optional "chat"; None: the shipped set
     max_tokens: int = 64
     temperature: float = 1.0  # for the sampled (-mss / -naive) modes
+    sweep: bool = False  # also time LLM forwards for 1..128 tree tokens at a few context lengths
     dtype: str = "float32"
     out: str = "bench-out"
-
-
-def load_prompts(path: str | None) -> list[dict[str, Any]]:
-    text = Path(path).read_text() if path else resources.files(__package__).joinpath("prompts.jsonl").read_text()
-    try:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise InvalidConfigError(f"prompts file {path}: {err}") from None
-    if not rows or not all(isinstance(r, dict) and isinstance(r.get("prompt"), str) for r in rows):
-        raise InvalidConfigError(f"prompts file {path} needs JSON lines with a string 'prompt'")
-    return rows
-
-
-def machine() -> str:
-    """CPU model and threads (or the GPU), for labelling numbers."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpu = platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
 
 def _run_engine(engine: LLMEngine, prompt_ids: list[list[int]], params: list[SamplingParams]) -> dict[str, Any]:
@@ -99,7 +80,17 @@ def _run_engine(engine: LLMEngine, prompt_ids: list[list[int]], params: list[Sam
     }
 
 
-def _run_hf(llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int) -> dict[str, Any]:
+def _hf_assistant(ssm: Transformer) -> transformers.PreTrainedModel:
+    """Our SSM as a Hugging Face model (same parameter names), for assisted generation."""
+    hf = transformers.AutoModelForCausalLM.from_config(ssm.config).to(next(ssm.parameters()).dtype)
+    hf.load_state_dict(ssm.state_dict())
+    return hf.eval()
+
+
+def _run_hf(
+    llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int,
+    assistant: transformers.PreTrainedModel | None = None,
+) -> dict[str, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype).eval()
 
     def generate(ids: list[int], n: int) -> list[int]:
@@ -107,6 +98,7 @@ def _run_hf(llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_
             out = model.generate(
                 torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
                 max_new_tokens=n, do_sample=False, pad_token_id=model.generation_config.eos_token_id,
+                assistant_model=assistant,
             )
         return out[0, len(ids):].tolist()
 
@@ -131,8 +123,13 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     ]
     raw: dict[str, dict[str, Any]] = {}
     for mode in tqdm(config.modes, desc="bench modes", disable=not progress):
-        if mode == "hf":
-            raw[mode] = _run_hf(resolve_model_dir(config.llm, progress=progress), dtype, prompt_ids, config.max_tokens)
+        if mode.startswith("hf"):
+            assistant = None
+            if mode == "hf-assisted":
+                drafting = LLMEngine(config.llm, ssms=config.ssms, mode="sequence", dtype=dtype, progress=progress)
+                assistant = _hf_assistant(next(d.runner.model for d in drafting.drafters if hasattr(d, "runner")))
+            llm_dir = resolve_model_dir(config.llm, progress=progress)
+            raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)
             continue
         settings = {"ssms": config.ssms, "tree": config.tree, **ENGINE_MODES[mode]}
         engine = base if mode == "incremental" else LLMEngine(config.llm, dtype=dtype, progress=progress, **settings)
@@ -166,9 +163,12 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "summary": summary,
         "outputs": {mode: r["outputs"] for mode, r in raw.items()},
     }
+    if config.sweep:
+        result["verify_cost_s"] = {ctx: forward_cost(base.model, SWEEP_SIZES, ctx) for ctx in SWEEP_CONTEXTS}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
+    write_plots(result, out)
     return result
 
 

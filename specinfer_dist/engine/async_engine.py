@@ -100,6 +100,11 @@ class AsyncLLMEngine:
             if not finished:  # the caller went away, or the request failed: free it
                 self._inbox.put(("abort", seq.request_id))
 
+    @property
+    def tokenizer(self) -> Any:
+        """The LLM's tokenizer (the serving layer renders chat templates with it)."""
+        return self.engine.tokenizer
+
     def num_waiting(self) -> int:
         return len(self.engine.scheduler.waiting)
 
@@ -165,7 +170,7 @@ class AsyncLLMEngine:
 
     def _visible_text(self, seq: Sequence) -> str:
         """Text safe to send now: no half-decoded character, no possible start of a stop string."""
-        text = self.engine.tokenizer.decode(seq.output_ids, skip_special_tokens=True).rstrip("\ufffd")
+        text = self.engine.decode(seq.output_ids).rstrip("\ufffd")
         holdback = max((len(s) - 1 for s in seq.params.stop), default=0)
         return text[: len(text) - holdback] if holdback else text
 

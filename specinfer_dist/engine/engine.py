@@ -7,6 +7,7 @@ incremental drafts nothing (the tree is just the root), sequence drafts a chain.
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
 import time
 from pathlib import Path
@@ -16,10 +17,12 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
+from specinfer_dist.bench.tune import auto_tree
 from specinfer_dist.config import EngineConfig
 from specinfer_dist.drafters.base import DraftRequest, Drafter
 from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.drafters.ssm import SSMDrafter
+from specinfer_dist.engine.block_pool import DEFAULT_BLOCK_SIZE, KVCapacity
 from specinfer_dist.engine.model_runner import chain_parents
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.sampling_params import SamplingParams
@@ -47,7 +50,8 @@ class LLMEngine:
     id. Without ``ssms`` the default LLM gets its shipped SSMs ("default") and any other LLM
     none. ``mode`` defaults to "tree" when there is a drafter, else "incremental". Sampled
     requests are verified by multi-step speculative sampling (``verify="mss"``) or the naive
-    baseline.
+    baseline. ``kv_blocks`` bounds the LLM's KV memory to a pool of that many blocks of
+    ``kv_block_size`` tokens (requests then wait or are preempted); None lets caches grow.
     """
 
     def __init__(
@@ -62,6 +66,8 @@ class LLMEngine:
         draft_temperature: float | None = None,
         dtype: str | torch.dtype = "float32",
         max_num_seqs: int = 16,
+        kv_blocks: int | None = None,
+        kv_block_size: int = DEFAULT_BLOCK_SIZE,
         progress: bool = False,
     ) -> None:
         self.model, self.tokenizer, model_dir = load_model(llm, dtype=dtype, progress=progress)
@@ -69,24 +75,31 @@ class LLMEngine:
             ssms = ["default"] if llm in (None, "default") else []
         ssms = [s for s in ssms if s != "none"]  # "none": explicitly no SSM
         mode = mode or ("tree" if ssms or drafters else "incremental")
-        spec = _tree_spec(tree, tree_budget)
-        if mode == "sequence":
-            spec = spec.as_sequence()
         if draft_temperature is not None and not draft_temperature > 0:
             raise InvalidConfigError(f"draft_temperature must be positive, got {draft_temperature!r}")
-        all_drafters: list[Drafter] = []
+        ssm_models = []
         if mode != "incremental":
             # "default": every SSM shipped for the default LLM.
             sources = [str(d) for s in ssms for d in (default_ssm_dirs() if s == "default" else [s])]
-            for i, source in enumerate(sources):
-                model = self._load_ssm(source, dtype, progress)
-                all_drafters.append(SSMDrafter(model, spec, f"ssm{i}", draft_temperature))
+            ssm_models = [self._load_ssm(source, dtype, progress) for source in sources]
+        if tree == "auto":
+            # Measured on this machine (bench/tune.py); None means speculation would not pay.
+            spec = auto_tree(self.model, self.tokenizer, ssm_models, [llm, *ssms], tree_budget) if ssm_models else None
+            mode = mode if spec else "incremental"
+            spec = spec or TreeSpec(token_budget=tree_budget)
+        else:
+            spec = _tree_spec(tree, tree_budget)
+        if mode == "sequence":
+            spec = spec.as_sequence()
+        all_drafters: list[Drafter] = []
+        if mode != "incremental":
+            all_drafters = [SSMDrafter(m, spec, f"ssm{i}", draft_temperature) for i, m in enumerate(ssm_models)]
             all_drafters.extend(model_free_drafter(name, spec) for name in drafters)
         self._init_parts(
             tokenizer=self.tokenizer,
             model_config=self.model.config,
             eos_ids=eos_ids(model_dir, self.model.config, self.tokenizer),
-            verifier=LocalVerifier(self.model),
+            verifier=LocalVerifier(self.model, None if kv_blocks is None else KVCapacity(kv_blocks, kv_block_size)),
             drafters=all_drafters,
             spec=spec,
             mode=mode,
@@ -113,6 +126,7 @@ class LLMEngine:
         mode: str,
         verify: str,
         max_num_seqs: int,
+        pipeline: bool = False,
     ) -> None:
         if mode not in MODES:
             raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -131,9 +145,15 @@ class LLMEngine:
         self.spec = spec
         self.mode = mode
         self.verify = verify
-        self.scheduler = Scheduler(max_num_seqs)
+        # A step's tree is the merge of every drafter's, capped by the token budget.
+        max_drafted = min(spec.token_budget, sum(d.spec.num_tokens for d in self.drafters))
+        self.scheduler = Scheduler(max_num_seqs, verifier.release, verifier.kv_capacity, max_drafted)
         self._ids = itertools.count()
         self.timing = {"draft_s": 0.0, "verify_s": 0.0}
+        # Pipelining (remote stages): trees drafted in one step are verified in the next.
+        self.pipeline = pipeline
+        self._drafted: dict[int, TokenTree] = {}
+        self._forwards = ThreadPoolExecutor(1, thread_name_prefix="verify")  # no thread until used
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress: bool = False) -> "LLMEngine":
@@ -181,6 +201,7 @@ class LLMEngine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                 f"context of {self.max_positions} tokens"
             )
+        self.scheduler.check(len(ids), params.max_tokens)
         return Sequence(next(self._ids), ids, params)
 
     def generate(
@@ -224,6 +245,8 @@ class LLMEngine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
+        if self.pipeline and self.drafters:
+            return self._pipelined_step(seqs)
         start = time.perf_counter()
         trees = self.draft(seqs)
         drafted = time.perf_counter()
@@ -232,6 +255,32 @@ class LLMEngine:
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted
         return seqs
+
+    def _pipelined_step(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Verify the requests drafted last step while drafting the others; returns the verified.
+
+        The two halves of the batch alternate, so the drafters and the LLM (remote actors) work
+        at the same time. A tree is drafted from the same tokens as without pipelining, so
+        outputs are the same; each request just advances every other step.
+        """
+        start = time.perf_counter()
+        now = [seq for seq in seqs if seq.request_id in self._drafted]
+        if not now:  # nothing drafted ahead (start-up): draft half the batch first
+            now = seqs[: (len(seqs) + 1) // 2]
+            self._drafted.update(zip((seq.request_id for seq in now), self.draft(now)))
+        later = [seq for seq in seqs if seq.request_id not in self._drafted]
+        trees = [self._drafted.pop(seq.request_id) for seq in now]
+        items = self.verify_items(now, trees)
+        logits = self._forwards.submit(self.verifier.forward, items)
+        try:
+            self._drafted.update(zip((seq.request_id for seq in later), self.draft(later) if later else []))
+            drafted = time.perf_counter()
+        finally:
+            wait([logits])  # between steps, only one thread ever uses the verifier
+        self.apply(now, trees, items, logits.result())
+        self.timing["draft_s"] += drafted - start
+        self.timing["verify_s"] += time.perf_counter() - drafted  # verification time not hidden behind drafting
+        return now
 
     def verify_items(self, seqs: list[Sequence], trees: list[TokenTree]) -> list[VerifyItem]:
         """The LLM's input per request: tokens committed but not yet cached (the prompt, at
@@ -301,19 +350,24 @@ class LLMEngine:
         seq.stats.generated_tokens = len(seq.output_ids)
 
     def _cut_at_stop(self, seq: Sequence) -> bool:
-        text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+        text = self.decode(seq.output_ids)
         hits = [i for i in (text.find(s) for s in seq.params.stop) if i >= 0]
         if hits:
             seq.text = text[: min(hits)]
         return bool(hits)
 
+    def decode(self, token_ids: list[int]) -> str:
+        """Text of generated tokens (none without a tokenizer, as in synthetic benchmarks)."""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer else ""
+
     def _finish(self, seq: Sequence) -> None:
         if seq.text is None:  # not already cut at a stop string
-            seq.text = self.tokenizer.decode(seq.output_ids, skip_special_tokens=True)
+            seq.text = self.decode(seq.output_ids)
         self.scheduler.finish(seq)
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
+        self._drafted.pop(seq.request_id, None)
         self.verifier.release(seq.request_id)
         for drafter in self.drafters:
             drafter.release(seq.request_id)

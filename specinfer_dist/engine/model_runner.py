@@ -61,4 +61,5 @@ class ModelRunner:
             segments,
             torch.tensor(rows, device=self.device),
         )
-        return list(logits.float().split([len(item.logit_rows) for item in items]))
+        # On the host: verification is sequential per request, and its RNG lives on the CPU.
+        return list(logits.float().cpu().split([len(item.logit_rows) for item in items]))

@@ -1,26 +1,83 @@
-"""Iteration-level scheduling: requests join and leave the running batch between steps."""
+"""Iteration-level scheduling: requests join and leave the running batch between steps.
+
+With a KV pool, a batch is scheduled only if every request in it can hold its worst case for
+the step (its tokens plus a full draft tree), so the LLM never runs out of KV memory and no
+request fails for it: new requests wait, and when running requests outgrow the pool the most
+recently admitted one is preempted (its LLM cache freed, its prefix recomputed once it is back).
+"""
 
 from __future__ import annotations
 
 from collections import deque
+from typing import Callable, Iterable
 
+from specinfer_dist.engine.block_pool import KVCapacity
 from specinfer_dist.engine.sequence import Sequence
+from specinfer_dist.errors import InvalidRequestError
 
 
 class Scheduler:
-    def __init__(self, max_num_seqs: int) -> None:
+    """``release_kv(request_id)`` frees a request's LLM cache; ``max_drafted`` is the most
+    tree tokens a step drafts for one request."""
+
+    def __init__(
+        self,
+        max_num_seqs: int,
+        release_kv: Callable[[int], None],
+        kv_capacity: KVCapacity | None = None,
+        max_drafted: int = 0,
+    ) -> None:
         self.max_num_seqs = max_num_seqs
+        self.release_kv = release_kv
+        self.kv_capacity = kv_capacity
+        self.max_drafted = max_drafted
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def check(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Reject a request that would not fit the KV pool even alone."""
+        cap = self.kv_capacity
+        if cap is None:
+            return
+        # While running, a request has at most prompt + max_tokens - 1 tokens (then it ends).
+        need = cap.blocks_for(prompt_tokens + max_tokens - 1 + self.max_drafted)
+        if need > cap.num_blocks:
+            raise InvalidRequestError(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) with a draft tree of up to "
+                f"{self.max_drafted} tokens needs {need} KV blocks of {cap.block_size} tokens; the pool has "
+                f"{cap.num_blocks}"
+            )
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def schedule(self) -> list[Sequence]:
-        """The batch for the next step: everything running, topped up first-come first-served."""
-        while self.waiting and len(self.running) < self.max_num_seqs:
+        """The batch for the next step: the running requests that fit (newest preempted first),
+        topped up first-come first-served as far as ``max_num_seqs`` and the KV pool allow."""
+        while not self._fits(self.running):
+            self._preempt(self.running.pop())
+        while self.waiting and len(self.running) < self.max_num_seqs and self._fits([*self.running, self.waiting[0]]):
             self.running.append(self.waiting.popleft())
         return list(self.running)
+
+    def _fits(self, seqs: Iterable[Sequence]) -> bool:
+        """Whether a step of ``seqs`` fits the KV pool even if each gets a full draft tree:
+        the step's rows are the request's tokens (its root last) plus the drafted ones."""
+        cap = self.kv_capacity
+        if cap is None:
+            return True
+        rows = (len(s.prompt_ids) + len(s.output_ids) + self.max_drafted for s in seqs)
+        return sum(map(cap.blocks_for, rows)) <= cap.num_blocks
+
+    def _preempt(self, seq: Sequence) -> None:
+        # Only the LLM cache goes. Drafters keep their state (caches of the same tokens, and
+        # seeded random streams where they were), so what a request drafts, and thus a seeded
+        # sampled output, does not depend on whether it was preempted.
+        self.release_kv(seq.request_id)
+        seq.num_cached = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
 
     def finish(self, seq: Sequence) -> None:
         self.running.remove(seq)

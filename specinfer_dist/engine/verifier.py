@@ -1,7 +1,7 @@
 """The LLM side of a step: one forward over every request's new tokens, then commits.
 
 ``LocalVerifier`` keeps the LLM and the per-request KV caches in this process. A group of
-tensor-parallel shards offers the same three calls, so the engine does not care where the
+tensor-parallel shards offers the same calls, so the engine does not care where the
 LLM runs; it only tracks how many of each request's tokens are cached (``Sequence.num_cached``).
 """
 
@@ -12,7 +12,8 @@ from typing import Protocol
 
 import torch
 
-from specinfer_dist.engine.kv_cache import KVCache
+from specinfer_dist.engine.block_pool import BlockPool, KVCapacity
+from specinfer_dist.engine.kv_cache import KVCacheBase, PagedKVCache
 from specinfer_dist.engine.model_runner import ModelRunner, RunItem
 from specinfer_dist.models.transformer import Transformer
 
@@ -28,6 +29,9 @@ class VerifyItem:
 
 
 class Verifier(Protocol):
+    # The KV pool every shard holds (None: caches grow unbounded); the scheduler admits by it.
+    kv_capacity: KVCapacity | None
+
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]: ...
 
     def commit(self, request_id: int, keep: list[int]) -> None: ...
@@ -36,22 +40,38 @@ class Verifier(Protocol):
 
 
 class LocalVerifier:
-    def __init__(self, model: Transformer) -> None:
+    """``kv_capacity`` None keeps each request's cache in its own growing tensor; otherwise
+    all caches share one preallocated block pool of that size."""
+
+    def __init__(self, model: Transformer, kv_capacity: KVCapacity | None = None) -> None:
         self.runner = ModelRunner(model)
-        self.caches: dict[int, KVCache] = {}
+        self.kv_capacity = kv_capacity
+        self.pool = None if kv_capacity is None else BlockPool(
+            kv_capacity, model.num_layers, model.num_kv_heads, model.head_dim, self.runner.dtype, self.runner.device
+        )
+        self.caches: dict[int, KVCacheBase] = {}
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
         """Logits for each item's ``logit_rows``; the items' tokens stay pending in the caches."""
         run = []
         for item in items:
             if item.request_id not in self.caches:
-                self.caches[item.request_id] = self.runner.new_cache()
+                self.caches[item.request_id] = self._new_cache()
             run.append(RunItem(self.caches[item.request_id], item.tokens, item.parents, item.logit_rows))
         return self.runner.forward(run)
+
+    def _new_cache(self) -> KVCacheBase:
+        return self.runner.new_cache() if self.pool is None else PagedKVCache(self.pool)
 
     def commit(self, request_id: int, keep: list[int]) -> None:
         """Keep these pending rows (the uncached prefix and the accepted path); drop the rest."""
         self.caches[request_id].commit(keep)
 
     def release(self, request_id: int) -> None:
-        self.caches.pop(request_id, None)
+        cache = self.caches.pop(request_id, None)
+        if cache is not None:
+            cache.free()
+
+    def kv_usage(self) -> float | None:
+        """Fraction of the pool's blocks in use (None without a pool: nothing to fill)."""
+        return None if self.pool is None else self.pool.num_used / self.pool.capacity.num_blocks

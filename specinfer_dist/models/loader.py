@@ -26,6 +26,9 @@ from specinfer_dist.errors import InvalidConfigError, ModelLoadError
 from specinfer_dist.models.transformer import Transformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# config.json field of an SSM checkpoint that omits tensors it takes from its LLM (e.g. the
+# embedding): `load_model(..., shared_from=llm)` fills them with the LLM's own tensors.
+SHARED_FROM_LLM_KEY = "specinfer_shared_from_llm"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
 
@@ -202,9 +205,17 @@ def _check_state_dict(expected: dict[str, torch.Tensor], state: dict[str, torch.
 
 
 def load_model(
-    source: str | None, *, dtype: str | torch.dtype = torch.float32, progress: bool = True
+    source: str | None,
+    *,
+    dtype: str | torch.dtype = torch.float32,
+    progress: bool = True,
+    shared_from: Transformer | None = None,
 ) -> tuple[Transformer, Any, Path]:
-    """Load (model, tokenizer, model_dir) from a source accepted by `resolve_model_dir`."""
+    """Load (model, tokenizer, model_dir) from a source accepted by `resolve_model_dir`.
+
+    A checkpoint whose config names tensors under SHARED_FROM_LLM_KEY gets them from
+    ``shared_from`` (its LLM, already loaded in the same dtype): the same tensors, not copies.
+    """
     dtype = parse_dtype(dtype)
     model_dir = resolve_model_dir(source, progress=progress)
     source = source or "default"
@@ -217,26 +228,52 @@ def load_model(
             f"could not load model from {source}: unsupported model type {config.model_type!r}; "
             f"supported: {', '.join(Transformer.SUPPORTED_ARCHITECTURES)}"
         )
+    shared = list(getattr(config, SHARED_FROM_LLM_KEY, None) or [])
+    if shared and shared_from is None:
+        raise ModelLoadError(
+            f"could not load model from {source}: it takes {', '.join(shared)} from its LLM; "
+            "load it as an SSM of that LLM"
+        )
     try:
         # Built on CPU rather than the meta device: the model's non-persistent buffers
         # (e.g. rotary frequencies) must be computed by its constructor.
         model = Transformer(config)
         state = _load_state_dict(model_dir)
-        expected = model.state_dict()
+        expected = {k: v for k, v in model.state_dict().items() if k not in shared}
         # Tied checkpoints usually omit lm_head.weight; it is the embedding matrix.
         tied = config.tie_word_embeddings and "model.embed_tokens.weight" in state
         if tied and "lm_head.weight" in expected:
             state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
         _check_state_dict(expected, state)
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=not shared)
     except Exception as e:
         raise ModelLoadError(f"could not load model from {source}: weights: {_reason(e)}") from e
     model = model.to(dtype).eval().requires_grad_(False)
+    if shared:
+        _share_tensors(model, shared_from, shared, source)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
         raise ModelLoadError(f"could not load model from {source}: tokenizer: {_reason(e)}") from e
     return model, tokenizer, model_dir
+
+
+def _share_tensors(model: Transformer, llm: Transformer, names: list[str], source: str) -> None:
+    """Point ``model``'s parameters ``names`` at ``llm``'s (no copy; the dtype must match)."""
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        try:
+            mine, theirs = model.get_parameter(name), llm.get_parameter(name)
+        except AttributeError as e:
+            raise ModelLoadError(f"could not load model from {source}: shared weight {name}: {_reason(e)}") from e
+        if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+            raise ModelLoadError(
+                f"could not load model from {source}: shared weight {name} is {tuple(mine.shape)} "
+                f"{mine.dtype} but the LLM's is {tuple(theirs.shape)} {theirs.dtype}"
+            )
+        setattr(model.get_submodule(module_name), attr, theirs)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
 def check_same_vocabulary(

@@ -1,0 +1,118 @@
+"""Choosing a tree from measurements: what a verify pass costs for n tree tokens on this
+device, what a draft depth costs, and how often the LLM's token is among an SSM's top-k.
+
+With A(k) = P(the LLM's next token is among the SSMs' top-k guesses), measured teacher-forced
+on the LLM's own outputs, and depths taken as independent, a width config <k1..km> accepts on
+average sum_d prod_{i<=d} A(k_i) drafted tokens. Dividing
+the expected tokens per step by the measured step time ranks every config; ``choose_tree``
+searches them all (widths up to 4, depth up to 8, within the token budget).
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from math import prod
+from typing import Sequence
+
+import torch
+
+from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.models.transformer import Transformer
+
+SWEEP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def forward_cost(model: Transformer, sizes: Sequence[int], context: int, repeats: int = 3) -> dict[int, float]:
+    """Median seconds of one forward over n new tokens (all with logits) after ``context`` cached ones."""
+    runner = ModelRunner(model)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    cache = runner.new_cache()
+    prefix = torch.randint(vocab, (context,), generator=gen).tolist()
+    runner.forward([RunItem(cache, prefix, chain_parents(context), [context - 1])])
+    cache.commit(range(context))
+    costs = {}
+    for n in sizes:
+        tokens = torch.randint(vocab, (n,), generator=gen).tolist()
+        item = RunItem(cache, tokens, chain_parents(n), list(range(n)))  # cost does not depend on shape
+        times = []
+        for _ in range(repeats + 1):  # the first run warms up
+            start = time.perf_counter()
+            runner.forward([item])
+            times.append(time.perf_counter() - start)
+            cache.rollback()
+        costs[n] = statistics.median(times[1:])
+    return costs
+
+
+def interpolate(costs: dict[int, float], n: float) -> float:
+    """Piecewise-linear cost for any n (linear extrapolation past the largest size)."""
+    sizes = sorted(costs)
+    if n <= sizes[0]:
+        return costs[sizes[0]]
+    for lo, hi in itertools.pairwise(sizes):
+        if n <= hi:
+            return costs[lo] + (costs[hi] - costs[lo]) * (n - lo) / (hi - lo)
+    lo, hi = sizes[-2], sizes[-1]
+    return costs[hi] + (costs[hi] - costs[lo]) * (n - hi) / (hi - lo)
+
+
+@torch.inference_mode()
+def topk_coverage(ssms: Sequence[Transformer], sequences: list[tuple[list[int], list[int]]], max_k: int = 4) -> list[float]:
+    """coverage[k-1]: how often the LLM's token (``output[i]``) is among the top-k guesses of
+    at least one SSM after ``prompt + output[:i]`` (the union is what a merged tree offers)."""
+    hits, total = torch.zeros(max_k), 0
+    for prompt, output in sequences:
+        tokens = prompt + output
+        rows = list(range(len(prompt) - 1, len(tokens) - 1))
+        best_rank = torch.full((len(output),), max_k)
+        for ssm in ssms:
+            runner = ModelRunner(ssm)
+            logits = runner.forward([RunItem(runner.new_cache(), tokens, chain_parents(len(tokens)), rows)])[0]
+            rank = (logits > logits.gather(1, torch.tensor(output)[:, None])).sum(dim=1)
+            best_rank = torch.minimum(best_rank, rank)
+        for k in range(max_k):
+            hits[k] += (best_rank <= k).sum()
+        total += len(output)
+    return (hits / total).tolist()
+
+
+@dataclass
+class TreeChoice:
+    widths: tuple[int, ...]  # () = incremental decoding
+    tokens_per_step: float
+    step_s: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step / self.step_s
+
+
+def evaluate(widths: Sequence[int], coverage: Sequence[float], verify_cost: dict[int, float],
+             draft_cost: dict[int, float]) -> TreeChoice:
+    """Expected tokens per step and step time of one width config (see module docstring).
+    ``draft_cost`` is one forward of every SSM over n tokens."""
+    covered = [coverage[k - 1] for k in widths]
+    accepted = sum(prod(covered[: d + 1]) for d in range(len(widths)))
+    frontier = [prod(widths[: d + 1]) for d in range(len(widths))]
+    step_s = interpolate(verify_cost, 1 + sum(frontier))
+    if widths:  # catch-up + root, then one SSM forward per depth but the last
+        step_s += interpolate(draft_cost, 1 + accepted) + sum(interpolate(draft_cost, f) for f in frontier[:-1])
+    return TreeChoice(tuple(widths), 1 + accepted, step_s)
+
+
+def choose_tree(coverage: Sequence[float], verify_cost: dict[int, float], draft_cost: dict[int, float],
+                max_depth: int = 8, budget: int = 64) -> TreeChoice:
+    """The width config (or none) with the most expected tokens per second."""
+    best = evaluate((), coverage, verify_cost, draft_cost)
+    for depth in range(1, max_depth + 1):
+        for widths in itertools.product(range(1, len(coverage) + 1), repeat=depth):
+            if sum(prod(widths[: d + 1]) for d in range(depth)) > budget:
+                continue
+            choice = evaluate(widths, coverage, verify_cost, draft_cost)
+            if choice.tokens_per_s > best.tokens_per_s:
+                best = choice
+    return best

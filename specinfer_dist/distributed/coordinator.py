@@ -1,0 +1,182 @@
+"""The Ray runtime's brain: a Coordinator actor that owns the request queue and the
+continuous-batching engine, and a client with AsyncLLMEngine's surface.
+
+The Coordinator runs the same LLMEngine + AsyncLLMEngine as the single-process path, built
+``from_parts`` with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
+RemoteDrafter per drafter the draft workers host. With ``cluster.pipeline`` the engine
+verifies one half of the batch while the other half is drafted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any, AsyncIterator
+
+import ray
+from ray.exceptions import RayTaskError
+from ray.util.placement_group import remove_placement_group
+
+from specinfer_dist.config import ClusterConfig, EngineConfig
+from specinfer_dist.distributed.draft_worker import DraftPool, DraftWorker
+from specinfer_dist.distributed.placement import COORDINATOR_CPUS, actor_options, connect, reserve, resolve_gpus
+from specinfer_dist.distributed.verifier_shard import ShardGroupVerifier
+from specinfer_dist.engine.async_engine import AsyncLLMEngine, Counters, RequestDelta
+from specinfer_dist.engine.engine import LLMEngine, Prompt
+from specinfer_dist.engine.outputs import RequestOutput
+from specinfer_dist.engine.sampling_params import SamplingParams
+
+
+# Its blocking ray.get calls run in start() and on the engine's loop thread, never while the
+# actor's event loop serves requests; Ray's warning cannot tell them apart.
+@ray.remote(num_cpus=COORDINATOR_CPUS, runtime_env={"env_vars": {"RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0"}})
+class Coordinator:
+    def __init__(self, engine: EngineConfig, cluster: ClusterConfig) -> None:
+        self.config = (engine, cluster)
+
+    def start(self) -> Any:
+        """Place and load every stage; returns the tokenizer. A method rather than the
+        constructor, so that a bad model path reaches the caller as the engine's own error."""
+        engine, cluster = self.config
+        cluster = resolve_gpus(cluster)
+        self.groups = reserve(cluster)
+        shard_group, draft_group = self.groups
+        threads = max(1, int(cluster.cpus_per_draft_worker))
+        self.workers = [
+            DraftWorker.options(**actor_options(cluster, draft_group, i, cluster.cpus_per_draft_worker, 0)).remote(
+                engine, threads
+            )
+            for i in range(cluster.draft_workers)
+        ]
+        self.verifier = ShardGroupVerifier(engine, cluster, shard_group)  # loads while the workers do
+        parts = ray.get(self.workers[0].describe.remote())
+        ray.get([worker.ready.remote() for worker in self.workers])
+        specs = parts.pop("drafters")
+        llm = LLMEngine.from_parts(
+            **parts,
+            verifier=self.verifier,
+            drafters=DraftPool(self.workers, len(specs)).drafters(specs),
+            verify=engine.verify,
+            max_num_seqs=engine.max_num_seqs,
+            pipeline=cluster.pipeline,
+        )
+        self.served = AsyncLLMEngine(llm)
+        return self.served.tokenizer
+
+    async def generate(self, prompt: Prompt, params: SamplingParams | None, chat: bool) -> AsyncIterator[RequestDelta]:
+        # aclosing: a cancelled call (the client went away) aborts the request at once.
+        async with contextlib.aclosing(self.served.generate(prompt, params, chat)) as deltas:
+            async for delta in deltas:
+                yield delta
+
+    def encode(self, prompt: Prompt, chat: bool) -> list[int]:
+        return self.served.engine.encode(prompt, chat)
+
+    def counters(self) -> Counters:
+        return self.served.counters
+
+    def num_waiting(self) -> int:
+        return self.served.num_waiting()
+
+    def num_running(self) -> int:
+        return self.served.num_running()
+
+    def info(self) -> dict[str, Any]:
+        engine = self.served.engine
+        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify, "pipeline": engine.pipeline}
+
+    def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
+        """The current verifier shards (rank order) and draft workers (for operators and tests)."""
+        return {"shards": list(self.verifier.shards), "draft_workers": list(self.workers)}
+
+    def shutdown(self) -> None:
+        self.served.shutdown()
+        self.verifier.shutdown()
+        for worker in self.workers:
+            ray.kill(worker)
+        for group in self.groups:
+            remove_placement_group(group)
+
+
+class CoordinatorClient:
+    """A Coordinator actor behind AsyncLLMEngine's surface (``generate``, ``counters``,
+    ``num_waiting``, ``num_running``, ``tokenizer``, ``shutdown``), so the serving layer can use
+    either. Errors arrive as the engine raised them (InvalidRequestError, EngineStepError)."""
+
+    def __init__(self, coordinator: ray.actor.ActorHandle) -> None:
+        self.coordinator = coordinator
+        try:
+            self.tokenizer = _call(coordinator.start)
+        except BaseException:
+            ray.kill(coordinator)  # and with it the actors and placement groups it made
+            raise
+
+    @classmethod
+    def from_config(cls, engine: EngineConfig, cluster: ClusterConfig | None = None) -> "CoordinatorClient":
+        """Start a Coordinator and its actors (joining or starting Ray first, see placement.connect)."""
+        cluster = cluster or ClusterConfig()
+        connect(cluster)
+        return cls(Coordinator.remote(engine, cluster))
+
+    async def generate(
+        self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False
+    ) -> AsyncIterator[RequestDelta]:
+        stream = self.coordinator.generate.remote(prompt, params, chat)
+        finished = False
+        try:
+            async for ref in stream:
+                delta = await ref
+                finished = delta.finished
+                yield delta
+        except RayTaskError as err:
+            raise _cause(err) from None
+        finally:
+            if not finished:  # the caller went away: abort the request on the coordinator
+                ray.cancel(stream)
+
+    def complete(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> RequestOutput:
+        """Run one request to the end, like ``LLMEngine.generate`` for a single prompt."""
+        ids = _call(self.coordinator.encode, prompt, chat)
+
+        async def collect() -> list[RequestDelta]:
+            return [delta async for delta in self.generate(ids, params)]
+
+        deltas = asyncio.run(collect())
+        last = deltas[-1]
+        tokens = [t for delta in deltas for t in delta.token_ids]
+        return RequestOutput(last.request_id, ids, "".join(d.text for d in deltas), tokens, last.finish_reason, last.stats)
+
+    @property
+    def counters(self) -> Counters:
+        return _call(self.coordinator.counters)
+
+    def num_waiting(self) -> int:
+        return _call(self.coordinator.num_waiting)
+
+    def num_running(self) -> int:
+        return _call(self.coordinator.num_running)
+
+    def info(self) -> dict[str, Any]:
+        """The engine's mode, tree spec, sampled-request verifier and pipelining flag."""
+        return _call(self.coordinator.info)
+
+    def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
+        return _call(self.coordinator.actors)
+
+    def shutdown(self) -> None:
+        _call(self.coordinator.shutdown)
+        ray.kill(self.coordinator)
+
+
+def _call(method: Any, *args: Any) -> Any:
+    try:
+        return ray.get(method.remote(*args))
+    except RayTaskError as err:
+        raise _cause(err) from None
+
+
+def _cause(err: RayTaskError) -> BaseException:
+    """The exception the engine raised, through however many actors it crossed."""
+    while isinstance(err, RayTaskError) and err.cause is not None:
+        err = err.cause
+    return err

@@ -1,0 +1,153 @@
+"""Drafting on Ray: workers hosting the drafters, and the engine's stand-ins for them.
+
+A ``DraftWorker`` builds its drafters exactly as a single-process LLMEngine does. Several
+workers give data parallelism: ``DraftPool`` spreads a step's requests over them, each request
+sticking to one worker (which keeps that request's SSM KV cache), and gets every drafter's
+trees in one round trip per worker. The engine sees one ``RemoteDrafter`` per hosted drafter
+and merges their trees as usual.
+
+Ray restarts a worker that dies. Until it answers again its requests move to the other
+workers (whose caches then start from the prompt), or get no draft at all: the root-only
+tree, which verification turns into one ordinary decoding step. Output stays exact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from typing import Any
+
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from specinfer_dist.config import EngineConfig
+from specinfer_dist.drafters.base import DraftRequest, Drafter
+from specinfer_dist.engine.engine import LLMEngine
+from specinfer_dist.errors import SpecInferError
+from specinfer_dist.tree.spec import TreeSpec
+from specinfer_dist.tree.token_tree import TokenTree
+
+MAX_RESTARTS = 3  # a worker that keeps dying only costs speed, never correctness
+
+
+@ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0)
+class DraftWorker:
+    def __init__(self, engine: EngineConfig, threads: int) -> None:
+        torch.set_num_threads(threads)
+        # A whole local engine resolves SSMs, tree and mode exactly as the single-process path.
+        # Its LLM is only needed while SSMs are built (they may share its embedding and head, and
+        # their vocabularies are checked against it); what they share outlives it. It never
+        # verifies here, so it gets no KV pool.
+        try:
+            local = LLMEngine.from_config(replace(engine, kv_blocks=None))
+        except SpecInferError as err:  # e.g. a bad SSM path: describe() reports it as it is
+            self.error: SpecInferError | None = err
+            return
+        self.error = None
+        self.drafters = local.drafters
+        self.parts = {
+            "tokenizer": local.tokenizer,
+            "model_config": local.model.config,
+            "eos_ids": local.eos_ids,
+            "spec": local.spec,
+            "mode": local.mode,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        """LLMEngine.from_parts arguments, and each hosted drafter's (name, spec)."""
+        if self.error:
+            raise self.error
+        return {**self.parts, "drafters": [(d.name, d.spec) for d in self.drafters]}
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def propose(self, requests: list[DraftRequest], max_depths: list[int], released: list[int]) -> list[list[TokenTree]]:
+        """Forget ``released`` requests, then every drafter's trees for ``requests``."""
+        for request_id in released:
+            for drafter in self.drafters:
+                drafter.release(request_id)
+        return [drafter.propose(requests, max_depths) for drafter in self.drafters]
+
+
+class DraftPool:
+    """Requests spread over draft workers (see module docstring)."""
+
+    def __init__(self, workers: list[ray.actor.ActorHandle], num_drafters: int) -> None:
+        self.workers = workers
+        self.num_drafters = num_drafters
+        self.owner: dict[int, int] = {}  # request id -> worker index
+        self.released: list[list[int]] = [[] for _ in workers]  # sent with the worker's next call
+        self.probes: dict[int, ray.ObjectRef] = {}  # down worker -> its pending ready() call
+        self._key: list[tuple[int, int]] | None = None
+        self._trees: list[list[TokenTree]] = []
+
+    def drafters(self, specs: list[tuple[str, TreeSpec]]) -> list[Drafter]:
+        return [RemoteDrafter(self, index, name, spec) for index, (name, spec) in enumerate(specs)]
+
+    def trees(self, index: int, requests: list[DraftRequest], max_depths: list[int]) -> list[TokenTree]:
+        """Drafter ``index``'s trees. The engine asks drafter 0 first: that call fetches every
+        drafter's trees, and the others' calls for the same requests reuse them."""
+        key = [(r.request_id, len(r.tokens)) for r in requests]
+        if index == 0 or key != self._key:
+            self._trees, self._key = self._propose(requests, max_depths), key
+        return self._trees[index]
+
+    def release(self, request_id: int) -> None:
+        worker = self.owner.pop(request_id, None)
+        if worker is not None:
+            self.released[worker].append(request_id)
+
+    def _propose(self, requests: list[DraftRequest], max_depths: list[int]) -> list[list[TokenTree]]:
+        live = self._live()
+        batches: dict[int, list[int]] = {}
+        for i, request in enumerate(requests):
+            worker = self.owner.get(request.request_id)
+            if worker not in live:
+                if not live:
+                    continue  # nobody can draft: root-only tree
+                worker = self.owner[request.request_id] = min(live, key=lambda w: len(batches.get(w, ())))
+            batches.setdefault(worker, []).append(i)
+        calls = {}
+        for worker, rows in batches.items():
+            released, self.released[worker] = self.released[worker], []
+            calls[worker] = self.workers[worker].propose.remote(
+                [requests[i] for i in rows], [max_depths[i] for i in rows], released
+            )
+        trees = [[TokenTree.from_root(r.tokens[-1]) for r in requests] for _ in range(self.num_drafters)]
+        for worker, call in calls.items():
+            try:
+                result = ray.get(call)
+            except RayActorError:  # died (Ray restarts it) or is restarting: no draft from it this step
+                self.probes[worker] = self.workers[worker].ready.remote()
+                continue
+            for per_drafter, drafted in zip(trees, result):
+                for i, tree in zip(batches[worker], drafted):
+                    per_drafter[i] = tree
+        return trees
+
+    def _live(self) -> list[int]:
+        """Workers to draft on: a down worker is back once its probe answers."""
+        for worker, probe in list(self.probes.items()):
+            if ray.wait([probe], timeout=0)[0]:
+                try:
+                    ray.get(probe)
+                    del self.probes[worker]
+                except RayActorError:  # still restarting (or gone for good): ask again next step
+                    self.probes[worker] = self.workers[worker].ready.remote()
+        return [w for w in range(len(self.workers)) if w not in self.probes]
+
+
+class RemoteDrafter(Drafter):
+    """The engine's handle on one drafter that the workers host (same name and tree spec)."""
+
+    def __init__(self, pool: DraftPool, index: int, name: str, spec: TreeSpec) -> None:
+        super().__init__(name, spec)
+        self.pool, self.index = pool, index
+
+    def propose(self, requests: list[DraftRequest], max_depths: list[int]) -> list[TokenTree]:
+        return self.pool.trees(self.index, requests, max_depths)
+
+    def release(self, request_id: int) -> None:
+        self.pool.release(request_id)

@@ -1,0 +1,81 @@
+"""Where things run: joining or starting Ray, and reserving each stage's resources.
+
+Verifier shards go in one STRICT_PACK placement group (tensor parallelism all-reduces twice
+per layer, so its ranks share a node); draft workers in a SPREAD group (anywhere, preferably
+apart). A shard takes ``gpus_per_shard`` of ``gpu_resource``: "GPU" on real clusters, a
+custom resource on CPU-only machines, so CI exercises the same placement without GPUs (Ray
+does not allow declaring "GPU" where there are none). Shards without a GPU run on CPU (gloo).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from typing import Any
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from specinfer_dist.config import ClusterConfig
+from specinfer_dist.errors import InvalidConfigError
+
+COORDINATOR_CPUS = 1  # the coordinator merges trees and verifies tokens against the logits
+RESERVE_TIMEOUT_S = 60
+
+
+def connect(cluster: ClusterConfig) -> None:
+    """Join ``cluster.address``, or start a Ray instance private to this process.
+
+    Ray 2.60 turns token authentication on for a Ray it starts itself (token in
+    ~/.ray/auth_token). Joining an address needs RAY_AUTH_MODE=token and the cluster's
+    token in the environment or that file: see deploy/ray-cluster.md.
+    """
+    if ray.is_initialized():  # e.g. inside a Ray Serve replica
+        return
+    if cluster.address:
+        ray.init(address=cluster.address)
+        return
+    # Logical CPUs only gate scheduling: on a small machine oversubscribe instead of refusing to start.
+    needed = cluster.tp * cluster.cpus_per_shard + cluster.draft_workers * cluster.cpus_per_draft_worker + COORDINATOR_CPUS
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(needed)), include_dashboard=False)
+
+
+def resolve_gpus(cluster: ClusterConfig) -> ClusterConfig:
+    """``gpus_per_shard`` None: one per shard if the cluster has any, else CPU shards."""
+    if cluster.gpus_per_shard is not None:
+        return cluster
+    return replace(cluster, gpus_per_shard=1.0 if ray.cluster_resources().get(cluster.gpu_resource) else 0.0)
+
+
+def reserve(cluster: ClusterConfig) -> tuple[PlacementGroup, PlacementGroup]:
+    """Placement groups for the verifier shards and the draft workers, or a clear error."""
+    shard = {"CPU": cluster.cpus_per_shard, cluster.gpu_resource: cluster.gpus_per_shard}
+    groups = (
+        placement_group([{k: v for k, v in shard.items() if v}] * cluster.tp, strategy="STRICT_PACK"),
+        placement_group([{"CPU": cluster.cpus_per_draft_worker}] * cluster.draft_workers, strategy="SPREAD"),
+    )
+    ready, _ = ray.wait([g.ready() for g in groups], num_returns=2, timeout=RESERVE_TIMEOUT_S)
+    if len(ready) < 2:
+        for group in groups:
+            remove_placement_group(group)
+        raise InvalidConfigError(
+            f"the Ray cluster cannot place {cluster.tp} verifier shard(s) of {shard} on one node and "
+            f"{cluster.draft_workers} draft worker(s) of {cluster.cpus_per_draft_worker} CPU "
+            f"(it has {ray.cluster_resources()})"
+        )
+    return groups
+
+
+def actor_options(cluster: ClusterConfig, pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict[str, Any]:
+    """``.options()`` for an actor in bundle ``bundle`` of ``pg``."""
+    options: dict[str, Any] = {
+        "num_cpus": cpus,
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=bundle),
+    }
+    if gpus and cluster.gpu_resource == "GPU":
+        options["num_gpus"] = gpus  # Ray then sets CUDA_VISIBLE_DEVICES for the actor
+    elif gpus:
+        options["resources"] = {cluster.gpu_resource: gpus}
+    return options

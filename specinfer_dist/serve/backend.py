@@ -1,0 +1,47 @@
+"""Where a replica gets its engine: the one place that knows which runtime runs generation.
+
+Everything else in ``specinfer_dist.serve`` sees only ``ServingEngine``: AsyncLLMEngine's
+surface, which the Ray runtime's ``CoordinatorClient`` offers too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, AsyncIterator, Protocol
+
+from specinfer_dist.config import ClusterConfig, EngineConfig
+from specinfer_dist.engine.async_engine import AsyncLLMEngine, Counters, RequestDelta
+from specinfer_dist.engine.engine import LLMEngine, Prompt
+from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.errors import InvalidConfigError
+
+RUNTIMES = ("local", "ray")
+
+
+class ServingEngine(Protocol):
+    counters: Counters
+    tokenizer: Any
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> AsyncIterator[RequestDelta]: ...
+
+    def num_waiting(self) -> int: ...
+
+    def num_running(self) -> int: ...
+
+    def shutdown(self) -> None: ...
+
+
+def check_runtime(runtime: str) -> None:
+    if runtime not in RUNTIMES:
+        raise InvalidConfigError(f"serve.runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+
+
+def build_engine(config: EngineConfig, runtime: str = "local", cluster: ClusterConfig | None = None) -> ServingEngine:
+    """``local``: the whole engine in this process; ``ray``: a Coordinator and its verifier
+    shards and draft workers as Ray actors placed by ``cluster`` (owned by this process, so
+    they go when it does), driven from here."""
+    check_runtime(runtime)
+    if runtime == "ray":
+        from specinfer_dist.distributed import CoordinatorClient  # only this runtime needs it
+
+        return CoordinatorClient.from_config(config, cluster)
+    return AsyncLLMEngine(LLMEngine.from_config(config))

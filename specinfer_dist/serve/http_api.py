@@ -1,0 +1,214 @@
+"""OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions,
+plus /health and /metrics. Errors use OpenAI's body: {"error": {message, type, param, code}}."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from specinfer_dist.engine.async_engine import EngineStepError, RequestDelta
+from specinfer_dist.engine.engine import Prompt
+from specinfer_dist.errors import SpecInferError
+from specinfer_dist.serve.api_errors import ApiError
+from specinfer_dist.serve.auth import check_api_key
+from specinfer_dist.serve.metrics import CONTENT_TYPE
+from specinfer_dist.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from specinfer_dist.serve.service import Service, Usage
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """How an endpoint's responses look: completions and chat differ only here."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+    choice: Callable[[int, str, str | None, bool, bool], dict[str, Any]]  # (index, text, finish, streaming, first)
+
+
+def _completion_choice(index: int, text: str, finish: str | None, streaming: bool, first: bool) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+
+
+def _chat_choice(index: int, text: str, finish: str | None, streaming: bool, first: bool) -> dict[str, Any]:
+    if not streaming:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+    delta = {"role": "assistant", "content": text} if first else {"content": text}
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+COMPLETION = _Shape("cmpl", "text_completion", "text_completion", _completion_choice)
+CHAT = _Shape("chatcmpl", "chat.completion", "chat.completion.chunk", _chat_choice)
+
+
+class _BodyLimit:
+    """413 for a body over the limit, judged by Content-Length before a byte is read (411 without
+    one; h11 holds the body to it)."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            length = dict(scope["headers"]).get(b"content-length")
+            error = None
+            if length is None:
+                error = ApiError(411, "a Content-Length header is required")
+            elif not length.isdigit() or int(length) > self.limit:
+                error = ApiError(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
+            if error is not None:
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class _CountRequests:
+    """Counts POSTs (generation requests) by the status they were answered with."""
+
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.service.metrics.api_requests.labels("http", str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _error_response(err: Exception) -> JSONResponse:
+    api = ApiError.of(err)
+    return JSONResponse(api.body(), status_code=api.status)
+
+
+async def _handle(_: Request, err: Exception) -> JSONResponse:
+    if isinstance(err, RequestValidationError):
+        err = _validation_error(err)
+    elif isinstance(err, HTTPException):  # unknown route, wrong method
+        err = ApiError(err.status_code, str(err.detail))
+    return _error_response(err)
+
+
+def _validation_error(err: RequestValidationError) -> ApiError:
+    first = err.errors()[0]
+    if first["type"] == "json_invalid":
+        return ApiError(400, f"malformed JSON body: {first['msg']}")
+    loc = [str(part) for part in first["loc"][1:]]  # after "body"
+    return ApiError(400, f"{'.'.join(loc) or 'body'}: {first['msg']}", param=loc[0] if loc else None)
+
+
+def build_http_app(service: Service) -> FastAPI:
+    app = FastAPI(title="specinfer_dist", description="OpenAI-compatible API with tree-based speculative inference")
+    app.add_middleware(_BodyLimit, limit=service.config.max_request_bytes)
+    app.add_middleware(_CountRequests, service=service)  # outermost: counts the 413s too
+    for exc_type in (ApiError, SpecInferError, EngineStepError, RequestValidationError, HTTPException):
+        app.add_exception_handler(exc_type, _handle)
+
+    def authorized(authorization: str | None = Header(None)) -> None:
+        check_api_key(service.api_key, authorization)
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)])
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        card = {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "specinfer_dist"}
+        return {"object": "list", "data": [card]}
+
+    @v1.post("/completions")
+    async def completions(body: CompletionRequest) -> Response:
+        _check_model(service, body)
+        return await _answer(service, COMPLETION, body, body.prompts(), body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest) -> Response:
+        _check_model(service, body)
+        prompt = service.chat_prompt([m.to_template() for m in body.messages])
+        max_tokens = body.max_completion_tokens or body.max_tokens or service.config.default_max_tokens
+        return await _answer(service, CHAT, body, [prompt], max_tokens)
+
+    app.include_router(v1)
+
+    # Plain functions: FastAPI runs them in a thread, as the Ray runtime's engine answers by blocking calls.
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        engine = service.engine
+        return {"status": "ok", "model": service.model_name, "running": engine.num_running(), "waiting": engine.num_waiting()}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app
+
+
+def _check_model(service: Service, body: SamplingRequest) -> None:
+    if body.model not in (None, service.model_name):
+        raise ApiError(404, f"The model '{body.model}' does not exist", param="model", code="model_not_found")
+
+
+async def _answer(service: Service, shape: _Shape, body: SamplingRequest, prompts: list[Prompt], max_tokens: int) -> Response:
+    n = body.n
+    jobs = [(prompt, body.sampling_params(max_tokens, j)) for prompt in prompts for j in range(n)]
+    events = service.generate(jobs)
+    first = await anext(events)  # bad input raises here, while a 400 can still be sent
+    head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
+    if body.stream:
+        chunks = _chunks(shape, head, first, events, n, body.include_usage)
+        return StreamingResponse(_sse(chunks), media_type="text/event-stream")
+    usage, texts, finish = Usage(), [""] * len(jobs), [None] * len(jobs)
+    async with aclosing(events):
+        async for k, delta in _prepend(first, events):
+            usage.add(delta, count_prompt=k % n == 0)  # a prompt counts once, whatever n
+            texts[k] += delta.text
+            finish[k] = delta.finish_reason
+    choices = [shape.choice(k, texts[k], finish[k], False, False) for k in range(len(jobs))]
+    return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage.to_openai()})
+
+
+async def _chunks(
+    shape: _Shape, head: dict[str, Any], first: tuple[int, RequestDelta], events: AsyncIterator[tuple[int, RequestDelta]],
+    n: int, include_usage: bool,
+) -> AsyncIterator[dict[str, Any]]:
+    usage, started = Usage(), set()
+    async with aclosing(events):
+        try:
+            async for k, delta in _prepend(first, events):
+                usage.add(delta, count_prompt=k % n == 0)
+                choice = shape.choice(k, delta.text, delta.finish_reason, True, k not in started)
+                started.add(k)
+                yield {**head, "object": shape.chunk_object, "choices": [choice], **({"usage": None} if include_usage else {})}
+        except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band, as OpenAI does
+            yield ApiError.of(err).body()
+            return
+    if include_usage:
+        yield {**head, "object": shape.chunk_object, "choices": [], "usage": usage.to_openai()}
+
+
+async def _sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    async with aclosing(chunks):
+        async for chunk in chunks:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _prepend(first: tuple[int, RequestDelta], rest: AsyncIterator[tuple[int, RequestDelta]]) -> AsyncIterator[tuple[int, RequestDelta]]:
+    yield first
+    async for item in rest:
+        yield item

@@ -1,0 +1,121 @@
+"""A replica's serving core, shared by the HTTP and gRPC front ends: the engine, the served
+model's name, the API key, metrics, chat prompts and usage accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, TypeVar
+
+from jinja2 import TemplateError
+
+from specinfer_dist.config import ClusterConfig, EngineConfig, ServeConfig
+from specinfer_dist.engine.async_engine import RequestDelta
+from specinfer_dist.engine.engine import Prompt
+from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.errors import InvalidRequestError
+from specinfer_dist.serve.auth import resolve_api_key
+from specinfer_dist.serve.backend import build_engine
+from specinfer_dist.serve.metrics import Metrics
+
+T = TypeVar("T")
+_DONE = object()
+
+
+class Service:
+    def __init__(self, engine_config: EngineConfig, config: ServeConfig, cluster: ClusterConfig | None = None) -> None:
+        self.config = config
+        self.api_key = resolve_api_key(config)  # before loading models: a bad key file fails fast
+        self.model_name = config.model_name or _model_name(engine_config.llm)
+        self.engine = build_engine(engine_config, config.runtime, cluster)
+        self.metrics = Metrics(self.engine)
+        self.created = int(time.time())
+
+    def generate(self, jobs: list[tuple[Prompt, SamplingParams]], chat: bool = False) -> AsyncIterator[tuple[int, RequestDelta]]:
+        """Run every job at once (they batch in the engine); deltas tagged with their job's index.
+        Bad input raises from the iteration, normally before any delta (so HTTP can still 400)."""
+        return merge([self.metrics.timed(self.engine.generate(p, sp, chat)) for p, sp in jobs])
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of a conversation rendered by the tokenizer's chat template, ready for the reply."""
+        tokenizer = self.engine.tokenizer
+        if not tokenizer.chat_template:
+            raise InvalidRequestError("this model's tokenizer has no chat template")
+        try:
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except TemplateError as err:  # templates raise on conversations they refuse (e.g. role order)
+            raise InvalidRequestError(f"messages do not fit the chat template: {err}") from None
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+@dataclass
+class Usage:
+    """Token counts over a request's choices, with OpenAI's prediction-token details."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+    def add(self, delta: RequestDelta, count_prompt: bool = True) -> None:
+        self.completion_tokens += len(delta.token_ids)
+        if delta.finished:
+            self.prompt_tokens += delta.prompt_tokens if count_prompt else 0
+            self.accepted_prediction_tokens += delta.stats.accepted_tokens
+            self.rejected_prediction_tokens += delta.stats.drafted_tokens - delta.stats.accepted_tokens
+
+    def to_openai(self) -> dict[str, Any]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": self.accepted_prediction_tokens,
+                "rejected_prediction_tokens": self.rejected_prediction_tokens,
+            },
+        }
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of all streams as they arrive, tagged with their stream's index. The first error
+    ends the merge; closing the merge (e.g. a client disconnecting) closes every stream."""
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async with aclosing(stream):
+                async for item in stream:
+                    queue.put_nowait((index, item))
+            queue.put_nowait((index, _DONE))
+        except Exception as err:  # noqa: BLE001 - handed to the consumer
+            queue.put_nowait((index, err))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            index, item = await queue.get()
+            if item is _DONE:
+                running -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _model_name(llm: str) -> str:
+    """The id clients call the model by: the checkpoint's directory or file name, or the hub id."""
+    if llm == "default":
+        return "SmolLM2-135M-Instruct"
+    path = Path(llm)
+    return path.name if path.exists() else llm

@@ -1,0 +1,1 @@
+"""Collective boost-tuning of small speculative models (SSMs) by distillation from the LLM."""

@@ -1,0 +1,50 @@
+"""``specinfer-dist boost-tune``: build distillation data and boost-tune SSMs for an LLM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from specinfer_dist.training.boost import REPORT_NAME, BoostConfig, boost_tune
+from specinfer_dist.training.data import DataConfig
+from specinfer_dist.training.train import TrainConfig
+
+
+def add_boost_tune_parser(subparsers: argparse._SubParsersAction) -> None:
+    d, t = DataConfig(), TrainConfig()
+    p = subparsers.add_parser("boost-tune", help="train SSMs for an LLM by collective boost-tuning")
+    p.add_argument("--llm", default="default", help="'default', a HF checkpoint dir, a .gguf file or a hub id")
+    p.add_argument("--num-ssms", type=int, default=2)
+    p.add_argument("--layers", type=int, default=1, help="layers per SSM (initialised from the LLM's first)")
+    p.add_argument("--out", default="boost-out", help="where ssm-<k>/ and boost_report.json go")
+    p.add_argument("--work-dir", help="resumable state (default: under the cache, keyed by --out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompts", type=int, default=d.num_prompts, help="prompts to generate from (5%% held out)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="continuation length per prompt")
+    p.add_argument("--gen-batch-size", type=int, default=d.batch_size)
+    p.add_argument("--workers", type=int, default=d.workers, help="processes for generation (one thread each)")
+    p.add_argument("--steps", type=int, default=t.steps, help="training steps of SSM 1")
+    p.add_argument("--later-steps", type=int, help="training steps of SSMs 2.. (default: --steps)")
+    p.add_argument("--batch-size", type=int, default=t.batch_size, help="sequences per training step")
+    p.add_argument("--lr", type=float, default=t.lr)
+    p.add_argument("--window", type=int, default=8, help="continuation positions per boosting sample")
+    p.add_argument("--threads", type=int, help="torch threads for training (default: torch's)")
+    p.add_argument("--targets", choices=("topk", "tokens"), default="topk",
+                   help="distil the LLM's top-32 (an extra LLM pass) or its own next tokens (no extra pass)")
+    p.set_defaults(run=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = BoostConfig(
+        out=Path(args.out), llm=args.llm, num_ssms=args.num_ssms, layers=args.layers, window=args.window,
+        work_dir=Path(args.work_dir) if args.work_dir else None, threads=args.threads,
+        soft_targets=args.targets == "topk", later_steps=args.later_steps,
+        data=DataConfig(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                        batch_size=args.gen_batch_size, workers=args.workers, seed=args.seed),
+        train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
+    )
+    report = boost_tune(cfg)
+    print(f"held-out top-1 (any SSM): {report['heldout_collective_top1']:.3f}; "
+          f"report: {Path(args.out) / REPORT_NAME}", file=sys.stderr)
+    return 0

@@ -1,0 +1,30 @@
+"""Shared by the serving tests: a tiny chat-capable checkpoint and free loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from helpers import make_tiny_checkpoint
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def make_chat_checkpoint(tmp_path: Path) -> Path:
+    """A tiny random Llama whose tokenizer has a chat template, with room for long generations."""
+    path = make_tiny_checkpoint(tmp_path, "llama", seed=1, max_position_embeddings=4096)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -1,0 +1,272 @@
+"""The Ray runtime: exact across tensor parallelism and pipelining, under load, and through
+worker and shard failures; tensor parallelism itself against the unsharded model.
+
+One private Ray instance serves the module. GPUs are simulated by a custom resource, so
+placement is exercised as on a GPU cluster while shards run on CPU with gloo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import time
+from dataclasses import replace
+
+import pytest
+import ray
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import transformers
+
+from exactness import assert_greedy_equal
+from helpers import make_tiny_checkpoint
+from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, SamplingParams
+from specinfer_dist.cli import main
+from specinfer_dist.config import ClusterConfig, EngineConfig
+from specinfer_dist.distributed import Coordinator, CoordinatorClient
+from specinfer_dist.distributed.tp import shard_model
+from specinfer_dist.engine.async_engine import EngineStepError
+from specinfer_dist.engine.verifier import LocalVerifier, VerifyItem
+from specinfer_dist.models.loader import load_model
+from test_engine_exact import noisy_copy
+
+SIM_GPU = "sim_gpu"
+TREE = "1,2,1,1"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    llm = make_tiny_checkpoint(tmp, "llama", seed=1)
+    ssm = noisy_copy(llm, tmp / "ssm", noise=0.3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
+    local = LLMEngine(str(llm), ssms=[str(ssm)], tree=TREE)
+    return EngineConfig(llm=str(llm), ssms=[str(ssm)], tree=TREE), local, hf
+
+
+@pytest.fixture(scope="module")
+def clients(models):
+    """A TP=1 runtime without pipelining and a TP=2 one (a real gloo group) with it."""
+    ray.init(address="local", num_cpus=12, resources={SIM_GPU: 4}, include_dashboard=False)
+    engine_config = models[0]
+    base = ClusterConfig(gpu_resource=SIM_GPU, step_timeout_s=60)
+    configs = {1: replace(base, tp=1, pipeline=False), 2: replace(base, tp=2)}
+    handles = {tp: Coordinator.remote(engine_config, cluster) for tp, cluster in configs.items()}  # start in parallel
+    started = {tp: CoordinatorClient(handle) for tp, handle in handles.items()}
+    yield started
+    for client in started.values():
+        client.shutdown()
+    ray.shutdown()
+
+
+@torch.inference_mode()  # commits of caches that grew during a forward must run in inference mode too
+def reference(local: LLMEngine, batch: list[list[int]], params) -> list[list[int]]:
+    return [out.token_ids for out in local.generate(batch, params)]
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 260, (m,), generator=gen).tolist() for m in torch.randint(3, 40, (n,), generator=gen).tolist()]
+
+
+async def collect(client, prompt, params) -> tuple[list[int], list]:
+    deltas = [d async for d in client.generate(prompt, params)]
+    return [t for d in deltas for t in d.token_ids], deltas
+
+
+def run_all(client, batch, params) -> list[tuple[list[int], list]]:
+    async def main():
+        return await asyncio.gather(*(collect(client, p, sp) for p, sp in zip(batch, params)))
+
+    return asyncio.run(main())
+
+
+def test_greedy_identical_across_runtimes(models, clients):
+    _, local, hf = models
+    batch = prompts(6)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 5, 31, 12, 1, 24)]
+    want = reference(local, batch, params)
+    pipelined = LLMEngine.from_parts(
+        tokenizer=local.tokenizer, model_config=local.model.config, eos_ids=local.eos_ids, verifier=LocalVerifier(local.model),
+        drafters=local.drafters, spec=local.spec, mode=local.mode, verify=local.verify, max_num_seqs=16, pipeline=True,
+    )
+    runs = {"local pipelined": [o.token_ids for o in pipelined.generate(batch, params)]}
+    for tp, client in clients.items():
+        results = run_all(client, batch, params)
+        runs[f"ray tp={tp}"] = [tokens for tokens, _ in results]
+        assert sum(deltas[-1].stats.accepted_tokens for _, deltas in results) > 0  # drafts came from the workers
+    for name, outs in runs.items():
+        for prompt, got, ref in zip(batch, outs, want):
+            assert len(got) == len(ref), name
+            assert_greedy_equal(hf, prompt, got, ref)
+    assert clients[2].info()["pipeline"] and not clients[1].info()["pipeline"]
+
+
+def test_concurrent_mixed_requests(models, clients):
+    _, local, hf = models
+    batch = prompts(18, seed=3)
+    params = []
+    for i in range(len(batch)):
+        if i % 3 == 0:
+            params.append(SamplingParams(temperature=0.8, top_p=0.9, top_k=40, seed=i, max_tokens=4 + 2 * i, ignore_eos=True))
+        else:
+            params.append(SamplingParams(temperature=0, max_tokens=1 + (7 * i) % 30, ignore_eos=i % 2 == 0))
+    first = run_all(clients[2], batch, params)
+    # Again, in reverse order: other batch mates at every step.
+    second = run_all(clients[2], batch[::-1], params[::-1])[::-1]
+    for prompt, sp, (got, deltas), (again, _) in zip(batch, params, first, second):
+        assert deltas[-1].finished and got == again
+        if sp.greedy:
+            [solo] = reference(local, [prompt], sp)
+            assert_greedy_equal(hf, prompt, got, solo)
+    assert clients[2].num_running() == 0 and clients[2].num_waiting() == 0
+    assert clients[2].counters.requests_finished >= 2 * len(batch)
+
+
+def test_draft_worker_death_keeps_output_exact(models, clients):
+    _, local, hf = models
+    client = clients[1]
+    [worker] = client.actors()["draft_workers"]
+    pid = ray.get(worker.ready.remote())
+    batch = prompts(4, seed=7)
+    params = SamplingParams(temperature=0, max_tokens=150, ignore_eos=True)
+    want = reference(local, batch, params)
+
+    async def main():
+        streams = [client.generate(p, params) for p in batch]
+        firsts = [await stream.__anext__() for stream in streams]  # all under way
+        ray.kill(worker, no_restart=False)
+        rests = [[d async for d in stream] for stream in streams]
+        return [[first, *rest] for first, rest in zip(firsts, rests)]
+
+    for prompt, deltas, ref in zip(batch, asyncio.run(main()), want):
+        assert len(deltas) > 2 and deltas[-1].finished  # they went on after the kill
+        assert_greedy_equal(hf, prompt, [t for d in deltas for t in d.token_ids], ref)
+    assert restarted_pid(worker) != pid  # Ray restarted it
+    for _ in range(3):  # and drafting resumes once it is back
+        [(_, deltas)] = run_all(client, batch[:1], [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)])
+        if deltas[-1].stats.accepted_tokens:
+            break
+        time.sleep(1)
+    assert deltas[-1].stats.accepted_tokens > 0
+
+
+def restarted_pid(worker, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(worker.ready.remote())
+        except ray.exceptions.ActorUnavailableError:  # still restarting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def test_cli_ray_gives_the_local_json(models, clients, capsys):
+    engine_config = models[0]
+    args = ["generate", "--prompt", "hello world", "--llm", engine_config.llm, "--ssm", engine_config.ssms[0],
+            "--tree", TREE, "--max-tokens", "12", "--ignore-eos", "--json"]
+    assert main(args) == 0
+    local = json.loads(capsys.readouterr().out)
+    # Ray is already up in this process, so --ray joins it (a fresh process would start its own).
+    assert main([*args, "--ray", "--tp", "1", "--no-pipeline"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    for timing in ("elapsed_s", "ms_per_token"):
+        local.pop(timing), remote.pop(timing)
+    assert remote == local
+
+
+def test_disconnect_aborts_on_the_coordinator(clients):
+    client = clients[1]
+
+    async def main():
+        stream = client.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+        await stream.__anext__()
+        await stream.aclose()  # the client went away
+        for _ in range(100):
+            if client.num_running() == 0:
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    assert asyncio.run(main())
+
+
+def test_bad_model_fails_cleanly_at_start(models, clients):
+    engine_config = models[0]
+    with pytest.raises(ModelLoadError, match="no-such-ssm"):
+        CoordinatorClient.from_config(replace(engine_config, ssms=["/no-such-ssm"]), ClusterConfig(pipeline=False))
+
+
+def test_verifier_shard_death_fails_in_flight_then_recovers(models, clients):
+    _, local, hf = models
+    client = clients[2]
+    old = client.actors()["shards"]
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        streams = [client.generate(p, params) for p in prompts(3, seed=11)]
+        for stream in streams:
+            await stream.__anext__()
+        ray.kill(old[1])
+        start = time.monotonic()
+        errors = await asyncio.gather(*(asyncio.wait_for(drain(s), 30) for s in streams), return_exceptions=True)
+        return errors, time.monotonic() - start
+
+    async def drain(stream):
+        async for _ in stream:
+            pass
+
+    errors, waited = asyncio.run(main())
+    assert all(isinstance(e, EngineStepError) and "verifier shard group failed" in str(e) for e in errors), errors
+    assert waited < 30
+    prompt = prompts(1, seed=12)[0]
+    [(got, _)] = run_all(client, [prompt], [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)])
+    [want] = reference(local, [prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert_greedy_equal(hf, prompt, got, want)
+    assert set(client.actors()["shards"]).isdisjoint(old)  # a new group
+
+
+# ---- tensor parallelism, without Ray ------------------------------------------------------
+
+
+def _tp_rank(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    model, _, _ = load_model(model_dir, progress=False)
+    torch.save(_tp_logits(shard_model(model, rank, world_size)), f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def _tp_logits(model) -> list[torch.Tensor]:
+    """A prompt, then a token tree below it, for two requests in one batch."""
+    verifier = LocalVerifier(model)
+    first = verifier.forward([VerifyItem(0, [5, 9, 30, 41], [-1, 0, 1, 2], [3]), VerifyItem(1, [7, 8], [-1, 0], [0, 1])])
+    verifier.commit(0, [0, 1, 2, 3])
+    verifier.commit(1, [0, 1])
+    tree = VerifyItem(0, [12, 13, 14, 15], [-1, 0, 0, 1], [0, 1, 2, 3])
+    return first + verifier.forward([tree, VerifyItem(1, [99], [-1], [0])])
+
+
+def test_tensor_parallel_shards_match_unsharded_model(tmp_path):
+    # qwen2: q/k/v biases; tied head; a vocabulary that does not split evenly; GQA 4/2 heads.
+    model_dir = make_tiny_checkpoint(tmp_path, "qwen2", vocab_size=261, tie_word_embeddings=True)
+    model, _, _ = load_model(str(model_dir), progress=False)
+    want = _tp_logits(model)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = str(tmp_path / "logits")
+    mp.spawn(_tp_rank, args=(2, port, str(model_dir), out), nprocs=2)
+    for rank in range(2):
+        got = torch.load(f"{out}.{rank}")
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_tensor_parallel_must_divide_heads(tmp_path):
+    model, _, _ = load_model(str(make_tiny_checkpoint(tmp_path, "llama")), progress=False)
+    with pytest.raises(InvalidConfigError, match="KV heads"):
+        shard_model(model, 0, 4)  # 4 query heads, 2 KV heads

@@ -1,0 +1,60 @@
+"""Choosing a tree from measured costs and coverage; --tree auto end to end on a tiny model."""
+
+import json
+
+import pytest
+
+from helpers import make_tiny_checkpoint
+from specinfer_dist import LLMEngine, SamplingParams
+from specinfer_dist.bench.tree_cost import choose_tree, evaluate, forward_cost, interpolate
+
+FLAT = {1: 1.0, 64: 1.0, 128: 1.0}  # a device where verifying 128 tokens costs what 1 does
+FREE = {1: 0.0, 64: 0.0}
+
+
+def test_expected_tokens_formula():
+    choice = evaluate((1, 2), [0.5, 0.7], FLAT, FREE)
+    # depth 1: top-1 covers 0.5; depth 2: top-2 covers 0.7 -> 0.5 + 0.5 * 0.7 accepted, plus the bonus.
+    assert choice.tokens_per_step == pytest.approx(1 + 0.5 + 0.35)
+    assert choice.step_s == pytest.approx(1.0)
+
+
+def test_interpolation_and_extrapolation():
+    costs = {1: 1.0, 3: 2.0}
+    assert interpolate(costs, 2) == pytest.approx(1.5)
+    assert interpolate(costs, 5) == pytest.approx(3.0)
+    assert interpolate(costs, 0) == 1.0
+
+
+def test_choice_follows_the_measurements():
+    # A useless drafter on a costly verifier: do not speculate.
+    assert choose_tree([0.0, 0.0], {1: 1.0, 64: 64.0}, FREE).widths == ()
+    # A perfect drafter whose forwards are free on a flat verifier: go as deep as allowed, widths 1.
+    assert choose_tree([1.0, 1.0], FLAT, FREE, max_depth=5).widths == (1,) * 5
+    # A so-so top-1 but a much better top-2, and flat costs: branching pays.
+    assert 2 in choose_tree([0.3, 0.9], FLAT, FREE, max_depth=3).widths
+
+
+def test_forward_cost_sweep_measures_every_size(tmp_path):
+    llm = make_tiny_checkpoint(tmp_path, "llama", seed=1)
+    engine = LLMEngine(str(llm), mode="incremental")
+    costs = forward_cost(engine.model, [1, 4, 16], context=32, repeats=2)
+    assert set(costs) == {1, 4, 16} and all(c > 0 for c in costs.values())
+
+
+def test_tree_auto_picks_a_tree_and_stays_exact(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECINFER_DIST_CACHE", str(tmp_path / "cache"))
+    llm = str(make_tiny_checkpoint(tmp_path, "llama", seed=1))
+    auto = LLMEngine(llm, ssms=[llm], tree="auto")  # the LLM drafting for itself: full coverage
+    [cached] = (tmp_path / "cache" / "tree-auto").glob("*.json")  # measured once, reused next start
+    tuned = json.loads(cached.read_text())
+    assert tuned["coverage_topk"][0] == pytest.approx(1.0)
+    # Whether drafting with a model as costly as the LLM pays depends on this machine's costs;
+    # the engine must do what the measurement chose.
+    if tuned["tree"]:
+        assert auto.mode == "tree" and list(auto.spec.widths) == tuned["tree"]
+    else:
+        assert auto.mode == "incremental"
+    plain = LLMEngine(llm, mode="incremental")
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    assert auto.generate("hello there", params)[0].token_ids == plain.generate("hello there", params)[0].token_ids
