@@ -111,6 +111,11 @@ class AsyncLLMEngine:
     def num_running(self) -> int:
         return len(self.engine.scheduler.running)
 
+    def kv_usage(self) -> float | None:
+        """Fraction of the LLM's KV block pool in use (None without a bounded pool)."""
+        usage = getattr(self.engine.verifier, "kv_usage", None)  # remote verifiers may not report it
+        return usage() if usage else None
+
     def shutdown(self) -> None:
         self._stopped.set()
         self._inbox.put(("stop", None))
