@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
 out=docs/bench/cpu
 .venv/bin/specinfer-dist bench --modes incremental,sequence,tree,ngram,merged,hf,hf-assisted \
-  --max-tokens 64 --sweep --out "$out/greedy"
+  --max-tokens 48 --sweep --out "$out/greedy"
 for t in 0.7 1.0; do
   .venv/bin/specinfer-dist bench --modes sequence-naive,sequence-mss,tree-naive,tree-mss \
-    --temperature "$t" --max-tokens 48 --out "$out/sampled-t$t"
+    --temperature "$t" --max-tokens 32 --out "$out/sampled-t$t"
 done
