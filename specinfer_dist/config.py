@@ -79,7 +79,7 @@ class ClusterConfig(_Section):
     gpu_resource: str = "GPU"  # resource a shard's GPU is counted in; CPU-only CI simulates GPUs with a custom one
     cpus_per_shard: float = 1  # also the shard's torch threads
     cpus_per_draft_worker: float = 1  # draft workers run their SSMs on CPU
-    step_timeout_s: float = 300  # a verification step slower than this counts as a failed shard group
+    step_timeout_s: float = 300  # a verification step (or shard group start) slower than this fails the group
 
     def __post_init__(self) -> None:
         if self.tp < 1 or self.draft_workers < 1:

@@ -61,7 +61,6 @@ def clients(models):
     ray.shutdown()
 
 
-@torch.inference_mode()  # commits of caches that grew during a forward must run in inference mode too
 def reference(local: LLMEngine, batch: list[list[int]], params) -> list[list[int]]:
     return [out.token_ids for out in local.generate(batch, params)]
 

@@ -1,11 +1,12 @@
-"""Throughput of the Ray runtime, side by side in one run: the in-process engine, then Ray with
-TP=1/2 and pipelining off/on, each at several concurrencies (generated tokens per second).
+"""Throughput of the Ray runtime, side by side in one run: TP=1/2 x pipelining off/on, and the
+in-process engine, at several concurrencies (generated tokens per second).
 
-    python -m specinfer_dist.bench.ray_runtime --concurrency 1,4,16 --max-tokens 32
+    python -m specinfer_dist.bench.ray_runtime --concurrency 1,4,16 --max-tokens 16 --repeats 2
 
 The default SSM is the 2-layer truncation of the default LLM (drafting costs something, so
-pipelining has work to hide). Every configuration runs the same greedy requests through the
-same client surface (AsyncLLMEngine or CoordinatorClient), one configuration at a time.
+pipelining has work to hide). Every setup runs the same greedy requests through the same
+client surface (AsyncLLMEngine or CoordinatorClient). All setups stay up and are measured in
+turn, repeatedly, so a busy moment on a shared machine hits each of them; medians are reported.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import statistics
 import time
 from typing import Any
 
+import ray
 import torch
 
 from specinfer_dist.bench.common import load_prompts, machine
@@ -27,7 +30,8 @@ from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.models.default import default_ssm_dir
 
 
-async def _throughput(engine: Any, prompts: list[dict[str, Any]], concurrency: int, max_tokens: int) -> dict[str, float]:
+async def _throughput(engine: Any, prompts: list[dict[str, Any]], concurrency: int, max_tokens: int) -> tuple[float, float]:
+    """(generated tokens per second, tokens per verification step) for ``concurrency`` requests at once."""
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     templated = bool(engine.tokenizer.chat_template)  # tiny test models have none
 
@@ -37,28 +41,39 @@ async def _throughput(engine: Any, prompts: list[dict[str, Any]], concurrency: i
 
     start = time.perf_counter()
     done = await asyncio.gather(*(one(prompts[i % len(prompts)]) for i in range(concurrency)))
-    elapsed = time.perf_counter() - start
     tokens = sum(n for n, _ in done)
-    return {"tokens_per_s": round(tokens / elapsed, 2), "tokens_per_step": round(tokens / sum(s for _, s in done), 2)}
+    return tokens / (time.perf_counter() - start), tokens / sum(s for _, s in done)
 
 
-def run(engine_config: EngineConfig, tps: list[int], concurrency: list[int], max_tokens: int) -> list[dict[str, Any]]:
+def run(config: EngineConfig, tps: list[int], concurrency: list[int], max_tokens: int, repeats: int) -> list[dict[str, Any]]:
     prompts = load_prompts(None)
-    setups: list[tuple[str, Any]] = [("local", None)]
-    setups += [(f"ray tp={tp} pipeline={'on' if p else 'off'}", ClusterConfig(tp=tp, pipeline=p)) for tp in tps for p in (False, True)]
+    torch.set_num_threads(1)  # the local engine gets what one shard gets (cpus_per_shard: 1)
+    engines: dict[str, Any] = {"local": AsyncLLMEngine(LLMEngine.from_config(config))}
+    # Logical CPUs: every setup's actors stay placed at once.
+    ray.init(address="local", num_cpus=4 * len(tps) * (max(tps) + 2), include_dashboard=False)
+    for tp in tps:
+        for pipeline in (False, True):
+            name = f"ray tp={tp} pipeline={'on' if pipeline else 'off'}"
+            engines[name] = CoordinatorClient.from_config(config, ClusterConfig(tp=tp, pipeline=pipeline))
     rows = []
-    for name, cluster in setups:
-        if cluster is None:
-            torch.set_num_threads(1)  # as one shard (cpus_per_shard: 1); a busy CPU stalls thread pools
-            engine = AsyncLLMEngine(LLMEngine.from_config(engine_config))
-        else:
-            engine = CoordinatorClient.from_config(engine_config, cluster)
-        try:
+    try:
+        for engine in engines.values():
             asyncio.run(_throughput(engine, prompts, 1, 4))  # warm-up
-            for c in concurrency:
-                rows.append({"setup": name, "concurrency": c, **asyncio.run(_throughput(engine, prompts, c, max_tokens))})
+        for c in concurrency:
+            runs: dict[str, list[tuple[float, float]]] = {name: [] for name in engines}
+            for _ in range(repeats):
+                for name, engine in engines.items():
+                    runs[name].append(asyncio.run(_throughput(engine, prompts, c, max_tokens)))
+            for name, results in runs.items():
+                rows.append({
+                    "setup": name, "concurrency": c,
+                    "tokens_per_s": round(statistics.median(r[0] for r in results), 2),
+                    "all_tokens_per_s": [round(r[0], 2) for r in results],
+                    "tokens_per_step": round(statistics.median(r[1] for r in results), 2),
+                })
                 print(json.dumps(rows[-1]), flush=True)
-        finally:
+    finally:
+        for engine in engines.values():
             engine.shutdown()
     return rows
 
@@ -70,11 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", default="1,1,3,1,1,1,1,1")
     parser.add_argument("--tp", default="1,2", help="comma-separated TP degrees")
     parser.add_argument("--concurrency", default="1,4,16")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
     ssm = args.ssm or str(default_ssm_dir(progress=False))
     config = EngineConfig(llm=args.llm, ssms=[ssm], tree=args.tree)
-    rows = run(config, [int(t) for t in args.tp.split(",")], [int(c) for c in args.concurrency.split(",")], args.max_tokens)
+    tps = [int(t) for t in args.tp.split(",")]
+    rows = run(config, tps, [int(c) for c in args.concurrency.split(",")], args.max_tokens, args.repeats)
     print(json.dumps({"machine": machine(), "engine": vars(config), "results": rows}, indent=1))
     return 0
 

@@ -68,7 +68,13 @@ class DraftWorker:
         for request_id in released:
             for drafter in self.drafters:
                 drafter.release(request_id)
-        return [drafter.propose(requests, max_depths) for drafter in self.drafters]
+        return [[_compact(tree) for tree in drafter.propose(requests, max_depths)] for drafter in self.drafters]
+
+
+def _compact(tree: TokenTree) -> TokenTree:
+    """The tree with each node's q in its own storage: a sampled node's q is a row of its depth's
+    [frontier, vocab] matrix, and pickling a view ships the whole matrix."""
+    return TokenTree(tree.tokens, tree.parents, [None if q is None else q.clone() for q in tree.probs])
 
 
 class DraftPool:

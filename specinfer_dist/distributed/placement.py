@@ -63,9 +63,14 @@ def reserve(cluster: ClusterConfig) -> tuple[PlacementGroup, PlacementGroup]:
         raise InvalidConfigError(
             f"the Ray cluster cannot place {cluster.tp} verifier shard(s) of {shard} on one node and "
             f"{cluster.draft_workers} draft worker(s) of {cluster.cpus_per_draft_worker} CPU "
-            f"(it has {ray.cluster_resources()})"
+            f"(it has {_resources(cluster)} in all, some perhaps in use)"
         )
     return groups
+
+
+def _resources(cluster: ClusterConfig) -> dict[str, float]:
+    total = ray.cluster_resources()
+    return {name: total.get(name, 0) for name in ("CPU", cluster.gpu_resource)}
 
 
 def actor_options(cluster: ClusterConfig, pg: PlacementGroup, bundle: int, cpus: float, gpus: float) -> dict[str, Any]:

@@ -71,7 +71,6 @@ class VerifierShard:
             shard_model(model, self.rank, self.spec.world_size)
         self.verifier = LocalVerifier(model.to(device), self.spec.kv_capacity)
 
-    @torch.inference_mode()  # the whole step: commits move rows of caches written in inference mode
     def step(
         self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem]
     ) -> list[torch.Tensor] | None:
@@ -81,7 +80,8 @@ class VerifierShard:
         for request_id in releases:
             self.verifier.release(request_id)
         logits = self.verifier.forward(items)
-        return [x.cpu() for x in logits] if self.rank == 0 else None
+        # Copies: each request's logits are a view of one batch tensor, and pickling a view ships all of it.
+        return [x.to("cpu", copy=True) for x in logits] if self.rank == 0 else None
 
 
 class ShardGroupVerifier:
@@ -105,19 +105,21 @@ class ShardGroupVerifier:
         self.build()
 
     def build(self) -> None:
+        """Start the ranks (they load in parallel) and form their process group. On failure the
+        caller kills ``self.shards``, freeing the placement group's bundles for the next try."""
         cluster = self.cluster
-        shards = [
+        self.shards = [
             VerifierShard.options(**actor_options(cluster, self.pg, rank, cluster.cpus_per_shard, cluster.gpus_per_shard))
             .remote(self.spec, rank)
             for rank in range(self.spec.world_size)
         ]
-        init_method = ray.get(shards[0].rendezvous.remote()) if len(shards) > 1 else None
-        ray.get([shard.join.remote(init_method) for shard in shards])
-        self.shards = shards
+        timeout = self.spec.timeout_s
+        init_method = ray.get(self.shards[0].rendezvous.remote(), timeout=timeout) if len(self.shards) > 1 else None
+        ray.get([shard.join.remote(init_method) for shard in self.shards], timeout=timeout)
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
         try:
-            if not self.shards:  # the last group failed
+            if not self.shards:  # the last group failed (or its rebuild did)
                 self.build()
             refs = [shard.step.remote(self._commits, self._releases, items) for shard in self.shards]
             self._commits, self._releases = [], []
@@ -126,7 +128,8 @@ class ShardGroupVerifier:
         except RayError as err:  # includes GetTimeoutError
             self.shutdown()
             self._commits, self._releases = [], []  # their caches are gone with the group
-            raise ShardGroupError(f"verifier shard group failed ({type(err).__name__}: {err}); rebuilding it") from err
+            reason = (str(err).strip().splitlines() or [""])[0]
+            raise ShardGroupError(f"verifier shard group failed ({type(err).__name__}: {reason}); rebuilding it") from err
 
     def commit(self, request_id: int, keep: list[int]) -> None:
         self._commits.append((request_id, keep))
