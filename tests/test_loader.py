@@ -1,4 +1,4 @@
-"""Model loading: sources, GGUF conversion, error reporting, truncated draft models."""
+"""Model loading: sources, GGUF conversion, error reporting."""
 
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ from specinfer_dist.models import loader
 from specinfer_dist.models.default import (
     DEFAULT_LLM_PACKAGE,
     default_llm_dir,
-    default_ssm_dir,
-    truncated_ssm_dir,
 )
 from specinfer_dist.models.loader import (
     cache_root,
@@ -214,31 +212,6 @@ def test_cache_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert cache_root() == tmp_path / "home" / ".cache" / "specinfer_dist"
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_truncated_ssm_dir(tmp_path: Path, _cache: Path, tied: bool) -> None:
-    src = make_tiny_checkpoint(tmp_path, "qwen2", num_hidden_layers=3, tie_word_embeddings=tied)
-    ssm_dir = truncated_ssm_dir(src, num_layers=1, progress=False)
-    assert ssm_dir == _cache / f"{src.name}-first1layers"
-    assert truncated_ssm_dir(src, num_layers=1, progress=False) == ssm_dir  # cached
-
-    model, tokenizer, _ = load_model(str(ssm_dir), progress=False)
-    assert model.config.num_hidden_layers == 1
-    ssm_state = model.state_dict()
-    llm_state = _hf_state_dict(src)
-    assert not any(k.startswith("model.layers.1.") for k in ssm_state)
-    for k, v in ssm_state.items():
-        assert torch.equal(v, llm_state[k]), k
-    llm_tokenizer = transformers.AutoTokenizer.from_pretrained(src)
-    llm_config = transformers.AutoConfig.from_pretrained(src)
-    check_same_vocabulary(llm_tokenizer, tokenizer, llm_config, model.config, str(ssm_dir))
-
-
-def test_truncated_ssm_dir_rejects_too_many_layers(tmp_path: Path) -> None:
-    src = make_tiny_checkpoint(tmp_path)
-    with pytest.raises(ModelLoadError, match="cannot keep 5 layers of a 2-layer model"):
-        truncated_ssm_dir(src, num_layers=5, progress=False)
-
-
 def _permute_for_gguf(w: torch.Tensor, n_head: int) -> torch.Tensor:
     # llama.cpp stores q/k rows in a different rotary layout; transformers undoes this on load.
     rows = w.shape[0] // n_head // 2
@@ -375,8 +348,6 @@ def test_default_llm_dir_offline(
 
     assert default_llm_dir(progress=False) == out and len(calls) == 1  # cached
     assert load_model(None, progress=False)[2] == out
-    ssm = default_ssm_dir(progress=False)
-    assert ssm == _cache / "smollm2-135m-instruct-first2layers"
     assert capsys.readouterr().err == ""  # quiet when asked
 
 

@@ -27,7 +27,6 @@ from specinfer_dist.distributed import CoordinatorClient
 from specinfer_dist.engine.async_engine import AsyncLLMEngine
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.engine.sampling_params import SamplingParams
-from specinfer_dist.models.default import default_ssm_dir
 
 
 async def _throughput(engine: Any, prompts: list[dict[str, Any]], concurrency: int, max_tokens: int) -> tuple[float, float]:
@@ -81,15 +80,14 @@ def run(config: EngineConfig, tps: list[int], concurrency: list[int], max_tokens
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", default="default")
-    parser.add_argument("--ssm", help="SSM source (default: the default LLM's first 2 layers)")
+    parser.add_argument("--ssm", default="default", help="SSM source (default: the SSMs shipped for the default LLM)")
     parser.add_argument("--tree", default="1,1,3,1,1,1,1,1")
     parser.add_argument("--tp", default="1,2", help="comma-separated TP degrees")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args(argv)
-    ssm = args.ssm or str(default_ssm_dir(progress=False))
-    config = EngineConfig(llm=args.llm, ssms=[ssm], tree=args.tree)
+    config = EngineConfig(llm=args.llm, ssms=[args.ssm], tree=args.tree)
     tps = [int(t) for t in args.tp.split(",")]
     rows = run(config, tps, [int(c) for c in args.concurrency.split(",")], args.max_tokens, args.repeats)
     print(json.dumps({"machine": machine(), "engine": vars(config), "results": rows}, indent=1))

