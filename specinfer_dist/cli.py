@@ -10,6 +10,7 @@ from dataclasses import fields, replace
 
 from specinfer_dist.bench.run import DEFAULT_MODES, BenchConfig, format_summary, run_bench
 from specinfer_dist.bench.run import MODES as BENCH_MODES
+from specinfer_dist.bench.serve_load import add_bench_serve_parser
 from specinfer_dist.bench.tune import tune_tree
 from specinfer_dist.config import ClusterConfig, EngineConfig, load_cluster_config, load_config
 from specinfer_dist.engine.engine import MODES, VERIFIERS, LLMEngine
@@ -30,6 +31,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES)
     parser.add_argument("--verify", choices=tuple(VERIFIERS), help="verifier for sampled requests (default mss)")
     parser.add_argument("--draft-temperature", type=float, help="SSM sampling temperature (default: the request's)")
+    parser.add_argument("--full-draft-vocab", dest="draft_vocab", action="store_const", const=False,
+                        help="SSM heads score the whole vocabulary, not their draft_vocab.json")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
 
 
@@ -157,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_boost_tune_parser(sub)
     add_serve_parser(sub)
+    add_bench_serve_parser(sub)
     return parser
 
 

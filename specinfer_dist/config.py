@@ -38,6 +38,7 @@ class EngineConfig(_Section):
     mode: str | None = None  # incremental | sequence | tree; None: tree when there is an SSM
     verify: str = "mss"  # how sampled requests are verified: mss | naive
     draft_temperature: float | None = None  # None: SSMs sample with each request's own transforms
+    draft_vocab: bool = True  # SSM heads score only their draft_vocab.json tokens (False: all)
     dtype: str = "float32"
     max_num_seqs: int = 16
     kv_blocks: int | None = None  # LLM KV pool size in blocks; None: caches grow on demand

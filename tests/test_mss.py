@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from scipy.stats import power_divergence
 from helpers import make_tiny_checkpoint
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
 from specinfer_dist.drafters.ssm import SSMDrafter
+from specinfer_dist.models.draft_vocab import write_draft_vocab
 from specinfer_dist.tree import TokenTree, sampling_probs, verify_mss, verify_naive
 
 VOCAB = 8
@@ -74,7 +76,11 @@ def ckpts(tmp_path_factory):
     llm = make_tiny_checkpoint(tmp, "llama", seed=1, **common)
     far = make_tiny_checkpoint(tmp, "llama", seed=2, num_hidden_layers=1, **common)
     hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
-    return {"llm": str(llm), "near": noisy_copy(llm, tmp / "near", 0.5, 3), "far": str(far), "hf": hf}
+    # "near" whose q covers only some tokens (a draft vocabulary): the rest come from residuals.
+    subset = noisy_copy(llm, tmp / "near-subset", 0.5, 3)
+    write_draft_vocab(Path(subset), torch.tensor([5, 4, 6]), {"counted": "test"})
+    return {"llm": str(llm), "near": noisy_copy(llm, tmp / "near", 0.5, 3), "far": str(far), "hf": hf,
+            "near-subset": subset}
 
 
 def sample(engine: LLMEngine, trials: int = TRIALS, **kwargs) -> tuple[Counter, float]:
@@ -90,6 +96,7 @@ CASES = [
     (["far"], [], "1,3", 0.7, 0, 1.0),
     (["near", "far"], ["ngram"], "2,1", 1.0, 0, 0.8),  # merged: two SSMs plus prompt lookup
     (["near"], [], "1,1", 0.7, 5, 0.9),
+    (["near-subset"], [], "2,2", 1.0, 0, 1.0),
 ]
 
 

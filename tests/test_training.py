@@ -16,6 +16,7 @@ from helpers import make_tiny_checkpoint
 from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, SamplingParams
 from specinfer_dist.cli import main
 from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.models.draft_vocab import DRAFT_VOCAB_FILE, DraftVocabHead
 from specinfer_dist.models.loader import SHARED_FROM_LLM_KEY, load_model
 from specinfer_dist.training.boost import BoostConfig, boost_tune
 from specinfer_dist.training.data import DataConfig, build_distill_set, load_hf
@@ -28,6 +29,7 @@ CORPUS = "\n\n".join(
         [(a, p) for a in ("cat", "dog", "fox", "owl", "bee") for p in ("river", "hill", "market", "forest")]
     )
 )
+DRAFT_VOCAB = 24  # of the tiny model's vocabulary, so the restriction is exercised
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,7 @@ def llm_dir(tmp_path_factory) -> Path:
 def _config(llm_dir: Path, root: Path, name: str, num_ssms: int = 2) -> BoostConfig:
     return BoostConfig(
         out=root / name, llm=str(llm_dir), num_ssms=num_ssms, layers=1, window=4, work_dir=root / f"{name}-work",
+        draft_vocab=DRAFT_VOCAB,
         data=DataConfig(num_prompts=24, max_new_tokens=24, batch_size=8, topk=8, heldout_fraction=0.2, seed=1),
         train=TrainConfig(steps=16, batch_size=4, lr=3e-3, warmup=2, log_every=2, ckpt_every=4, seed=1),
     )
@@ -70,23 +73,43 @@ def test_report_and_boosting_sets(boosted):
         assert curve[-1] < curve[0]
     assert report["heldout_collective_top1"] >= max(s1["heldout_top1"], s2["heldout_top1"])
     assert s1["heldout_top1"] > report["heldout_top1_untrained"]
+    # Both SSMs get the same draft vocabulary: the most frequent continuation tokens plus EOS.
+    vocab = [json.loads((cfg.out / f"ssm-{k}" / DRAFT_VOCAB_FILE).read_text()) for k in (1, 2)]
+    assert vocab[0] == vocab[1] and vocab[0]["size"] == DRAFT_VOCAB == len(set(vocab[0]["token_ids"]))
+    assert 0 < report["draft_vocab"]["heldout_coverage"] <= 1
+    eos = transformers.AutoTokenizer.from_pretrained(cfg.llm).eos_token_id
+    assert eos in vocab[0]["token_ids"]
+
+
+def test_vocab_only_rewrites_the_draft_vocabularies(boosted, tmp_path):
+    cfg, report = boosted
+    out = shutil.copytree(cfg.out, tmp_path / "out")
+    again = boost_tune(replace(cfg, out=out, draft_vocab=5, vocab_only=True), corpus=CORPUS, progress=False)
+    assert again["stages"] == report["stages"] and again["draft_vocab"]["size"] == 5
+    assert len(json.loads((out / "ssm-2" / DRAFT_VOCAB_FILE).read_text())["token_ids"]) == 5
+    with pytest.raises(InvalidConfigError, match="finished run"):
+        boost_tune(replace(cfg, out=tmp_path / "nothing", vocab_only=True), corpus=CORPUS, progress=False)
 
 
 def test_checkpoints_draft_for_the_llm_exactly(boosted, llm_dir):
     cfg, _ = boosted
     ssms = [str(cfg.out / "ssm-1"), str(cfg.out / "ssm-2")]
-    prompts = [[5, 40, 77, 9], [100, 101, 102, 103, 104, 105]]
+    prompts = ["The owl walked to the hill and found", "It counted them twice"]  # like the training data
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     reference = LLMEngine(str(llm_dir), mode="incremental").generate(prompts, params)
     engine = LLMEngine(str(llm_dir), ssms=ssms, tree="1,2,1")
     outs = engine.generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
     assert sum(o.stats.accepted_tokens for o in outs) > 0  # the trained drafts do get accepted
-    # The embedding and head are the LLM's own tensors, not copies.
+    # The embedding is the LLM's own tensor, not a copy; the head scores the draft vocabulary.
     for drafter in engine.drafters:
         ssm = drafter.runner.model
         assert ssm.model.embed_tokens.weight is engine.verifier.runner.model.model.embed_tokens.weight
-        assert ssm.lm_head.weight is ssm.model.embed_tokens.weight
+        assert isinstance(ssm.lm_head, DraftVocabHead) and len(ssm.lm_head.token_ids) == DRAFT_VOCAB
+    whole = LLMEngine(str(llm_dir), ssms=ssms, tree="1,2,1", draft_vocab=False)
+    assert [o.token_ids for o in whole.generate(prompts, params)] == [o.token_ids for o in reference]
+    for drafter in whole.drafters:  # the whole head is the LLM's tied embedding itself
+        assert drafter.runner.model.lm_head.weight is drafter.runner.model.model.embed_tokens.weight
 
 
 def test_shared_embedding_format_round_trips(llm_dir, tmp_path):

@@ -22,7 +22,8 @@ from specinfer_dist.bench.tree_cost import SWEEP_SIZES, forward_cost
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidConfigError
-from specinfer_dist.models.loader import parse_dtype, resolve_model_dir
+from specinfer_dist.models.default import default_ssm_dirs
+from specinfer_dist.models.loader import load_model, parse_dtype, resolve_model_dir
 from specinfer_dist.models.transformer import Transformer
 
 # Engine settings per mode. "-mss"/"-naive" modes sample at the bench temperature.
@@ -30,6 +31,7 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "incremental": {"mode": "incremental"},
     "sequence": {"mode": "sequence"},
     "tree": {"mode": "tree"},
+    "tree-full-vocab": {"mode": "tree", "draft_vocab": False},  # SSM heads over the whole vocabulary
     "ngram": {"mode": "sequence", "ssms": ["none"], "drafters": ["ngram"]},
     "merged": {"mode": "tree", "drafters": ["ngram"]},  # the SSMs' tree plus prompt lookup
     "sequence-naive": {"mode": "sequence", "verify": "naive"},
@@ -87,6 +89,16 @@ def _hf_assistant(ssm: Transformer) -> transformers.PreTrainedModel:
     return hf.eval()
 
 
+def _first_ssm(config: BenchConfig, base: LLMEngine) -> Transformer:
+    """The first SSM as stored (whole head): HF assisted generation has no draft vocabulary."""
+    ssms = config.ssms if config.ssms is not None else ["default"] if config.llm == "default" else []
+    sources = [s for s in ssms if s != "none"]
+    if not sources:
+        raise InvalidConfigError("mode hf-assisted needs an SSM (--ssm)")
+    source = str(default_ssm_dirs()[0]) if sources[0] == "default" else sources[0]
+    return load_model(source, dtype=base.model.lm_head.weight.dtype, shared_from=base.model)[0]
+
+
 def _run_hf(
     llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int,
     assistant: transformers.PreTrainedModel | None = None,
@@ -126,8 +138,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if mode.startswith("hf"):
             assistant = None
             if mode == "hf-assisted":
-                drafting = LLMEngine(config.llm, ssms=config.ssms, mode="sequence", dtype=dtype, progress=progress)
-                assistant = _hf_assistant(next(d.runner.model for d in drafting.drafters if hasattr(d, "runner")))
+                assistant = _hf_assistant(_first_ssm(config, base))
             llm_dir = resolve_model_dir(config.llm, progress=progress)
             raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)
             continue

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.models.linear import linear
 from specinfer_dist.models.transformer import Transformer
 
 
@@ -70,7 +71,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = linear(x, self.weight)
         dist.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
 
@@ -89,7 +90,7 @@ class VocabParallelHead(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = F.linear(x, self.weight)
+        local = linear(x, self.weight)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]

@@ -31,6 +31,7 @@ from specinfer_dist.engine.sequence import FinishReason, Sequence
 from specinfer_dist.engine.verifier import LocalVerifier, Verifier, VerifyItem
 from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
 from specinfer_dist.models.default import default_ssm_dirs
+from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, TreeSpec
@@ -50,7 +51,8 @@ class LLMEngine:
     id. Without ``ssms`` the default LLM gets its shipped SSMs ("default") and any other LLM
     none. ``mode`` defaults to "tree" when there is a drafter, else "incremental". Sampled
     requests are verified by multi-step speculative sampling (``verify="mss"``) or the naive
-    baseline. ``kv_blocks`` bounds the LLM's KV memory to a pool of that many blocks of
+    baseline. SSMs shipped with a ``draft_vocab.json`` score only those tokens unless
+    ``draft_vocab`` is False (models/draft_vocab.py). ``kv_blocks`` bounds the LLM's KV memory to a pool of that many blocks of
     ``kv_block_size`` tokens (requests then wait or are preempted); None lets caches grow.
     """
 
@@ -64,6 +66,7 @@ class LLMEngine:
         mode: str | None = None,
         verify: str = "mss",
         draft_temperature: float | None = None,
+        draft_vocab: bool = True,
         dtype: str | torch.dtype = "float32",
         max_num_seqs: int = 16,
         kv_blocks: int | None = None,
@@ -81,10 +84,10 @@ class LLMEngine:
         if mode != "incremental":
             # "default": every SSM shipped for the default LLM.
             sources = [str(d) for s in ssms for d in (default_ssm_dirs() if s == "default" else [s])]
-            ssm_models = [self._load_ssm(source, dtype, progress) for source in sources]
+            ssm_models = [self._load_ssm(source, dtype, draft_vocab, progress) for source in sources]
         if tree == "auto" and ssm_models:
             # Measured on this machine (bench/tune.py); None means speculation would not pay.
-            spec = auto_tree(self.model, self.tokenizer, ssm_models, [llm, *ssms], tree_budget)
+            spec = auto_tree(self.model, self.tokenizer, ssm_models, [llm, *ssms, f"draft_vocab={draft_vocab}"], tree_budget)
             mode = mode if spec else "incremental"
             spec = spec or TreeSpec(token_budget=tree_budget)
         else:  # without SSMs there is nothing to measure: model-free drafters use the default shape
@@ -159,10 +162,13 @@ class LLMEngine:
     def from_config(cls, config: EngineConfig, progress: bool = False) -> "LLMEngine":
         return cls(**asdict(config), progress=progress)
 
-    def _load_ssm(self, source: str, dtype, progress: bool):
+    def _load_ssm(self, source: str, dtype, draft_vocab: bool, progress: bool):
         # SSMs trained by boost-tuning take their embedding and head from this LLM (no copy).
-        model, tokenizer, _ = load_model(source, dtype=dtype, progress=progress, shared_from=self.model)
+        model, tokenizer, model_dir = load_model(source, dtype=dtype, progress=progress, shared_from=self.model)
         check_same_vocabulary(self.tokenizer, tokenizer, self.model.config, model.config, source)
+        token_ids = read_draft_vocab(model_dir, model.config.vocab_size) if draft_vocab else None
+        if token_ids is not None:  # score only the tokens the LLM emits often (models/draft_vocab.py)
+            restrict_head(model, token_ids)
         return model
 
     # ---- requests -------------------------------------------------------------------------

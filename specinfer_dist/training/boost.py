@@ -22,7 +22,9 @@ import transformers
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
+from specinfer_dist.engine.engine import eos_ids
 from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.models.draft_vocab import frequent_tokens, write_draft_vocab
 from specinfer_dist.models.loader import cache_root, parse_dtype, resolve_model_dir
 from specinfer_dist.training.data import DataConfig, DistillSet, build_distill_set, load_hf
 from specinfer_dist.training.model import init_ssm, save_ssm
@@ -43,6 +45,8 @@ class BoostConfig:
     save_dtype: str = "float16"
     soft_targets: bool = True  # LLM top-k targets (False: its own next token; see build_distill_set)
     later_steps: int | None = None  # training steps of SSMs 2..k (None: train.steps); they see less data
+    draft_vocab: int = 8192  # tokens in each SSM's draft_vocab.json (models/draft_vocab.py); 0: none
+    vocab_only: bool = False  # only (re)write the draft vocabularies of a finished run's SSMs
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -56,6 +60,8 @@ class BoostConfig:
             raise InvalidConfigError("prompts must be at least 2; steps and batch size positive")
         if self.data.max_new_tokens < 1 or self.data.workers < 1:
             raise InvalidConfigError("max-new-tokens and workers must be positive")
+        if self.draft_vocab < 0 or (self.vocab_only and not self.draft_vocab):
+            raise InvalidConfigError(f"draft-vocab must be positive, got {self.draft_vocab}")
         parse_dtype(self.save_dtype)
 
 
@@ -115,6 +121,9 @@ def boost_tune(cfg: BoostConfig, corpus: str | None = None, progress: bool = Tru
     llm = load_hf(llm_dir).requires_grad_(False)
     data = build_distill_set(llm, tokenizer, llm_dir, cfg.data, work / "data", corpus, progress, cfg.soft_targets)
     data_s = time.perf_counter() - start
+    eos = eos_ids(llm_dir, llm.config, tokenizer)
+    if cfg.vocab_only:
+        return _rewrite_draft_vocabs(cfg, data, llm.config.vocab_size, eos)
 
     train_seqs, held_seqs = data.indices(False), data.indices(True)
     samples = make_windows(data, train_seqs, cfg.window)
@@ -192,12 +201,44 @@ def boost_tune(cfg: BoostConfig, corpus: str | None = None, progress: bool = Tru
         "heldout_top1_untrained": baseline,
         "stages": stages,
         "heldout_collective_top1": stages[-1]["heldout_collective_top1"] if stages else baseline,
+        "draft_vocab": write_draft_vocabs(data, cfg.out, cfg.draft_vocab, llm.config.vocab_size, eos),
         "data_s": round(data_s, 1),
         "total_s": round(time.perf_counter() - start, 1),
         "threads": torch.get_num_threads(),
     }
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     (Path(cfg.out) / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def write_draft_vocabs(data: DistillSet, out: Path, size: int, vocab_size: int, eos: set[int]) -> dict[str, Any]:
+    """Give every ``out/ssm-*`` the ``size`` tokens the LLM emitted most often in the training
+    continuations (plus EOS); report how much of the held-out continuations they cover."""
+    if not size:
+        return {"size": 0}
+    emitted = [data.tokens[i][data.prompt_lens[i]:] for i in data.indices(False)]
+    token_ids = frequent_tokens(emitted, vocab_size, size, eos)
+    held = [data.tokens[i][data.prompt_lens[i]:] for i in data.indices(True)]
+    kept = torch.zeros(vocab_size, dtype=torch.bool)
+    kept[token_ids] = True
+    info = {
+        "size": len(token_ids),
+        "counted": f"the LLM's continuations of the {len(emitted)} training prompts, plus its EOS ids",
+        "heldout_coverage": float(kept[torch.cat(held).long()].float().mean()) if held else None,
+    }
+    for ssm_dir in sorted(Path(out).glob("ssm-*")):
+        write_draft_vocab(ssm_dir, token_ids, info)
+    return info
+
+
+def _rewrite_draft_vocabs(cfg: BoostConfig, data: DistillSet, vocab_size: int, eos: set[int]) -> dict[str, Any]:
+    """``vocab_only``: the finished run's report, with its ``draft_vocab`` entry (re)written."""
+    path = Path(cfg.out) / REPORT_NAME
+    if not path.is_file():
+        raise InvalidConfigError(f"--vocab-only needs a finished run in {cfg.out} ({REPORT_NAME} is missing)")
+    report = json.loads(path.read_text())
+    report["draft_vocab"] = write_draft_vocabs(data, cfg.out, cfg.draft_vocab, vocab_size, eos)
+    path.write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

@@ -32,6 +32,10 @@ def add_boost_tune_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch threads for training (default: torch's)")
     p.add_argument("--targets", choices=("topk", "tokens"), default="topk",
                    help="distil the LLM's top-32 (an extra LLM pass) or its own next tokens (no extra pass)")
+    p.add_argument("--draft-vocab", type=int, default=8192,
+                   help="tokens in each SSM's draft vocabulary, the LLM's most frequent outputs (0: none)")
+    p.add_argument("--vocab-only", action="store_true",
+                   help="only (re)write the draft vocabularies of a finished run (same data flags)")
     p.set_defaults(run=_run)
 
 
@@ -40,6 +44,7 @@ def _run(args: argparse.Namespace) -> int:
         out=Path(args.out), llm=args.llm, num_ssms=args.num_ssms, layers=args.layers, window=args.window,
         work_dir=Path(args.work_dir) if args.work_dir else None, threads=args.threads,
         soft_targets=args.targets == "topk", later_steps=args.later_steps,
+        draft_vocab=args.draft_vocab, vocab_only=args.vocab_only,
         data=DataConfig(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                         batch_size=args.gen_batch_size, workers=args.workers, seed=args.seed),
         train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed),
