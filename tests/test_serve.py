@@ -5,6 +5,7 @@ gRPC. One Ray cluster and three apps for the module: "open", "secured" (API key)
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from ray.serve.api import RunTarget
 
 from serve_helpers import free_port, make_chat_checkpoint
 from specinfer_dist import LLMEngine, SamplingParams
+from specinfer_dist.cli import main as cli_main
 from specinfer_dist.config import ClusterConfig, EngineConfig, ServeConfig
 from specinfer_dist.serve import make_app
 from specinfer_dist.serve.grpc_api import GRPC_SERVICER_FUNCTIONS
@@ -146,6 +148,18 @@ def test_streaming_with_usage(server):
 
     raw = requests.post(f"{server.http}/v1/completions", json={"prompt": "x", "max_tokens": 3, "stream": True}, timeout=30)
     assert raw.headers["content-type"].startswith("text/event-stream") and raw.text.endswith("data: [DONE]\n\n")
+
+
+def test_streaming_continuous_usage_counts_tokens_per_chunk(server):
+    chunks = list(server.client().completions.create(
+        model="tiny", prompt="count my chunks", max_tokens=14, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body=IGNORE_EOS,
+    ))
+    so_far = [c.usage.completion_tokens for c in chunks[:-1]]  # every chunk: the tokens streamed so far
+    assert so_far == sorted(so_far) and so_far[-1] == chunks[-1].usage.completion_tokens == 14
+    per_chunk = [b - a for a, b in zip([0, *so_far], so_far)]
+    assert min(per_chunk) >= 1 and max(per_chunk) > 1  # speculation delivers several tokens in one chunk
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == server.greedy("count my chunks", 14).text
 
 
 def test_seeded_sampling_is_reproducible(server):
@@ -342,3 +356,51 @@ def test_ray_runtime_serves_the_engine_output(server):
     assert "".join(r.text for r in server.stub().Generate(request, metadata=DISTRIBUTED)) == server.greedy("abc", 6).text
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model="tiny", prompt="", max_tokens=3)
+
+
+# ---- bench-serve: the load client against the running app ----------------------------------
+
+LEVEL_FIELDS = {
+    "concurrency", "requests", "errors", "output_tokens", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99",
+    "tpot_ms_mean", "latency_ms_p50", "latency_ms_p99", "tokens_per_chunk_mean", "output_tokens_per_s",
+    "requests_per_s", "wall_s", "per_chunk_counts", "error_samples",
+}
+
+
+def test_bench_serve_measures_levels_and_compares_setups(server, tmp_path, capsys):
+    def generated(prefix: str) -> float:
+        return server.metrics(prefix)["specinfer_generation_tokens"].samples[0].value
+
+    before = {prefix: generated(prefix) for prefix in ("", "/secured")}
+    load = ["bench-serve", "--concurrency", "1,4", "--num-requests", "6", "--max-tokens", "5", "--warmup", "0"]
+    out = tmp_path / "runs"
+    assert cli_main([*load, "--url", server.http, "--label", "open", "--out", str(out)]) == 0
+    assert cli_main([*load, "--url", f"{server.http}/secured/v1", "--api-key", KEY, "--label", "secured", "--out", str(out)]) == 0
+    for label, prefix in (("open", ""), ("secured", "/secured")):
+        result = json.loads((out / f"{label}.json").read_text())
+        assert result["model"] == "tiny" and result["machine"] and KEY not in json.dumps(result)
+        assert [lvl["concurrency"] for lvl in result["levels"]] == [1, 4]
+        for lvl in result["levels"]:
+            assert set(lvl) == LEVEL_FIELDS and None not in lvl.values(), lvl
+            assert (lvl["requests"], lvl["errors"], lvl["output_tokens"]) == (6, 0, 6 * 5) and lvl["per_chunk_counts"]
+            assert lvl["tokens_per_chunk_mean"] > 1  # counted from usage, not one per chunk
+            assert lvl["ttft_ms_p50"] <= lvl["latency_ms_p50"] and lvl["ttft_ms_p99"] <= lvl["latency_ms_p99"]
+            for name in ("ttft_ms", "itl_ms", "latency_ms"):
+                assert 0 < lvl[f"{name}_p50"] <= lvl[f"{name}_p99"], (name, lvl)
+            assert lvl["output_tokens_per_s"] > 0 and lvl["requests_per_s"] > 0 and lvl["tpot_ms_mean"] > 0
+        # What the client counted is what the server generated.
+        assert generated(prefix) - before[prefix] == sum(lvl["output_tokens"] for lvl in result["levels"])
+
+    denied = tmp_path / "denied"  # every request refused: the bodies are kept, the command fails
+    assert cli_main([*load, "--url", f"{server.http}/secured", "--api-key", "wrong", "--model", "tiny",
+                     "--label", "denied", "--out", str(denied)]) == 2
+    levels = json.loads((denied / "denied.json").read_text())["levels"]
+    assert all(lvl["errors"] == lvl["requests"] and "invalid_api_key" in lvl["error_samples"][0] for lvl in levels)
+
+    capsys.readouterr()
+    assert cli_main(["bench-serve", "--compare", str(out), "--baseline", "open"]) == 0
+    table = capsys.readouterr().out
+    assert "| open | 4 |" in table and "| secured | 1 |" in table and table.count(" 1.00x |") >= 2
+    for png in ("speedup_by_concurrency.png", "latency_by_concurrency.png"):
+        assert (out / png).read_bytes().startswith(b"\x89PNG"), png
+    assert cli_main(["bench-serve", "--compare", str(out), "--baseline", "missing"]) == 2

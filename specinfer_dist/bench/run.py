@@ -16,7 +16,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from specinfer_dist.bench.common import load_prompts, machine
+from specinfer_dist.bench.common import PeakMemory, load_prompts, machine
 from specinfer_dist.bench.plots import write_plots
 from specinfer_dist.bench.tree_cost import SWEEP_SIZES, forward_cost
 from specinfer_dist.engine.engine import LLMEngine
@@ -115,10 +115,13 @@ def _run_hf(
         return out[0, len(ids):].tolist()
 
     generate(prompt_ids[0], 4)  # warm-up
+    forwards = []  # LLM forward passes: one per token, or one per verified draft when assisted
+    hook = model.register_forward_hook(lambda *_: forwards.append(1))
     start = time.perf_counter()
     outs = [generate(ids, max_tokens) for ids in prompt_ids]
     elapsed = time.perf_counter() - start
-    return {"outputs": outs, "elapsed_s": elapsed, "steps": sum(len(o) for o in outs)}
+    hook.remove()
+    return {"outputs": outs, "elapsed_s": elapsed, "steps": len(forwards)}
 
 
 def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
@@ -140,24 +143,30 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             if mode == "hf-assisted":
                 assistant = _hf_assistant(_first_ssm(config, base))
             llm_dir = resolve_model_dir(config.llm, progress=progress)
-            raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)
+            with PeakMemory() as peak:
+                raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)
+            raw[mode].update(peak.as_dict())
             continue
         settings = {"ssms": config.ssms, "tree": config.tree, **ENGINE_MODES[mode]}
-        engine = base if mode == "incremental" else LLMEngine(config.llm, dtype=dtype, progress=progress, **settings)
         is_sampled = "verify" in settings
-        raw[mode] = _run_engine(engine, prompt_ids, sampled if is_sampled else greedy)
-        raw[mode]["sampled"] = is_sampled
+        with PeakMemory() as peak:
+            engine = base if mode == "incremental" else LLMEngine(config.llm, dtype=dtype, progress=progress, **settings)
+            raw[mode] = _run_engine(engine, prompt_ids, sampled if is_sampled else greedy)
+        raw[mode].update(sampled=is_sampled, **peak.as_dict())
+        del engine
     reference = raw.get("incremental") or raw.get("hf")
     summary = {}
     for mode, r in raw.items():
         tokens = sum(len(o) for o in r["outputs"])
         s = summary[mode] = {
             "generated_tokens": tokens,
+            "verification_steps": r["steps"],  # LLM forward passes (the first one includes the prompt)
             "tokens_per_step": tokens / r["steps"],
             "tokens_per_s": tokens / r["elapsed_s"],
             "ms_per_token": 1000 * r["elapsed_s"] / tokens,
         }
-        for key in ("accepted_tokens", "drafted_tokens", "acceptance_by_depth", "draft_time_fraction"):
+        for key in ("accepted_tokens", "drafted_tokens", "acceptance_by_depth", "draft_time_fraction",
+                    "peak_rss_mb", "peak_gpu_mb"):
             if key in r:
                 s[key] = r[key]
         if reference and not r.get("sampled"):

@@ -170,7 +170,7 @@ async def _answer(service: Service, shape: _Shape, body: SamplingRequest, prompt
     first = await anext(events)  # bad input raises here, while a 400 can still be sent
     head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
     if body.stream:
-        chunks = _chunks(shape, head, first, events, n, body.include_usage)
+        chunks = _chunks(shape, head, first, events, n, body.include_usage, body.continuous_usage)
         return StreamingResponse(_sse(chunks), media_type="text/event-stream")
     usage, texts, finish = Usage(), [""] * len(jobs), [None] * len(jobs)
     async with aclosing(events):
@@ -184,7 +184,7 @@ async def _answer(service: Service, shape: _Shape, body: SamplingRequest, prompt
 
 async def _chunks(
     shape: _Shape, head: dict[str, Any], first: tuple[int, RequestDelta], events: AsyncIterator[tuple[int, RequestDelta]],
-    n: int, include_usage: bool,
+    n: int, include_usage: bool, continuous_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
     usage, started = Usage(), set()
     async with aclosing(events):
@@ -193,7 +193,8 @@ async def _chunks(
                 usage.add(delta, count_prompt=k % n == 0)
                 choice = shape.choice(k, delta.text, delta.finish_reason, True, k not in started)
                 started.add(k)
-                yield {**head, "object": shape.chunk_object, "choices": [choice], **({"usage": None} if include_usage else {})}
+                extra = {"usage": usage.to_openai() if continuous_usage else None} if include_usage else {}
+                yield {**head, "object": shape.chunk_object, "choices": [choice], **extra}
         except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band, as OpenAI does
             yield ApiError.of(err).body()
             return

@@ -20,6 +20,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # extension (as vLLM): usage so far on every chunk, with include_usage
 
 
 class SamplingRequest(_Body):
@@ -46,6 +47,11 @@ class SamplingRequest(_Body):
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        # Speculation streams several tokens per chunk; this tells clients how many.
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
 
 class CompletionRequest(SamplingRequest):

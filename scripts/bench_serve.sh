@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The service benchmark behind docs/bench/cpu/serve (long on a CPU; best on a quiet machine).
+# `specinfer-dist serve` with configs/serve.yaml (default LLM, shipped SSMs) runs twice, once
+# with incremental decoding and once with the default tree speculation; each is load-tested
+# over HTTP by `specinfer-dist bench-serve` (streaming clients, greedy, ignore_eos). Then the
+# speedup and latency plots, and summary.md with the table.
+# Smaller runs: CONCURRENCY=1,2 NUM_REQUESTS=4 MAX_TOKENS=8 OUT=/tmp/serve ./scripts/bench_serve.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/bootstrap.sh
+CONCURRENCY="${CONCURRENCY:-1,4,16,64}"
+MAX_TOKENS="${MAX_TOKENS:-64}"
+NUM_REQUESTS="${NUM_REQUESTS:-}"  # empty: bench-serve's default, max(2 x concurrency, 8) per level
+OUT="${OUT:-docs/bench/cpu/serve}"
+START_TIMEOUT_S="${START_TIMEOUT_S:-600}"
+
+work=$(mktemp -d)
+server_pid=""
+stop_server() {  # SIGTERM: the server shuts down Serve and the Ray cluster it started
+  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
+    kill -TERM "$server_pid"
+    wait "$server_pid" || echo "bench_serve.sh: the server exited with status $?" >&2
+  fi
+  server_pid=""
+}
+trap 'stop_server; rm -rf "$work"' EXIT
+
+# A random API key in a file only we can read: the server reads the file, the client the
+# environment (neither shows it on a command line).
+(umask 077 && .venv/bin/python -c "import secrets; print('sk-bench-' + secrets.token_hex(16))" > "$work/api_key")
+
+free_port() {
+  .venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
+}
+
+for mode in incremental tree; do
+  .venv/bin/python - "$mode" "$work/$mode.yaml" <<'EOF'
+import sys, yaml
+config = yaml.safe_load(open("configs/serve.yaml"))
+config["engine"]["mode"] = sys.argv[1]  # incremental drafts nothing; tree: the config's SSMs and tree
+open(sys.argv[2], "w").write(yaml.safe_dump(config))
+EOF
+  port=$(free_port)
+  grpc_port=$(free_port)
+  # No --address: a private local Ray cluster, with Ray's token authentication on (its default).
+  SPECINFER_API_KEY_FILE="$work/api_key" .venv/bin/specinfer-dist serve --config "$work/$mode.yaml" \
+    --port "$port" --grpc-port "$grpc_port" > "$work/$mode.log" 2>&1 &
+  server_pid=$!
+  deadline=$((SECONDS + START_TIMEOUT_S))
+  until curl -fsS "http://127.0.0.1:$port/health" > /dev/null 2>&1; do
+    if ! kill -0 "$server_pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
+      echo "bench_serve.sh: the $mode server did not come up; its log:" >&2
+      tail -n 50 "$work/$mode.log" >&2
+      exit 1
+    fi
+    sleep 2
+  done
+  SPECINFER_API_KEY="$(cat "$work/api_key")" .venv/bin/specinfer-dist bench-serve \
+    --url "http://127.0.0.1:$port" --label "$mode" --out "$OUT" --concurrency "$CONCURRENCY" \
+    --max-tokens "$MAX_TOKENS" ${NUM_REQUESTS:+--num-requests "$NUM_REQUESTS"}
+  stop_server
+done
+.venv/bin/specinfer-dist bench-serve --compare "$OUT" --baseline incremental | tee "$OUT/summary.md"
