@@ -11,7 +11,7 @@ def test_bench_writes_summary_with_ratios(tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in ["hello hello hello", "abc abc", "xyz"]))
     out = tmp_path / "out"
-    modes = "incremental,sequence,tree,ngram,merged,tree-mss,tree-naive,hf,hf-assisted"
+    modes = "incremental,sequence,tree,tree-full-vocab,ngram,merged,tree-mss,tree-naive,hf,hf-assisted"
     code = main(["bench", "--llm", str(llm), "--ssm", str(llm), "--tree", "1,2,1", "--modes", modes,
                  "--prompts", str(prompts), "--max-tokens", "12", "--out", str(out), "--sweep"])
     assert code == 0

@@ -32,6 +32,7 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "sequence": {"mode": "sequence"},
     "tree": {"mode": "tree"},
     "tree-full-vocab": {"mode": "tree", "draft_vocab": False},  # SSM heads over the whole vocabulary
+    "tree-auto": {"mode": "tree", "tree": "auto"},  # the shape `tune-tree` picks on this machine
     "ngram": {"mode": "sequence", "ssms": ["none"], "drafters": ["ngram"]},
     "merged": {"mode": "tree", "drafters": ["ngram"]},  # the SSMs' tree plus prompt lookup
     "sequence-naive": {"mode": "sequence", "verify": "naive"},
@@ -73,6 +74,7 @@ def _run_engine(engine: LLMEngine, prompt_ids: list[list[int]], params: list[Sam
     steps = sum(o.stats.steps for o in outs)
     return {
         "outputs": [o.token_ids for o in outs],
+        "tree": list(engine.spec.widths) if engine.drafters else [],
         "elapsed_s": elapsed,
         "steps": steps,
         "accepted_tokens": sum(o.stats.accepted_tokens for o in outs),
@@ -165,7 +167,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "tokens_per_s": tokens / r["elapsed_s"],
             "ms_per_token": 1000 * r["elapsed_s"] / tokens,
         }
-        for key in ("accepted_tokens", "drafted_tokens", "acceptance_by_depth", "draft_time_fraction",
+        for key in ("tree", "accepted_tokens", "drafted_tokens", "acceptance_by_depth", "draft_time_fraction",
                     "peak_rss_mb", "peak_gpu_mb"):
             if key in r:
                 s[key] = r[key]
