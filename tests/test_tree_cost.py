@@ -6,7 +6,9 @@ import pytest
 
 from helpers import make_tiny_checkpoint
 from specinfer_dist import LLMEngine, SamplingParams
-from specinfer_dist.bench.tree_cost import choose_tree, evaluate, forward_cost, interpolate
+import torch
+
+from specinfer_dist.bench.tree_cost import choose_tree, evaluate, forward_cost, interpolate, topk_coverage
 
 FLAT = {1: 1.0, 64: 1.0, 128: 1.0}  # a device where verifying 128 tokens costs what 1 does
 FREE = {1: 0.0, 64: 0.0}
@@ -17,6 +19,21 @@ def test_expected_tokens_formula():
     # depth 1: top-1 covers 0.5; depth 2: top-2 covers 0.7 -> 0.5 + 0.5 * 0.7 accepted, plus the bonus.
     assert choice.tokens_per_step == pytest.approx(1 + 0.5 + 0.35)
     assert choice.step_s == pytest.approx(1.0)
+
+
+def test_merged_ssms_cost_their_union_and_cover_it():
+    linear = {1: 1.0, 64: 64.0}  # verify cost grows with every tree token
+    one, two = evaluate((1, 2), [0.5, 0.7], linear, FREE), evaluate((1, 2), [0.5, 0.7], linear, FREE, num_ssms=2)
+    assert one.step_s == pytest.approx(1 + 1 + 2) and two.step_s == pytest.approx(1 + 2 * (1 + 2))
+    # ranks of the LLM's token under two SSMs: each guesses a different half first.
+    a, b = torch.tensor([0, 0, 3, 1]), torch.tensor([2, 5, 0, 0])
+    assert topk_coverage([a], max_k=2) == [0.5, 0.75]
+    assert topk_coverage([a, b], max_k=2) == [1.0, 1.0]
+    # Where a second verified token is free but a third is not, a second SSM that adds no
+    # coverage (the same numbers) only costs.
+    knee = {1: 1.0, 2: 1.0, 3: 1.5, 64: 32.0}
+    single, merged = choose_tree([0.5, 0.6], knee, FREE), choose_tree([0.5, 0.6], knee, FREE, num_ssms=2)
+    assert single.widths == (1,) and merged.tokens_per_s < single.tokens_per_s
 
 
 def test_interpolation_and_extrapolation():

@@ -3,9 +3,11 @@ device, what a draft depth costs, and how often the LLM's token is among an SSM'
 
 With A(k) = P(the LLM's next token is among the SSMs' top-k guesses), measured teacher-forced
 on the LLM's own outputs, and depths taken as independent, a width config <k1..km> accepts on
-average sum_d prod_{i<=d} A(k_i) drafted tokens. Dividing
-the expected tokens per step by the measured step time ranks every config; ``choose_tree``
-searches them all (widths up to 4, depth up to 8, within the token budget).
+average sum_d prod_{i<=d} A(k_i) drafted tokens. Each of s merged SSMs hangs its own children
+below every node, so depth d costs up to s * prod_{i<=d} k_i verified tokens (the upper bound:
+SSMs that agree share a node). Dividing the expected tokens per step by the measured step
+time ranks every config; ``choose_tree`` searches them all (widths up to 4, depth up to 8,
+within the token budget), and ``tune.py`` does so for every subset of the SSMs.
 """
 
 from __future__ import annotations
@@ -61,23 +63,23 @@ def interpolate(costs: dict[int, float], n: float) -> float:
 
 
 @torch.inference_mode()
-def topk_coverage(ssms: Sequence[Transformer], sequences: list[tuple[list[int], list[int]]], max_k: int = 4) -> list[float]:
-    """coverage[k-1]: how often the LLM's token (``output[i]``) is among the top-k guesses of
-    at least one SSM after ``prompt + output[:i]`` (the union is what a merged tree offers)."""
-    hits, total = torch.zeros(max_k), 0
+def token_ranks(ssm: Transformer, sequences: list[tuple[list[int], list[int]]]) -> torch.Tensor:
+    """For every ``output[i]`` of every sequence: how many tokens the SSM ranks above it after
+    ``prompt + output[:i]`` (0: its top-1 guess), teacher-forced."""
+    runner, ranks = ModelRunner(ssm), []
     for prompt, output in sequences:
         tokens = prompt + output
         rows = list(range(len(prompt) - 1, len(tokens) - 1))
-        best_rank = torch.full((len(output),), max_k)
-        for ssm in ssms:
-            runner = ModelRunner(ssm)
-            logits = runner.forward([RunItem(runner.new_cache(), tokens, chain_parents(len(tokens)), rows)])[0]
-            rank = (logits > logits.gather(1, torch.tensor(output)[:, None])).sum(dim=1)
-            best_rank = torch.minimum(best_rank, rank)
-        for k in range(max_k):
-            hits[k] += (best_rank <= k).sum()
-        total += len(output)
-    return (hits / total).tolist()
+        logits = runner.forward([RunItem(runner.new_cache(), tokens, chain_parents(len(tokens)), rows)])[0]
+        ranks.append((logits > logits.gather(1, torch.tensor(output)[:, None])).sum(dim=1))
+    return torch.cat(ranks)
+
+
+def topk_coverage(ranks: Sequence[torch.Tensor], max_k: int = 4) -> list[float]:
+    """coverage[k-1]: how often the LLM's token is among the top-k guesses of at least one of
+    these SSMs (``token_ranks`` of each): the union is what their merged tree offers."""
+    best = torch.stack(list(ranks)).min(dim=0).values
+    return [float((best < k).float().mean()) for k in range(1, max_k + 1)]
 
 
 @dataclass
@@ -92,27 +94,27 @@ class TreeChoice:
 
 
 def evaluate(widths: Sequence[int], coverage: Sequence[float], verify_cost: dict[int, float],
-             draft_cost: dict[int, float]) -> TreeChoice:
+             draft_cost: dict[int, float], num_ssms: int = 1) -> TreeChoice:
     """Expected tokens per step and step time of one width config (see module docstring).
     ``draft_cost`` is one forward of every SSM over n tokens."""
     covered = [coverage[k - 1] for k in widths]
     accepted = sum(prod(covered[: d + 1]) for d in range(len(widths)))
     frontier = [prod(widths[: d + 1]) for d in range(len(widths))]
-    step_s = interpolate(verify_cost, 1 + sum(frontier))
+    step_s = interpolate(verify_cost, 1 + num_ssms * sum(frontier))
     if widths:  # catch-up + root, then one SSM forward per depth but the last
         step_s += interpolate(draft_cost, 1 + accepted) + sum(interpolate(draft_cost, f) for f in frontier[:-1])
     return TreeChoice(tuple(widths), 1 + accepted, step_s)
 
 
 def choose_tree(coverage: Sequence[float], verify_cost: dict[int, float], draft_cost: dict[int, float],
-                max_depth: int = 8, budget: int = 64) -> TreeChoice:
+                max_depth: int = 8, budget: int = 64, num_ssms: int = 1) -> TreeChoice:
     """The width config (or none) with the most expected tokens per second."""
     best = evaluate((), coverage, verify_cost, draft_cost)
     for depth in range(1, max_depth + 1):
         for widths in itertools.product(range(1, len(coverage) + 1), repeat=depth):
-            if sum(prod(widths[: d + 1]) for d in range(depth)) > budget:
+            if num_ssms * sum(prod(widths[: d + 1]) for d in range(depth)) > budget:
                 continue
-            choice = evaluate(widths, coverage, verify_cost, draft_cost)
+            choice = evaluate(widths, coverage, verify_cost, draft_cost, num_ssms)
             if choice.tokens_per_s > best.tokens_per_s:
                 best = choice
     return best

@@ -1,4 +1,6 @@
-"""``--tree auto`` and ``specinfer-dist tune-tree``: measure, then pick the tree (tree_cost.py).
+"""``--tree auto`` and ``specinfer-dist tune-tree``: measure, then pick the SSMs and the tree
+(tree_cost.py). Every subset of the SSMs is a candidate: a second SSM widens the merged tree
+(more to verify) for the tokens only it guesses, which pays only where verification is cheap.
 
 Calibration uses its own prompts (calibration.jsonl), never the held-out bench set. Results
 are cached per (models, machine, dtype), so only the first start pays the ~half minute.
@@ -7,12 +9,13 @@ are cached per (models, machine, dtype), so only the first start pays the ~half 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from importlib import resources
 from typing import Any
 
 from specinfer_dist.bench.common import load_prompts, machine
-from specinfer_dist.bench.tree_cost import SWEEP_SIZES, choose_tree, forward_cost, topk_coverage
+from specinfer_dist.bench.tree_cost import SWEEP_SIZES, choose_tree, forward_cost, token_ranks, topk_coverage
 from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.engine.verifier import LocalVerifier
 from specinfer_dist.models.loader import cache_root
@@ -35,28 +38,35 @@ def tune_tree(
     chat = bool(getattr(tokenizer, "chat_template", None))  # base models get the plain text
     prompts = [engine.encode(r["prompt"], chat=chat and bool(r.get("chat"))) for r in rows]
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True))
-    coverage = topk_coverage(ssms, [(p, o.token_ids) for p, o in zip(prompts, outs)])
+    ranks = [token_ranks(ssm, [(p, o.token_ids) for p, o in zip(prompts, outs)]) for ssm in ssms]
     verify_cost = forward_cost(llm, SWEEP_SIZES, context)
     per_ssm = [forward_cost(ssm, [n for n in SWEEP_SIZES if n <= budget], context) for ssm in ssms]
-    draft_cost = {n: sum(c[n] for c in per_ssm) for n in per_ssm[0]}
-    choice = choose_tree(coverage, verify_cost, draft_cost, budget=budget)
-    return {
-        "machine": machine(),
-        "context": context,
-        "coverage_topk": coverage,
-        "verify_cost_s": verify_cost,
-        "draft_cost_s": draft_cost,
-        "tree": list(choice.widths),
-        "expected_tokens_per_step": choice.tokens_per_step,
-        "expected_step_s": choice.step_s,
-        "expected_speedup_vs_incremental": choice.tokens_per_s * verify_cost[1],
-    }
+    candidates = []
+    for size in range(1, len(ssms) + 1):
+        for subset in itertools.combinations(range(len(ssms)), size):
+            coverage = topk_coverage([ranks[i] for i in subset])
+            draft_cost = {n: sum(per_ssm[i][n] for i in subset) for n in per_ssm[0]}
+            choice = choose_tree(coverage, verify_cost, draft_cost, budget=budget, num_ssms=size)
+            candidates.append({
+                "ssms": list(subset),
+                "coverage_topk": coverage,
+                "draft_cost_s": draft_cost,
+                "tree": list(choice.widths),
+                "expected_tokens_per_step": choice.tokens_per_step,
+                "expected_step_s": choice.step_s,
+                "expected_speedup_vs_incremental": choice.tokens_per_s * verify_cost[1],
+            })
+    best = max(candidates, key=lambda c: c["expected_speedup_vs_incremental"])  # ties: fewer SSMs
+    return {"machine": machine(), "context": context, "verify_cost_s": verify_cost, **best, "candidates": candidates}
 
 
-def auto_tree(llm: Transformer, tokenizer: Any, ssms: list[Transformer], sources: list[str], budget: int) -> TreeSpec | None:
-    """The tuned tree for these models on this machine (cached); None = don't speculate."""
+def auto_tree(
+    llm: Transformer, tokenizer: Any, ssms: list[Transformer], sources: list[str], budget: int
+) -> tuple[TreeSpec | None, list[int]]:
+    """The tuned tree for these models on this machine (cached), and which SSMs (indices) draft
+    it; None: don't speculate."""
     dtype = next(llm.parameters()).dtype
-    key = hashlib.sha256(json.dumps([sources, machine(), str(dtype), budget]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(["v2", sources, machine(), str(dtype), budget]).encode()).hexdigest()[:16]
     path = cache_root() / "tree-auto" / f"{key}.json"
     if path.is_file():
         result = json.loads(path.read_text())
@@ -64,4 +74,6 @@ def auto_tree(llm: Transformer, tokenizer: Any, ssms: list[Transformer], sources
         result = tune_tree(llm, tokenizer, ssms, budget=budget)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))
-    return TreeSpec(tuple(result["tree"]), budget) if result["tree"] else None
+    if not result["tree"]:
+        return None, []
+    return TreeSpec(tuple(result["tree"]), budget), result["ssms"]

@@ -87,7 +87,9 @@ class LLMEngine:
             ssm_models = [self._load_ssm(source, dtype, draft_vocab, progress) for source in sources]
         if tree == "auto" and ssm_models:
             # Measured on this machine (bench/tune.py); None means speculation would not pay.
-            spec = auto_tree(self.model, self.tokenizer, ssm_models, [llm, *ssms, f"draft_vocab={draft_vocab}"], tree_budget)
+            key = [llm, *sources, f"draft_vocab={draft_vocab}"]
+            spec, chosen = auto_tree(self.model, self.tokenizer, ssm_models, key, tree_budget)
+            ssm_models = [ssm_models[i] for i in chosen]
             mode = mode if spec else "incremental"
             spec = spec or TreeSpec(token_budget=tree_budget)
         else:  # without SSMs there is nothing to measure: model-free drafters use the default shape
