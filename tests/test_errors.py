@@ -116,7 +116,7 @@ def run_cli(args, capsys):
     ],
 )
 def test_cli_errors_are_one_line_and_nonzero(ckpts, capsys, extra):
-    args = ["generate", "--llm", ckpts["llm"], "--ssm", ckpts["ssm"]] + extra
+    args = ["generate", "--llm", ckpts["llm"], "--ssm", ckpts["ssm"], "--tree", "1,2"] + extra  # extra's --tree wins
     args = [ckpts["other_vocab"] if a == "OTHER" else a for a in args]
     code, out, err = run_cli(args, capsys)
     assert code == 2

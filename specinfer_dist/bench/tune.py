@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import sys
 from importlib import resources
 from typing import Any
 
@@ -36,7 +37,9 @@ def tune_tree(
         spec=TreeSpec(), mode="incremental", verify="mss", max_num_seqs=len(rows),
     )
     chat = bool(getattr(tokenizer, "chat_template", None))  # base models get the plain text
-    prompts = [engine.encode(r["prompt"], chat=chat and bool(r.get("chat"))) for r in rows]
+    max_new = min(max_new, llm.config.max_position_embeddings // 4)  # short-context models fit too
+    keep = llm.config.max_position_embeddings - max_new
+    prompts = [engine.encode(r["prompt"], chat=chat and bool(r.get("chat")))[-keep:] for r in rows]
     outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True))
     ranks = [token_ranks(ssm, [(p, o.token_ids) for p, o in zip(prompts, outs)]) for ssm in ssms]
     verify_cost = forward_cost(llm, SWEEP_SIZES, context)
@@ -61,7 +64,7 @@ def tune_tree(
 
 
 def auto_tree(
-    llm: Transformer, tokenizer: Any, ssms: list[Transformer], sources: list[str], budget: int
+    llm: Transformer, tokenizer: Any, ssms: list[Transformer], sources: list[str], budget: int, progress: bool = False
 ) -> tuple[TreeSpec | None, list[int]]:
     """The tuned tree for these models on this machine (cached), and which SSMs (indices) draft
     it; None: don't speculate."""
@@ -71,6 +74,9 @@ def auto_tree(
     if path.is_file():
         result = json.loads(path.read_text())
     else:
+        if progress:
+            print(f"tree auto: measuring this machine's costs and the SSMs' coverage once (cached in {path})",
+                  file=sys.stderr)
         result = tune_tree(llm, tokenizer, ssms, budget=budget)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2))

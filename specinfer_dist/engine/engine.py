@@ -88,7 +88,7 @@ class LLMEngine:
         if tree == "auto" and ssm_models:
             # Measured on this machine (bench/tune.py); None means speculation would not pay.
             key = [llm, *sources, f"draft_vocab={draft_vocab}"]
-            spec, chosen = auto_tree(self.model, self.tokenizer, ssm_models, key, tree_budget)
+            spec, chosen = auto_tree(self.model, self.tokenizer, ssm_models, key, tree_budget, progress)
             ssm_models = [ssm_models[i] for i in chosen]
             mode = mode if spec else "incremental"
             spec = spec or TreeSpec(token_budget=tree_budget)
