@@ -35,6 +35,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-draft-vocab", dest="draft_vocab", action="store_const", const=False,
                         help="SSM heads score the whole vocabulary, not their draft_vocab.json")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"))
+    parser.add_argument("--speculation-max-batch", type=int,
+                        help="with more requests running, decode without drafting (default: always draft)")
 
 
 def _engine_config(args: argparse.Namespace) -> EngineConfig:

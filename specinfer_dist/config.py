@@ -41,6 +41,7 @@ class EngineConfig(_Section):
     draft_vocab: bool = True  # SSM heads score only their draft_vocab.json tokens (False: all)
     dtype: str = "float32"
     max_num_seqs: int = 16
+    speculation_max_batch: int | None = None  # more requests running: no drafting (None: always draft)
     kv_blocks: int | None = None  # LLM KV pool size in blocks; None: caches grow on demand
     kv_block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
 

@@ -102,6 +102,25 @@ def test_batch_of_mixed_lengths_equals_each_alone(models):
         assert out.token_ids == alone.token_ids
 
 
+def test_speculation_pauses_while_the_batch_is_big(models):
+    llm, near, _, _ = models
+    engine = LLMEngine(str(llm), ssms=[str(near)], tree="1,1,1", speculation_max_batch=2)
+    batch = prompts(3, seed=5)
+    # Two requests end after 4 tokens; the third then runs alone, and drafting resumes.
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (4, 4, 30)]
+    steps_in_threes = []
+    seqs = [engine.add_request(p, sp) for p, sp in zip(batch, params)]
+    while engine.scheduler.has_unfinished():
+        if len(engine.scheduler.running) + len(engine.scheduler.waiting) == 3:
+            steps_in_threes.append(sum(s.stats.drafted_tokens for s in seqs))
+        engine.step()
+    assert steps_in_threes and steps_in_threes[-1] == 0  # nothing drafted while three ran
+    assert seqs[0].stats.drafted_tokens == 0 and seqs[2].stats.drafted_tokens > 0
+    plain = LLMEngine(str(llm), mode="incremental")
+    for prompt, sp, seq in zip(batch, params, seqs):
+        assert seq.output_ids == plain.generate(prompt, sp)[0].token_ids
+
+
 def test_kv_cache_after_speculative_steps_equals_incremental(models):
     llm, near, _, _ = models
     engine = LLMEngine(str(llm), ssms=[str(near)], tree="1,1,3,1,1")

@@ -82,6 +82,8 @@ def test_bad_mode_and_missing_ssm(ckpts):
         LLMEngine(ckpts["llm"], mode="beam")
     with pytest.raises(InvalidConfigError, match="needs at least one SSM"):
         LLMEngine(ckpts["llm"], mode="tree")
+    with pytest.raises(InvalidConfigError, match="speculation_max_batch"):
+        LLMEngine(ckpts["llm"], ssms=[ckpts["ssm"]], tree="1", speculation_max_batch=0)
 
 
 def test_model_sources(ckpts):

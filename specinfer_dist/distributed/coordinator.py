@@ -58,6 +58,7 @@ class Coordinator:
             drafters=DraftPool(self.workers, len(specs)).drafters(specs),
             verify=engine.verify,
             max_num_seqs=engine.max_num_seqs,
+            speculation_max_batch=engine.speculation_max_batch,
             pipeline=cluster.pipeline,
         )
         self.served = AsyncLLMEngine(llm)

@@ -52,7 +52,8 @@ class LLMEngine:
     none. ``mode`` defaults to "tree" when there is a drafter, else "incremental". Sampled
     requests are verified by multi-step speculative sampling (``verify="mss"``) or the naive
     baseline. SSMs shipped with a ``draft_vocab.json`` score only those tokens unless
-    ``draft_vocab`` is False (models/draft_vocab.py). ``kv_blocks`` bounds the LLM's KV memory to a pool of that many blocks of
+    ``draft_vocab`` is False (models/draft_vocab.py). With more than ``speculation_max_batch``
+    requests running, a step decodes without drafting. ``kv_blocks`` bounds the LLM's KV memory to a pool of that many blocks of
     ``kv_block_size`` tokens (requests then wait or are preempted); None lets caches grow.
     """
 
@@ -69,6 +70,7 @@ class LLMEngine:
         draft_vocab: bool = True,
         dtype: str | torch.dtype = "float32",
         max_num_seqs: int = 16,
+        speculation_max_batch: int | None = None,
         kv_blocks: int | None = None,
         kv_block_size: int = DEFAULT_BLOCK_SIZE,
         progress: bool = False,
@@ -110,6 +112,7 @@ class LLMEngine:
             mode=mode,
             verify=verify,
             max_num_seqs=max_num_seqs,
+            speculation_max_batch=speculation_max_batch,
         )
 
     @classmethod
@@ -131,6 +134,7 @@ class LLMEngine:
         mode: str,
         verify: str,
         max_num_seqs: int,
+        speculation_max_batch: int | None = None,
         pipeline: bool = False,
     ) -> None:
         if mode not in MODES:
@@ -141,6 +145,11 @@ class LLMEngine:
             raise InvalidConfigError(f"verify must be one of {', '.join(VERIFIERS)}, got {verify!r}")
         if max_num_seqs < 1:
             raise InvalidConfigError(f"max_num_seqs must be positive, got {max_num_seqs}")
+        if speculation_max_batch is not None and speculation_max_batch < 1:
+            raise InvalidConfigError(f"speculation_max_batch must be positive, got {speculation_max_batch}")
+        # Verifying trees for a big batch costs more than it saves where the LLM is no longer
+        # memory-bound (vLLM's speculative_disable_by_batch_size): above this, decode plainly.
+        self.speculation_max_batch = speculation_max_batch
         self.tokenizer = tokenizer
         self.vocab_size = model_config.vocab_size
         self.max_positions = model_config.max_position_embeddings
@@ -332,7 +341,8 @@ class LLMEngine:
     def draft(self, seqs: list[Sequence]) -> list[TokenTree]:
         """One merged, DFS-ordered tree per request from every drafter (just the root without)."""
         roots = [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
-        if not self.drafters:
+        busy = self.speculation_max_batch is not None and len(self.scheduler.running) > self.speculation_max_batch
+        if not self.drafters or busy:  # SSM caches catch up on the skipped tokens when drafting resumes
             return roots
         # A step yields at most depth + 1 tokens: never draft past max_tokens.
         max_depths = [seq.remaining - 1 for seq in seqs]
