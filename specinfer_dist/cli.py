@@ -18,6 +18,7 @@ from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidConfigError, SpecInferError
 from specinfer_dist.serve.cli import add_serve_parser
 from specinfer_dist.training.cli import add_boost_tune_parser
+from specinfer_dist.tree.spec import DEFAULT_WIDTHS
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -110,7 +111,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _tune_tree(args: argparse.Namespace) -> int:
-    engine = LLMEngine.from_config(_engine_config(args), progress=True)
+    config = _engine_config(args)
+    if config.tree == "auto":  # measure every SSM, not just the ones an earlier tuning kept
+        config.tree = ",".join(map(str, DEFAULT_WIDTHS))
+    engine = LLMEngine.from_config(config, progress=True)
     if not engine.drafters:
         raise InvalidConfigError("tune-tree needs at least one SSM (--ssm)")
     ssms = [d.runner.model for d in engine.drafters if hasattr(d, "runner")]

@@ -1,6 +1,7 @@
 """Choosing a tree from measured costs and coverage; --tree auto end to end on a tiny model."""
 
 import json
+import shutil
 
 import pytest
 
@@ -75,3 +76,14 @@ def test_tree_auto_picks_a_tree_and_stays_exact(tmp_path, monkeypatch):
     plain = LLMEngine(llm, mode="incremental")
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     assert auto.generate("hello there", params)[0].token_ids == plain.generate("hello there", params)[0].token_ids
+    # Retrained weights at the same path are measured again, not served from the old result.
+    LLMEngine(llm, ssms=[llm], tree="auto")
+    assert len(list((tmp_path / "cache" / "tree-auto").glob("*.json"))) == 1
+    ssm_dir = make_tiny_checkpoint(tmp_path, "llama", seed=1)
+    LLMEngine(llm, ssms=[str(ssm_dir)], tree="auto")
+    first = len(list((tmp_path / "cache" / "tree-auto").glob("*.json")))
+    make_tiny_checkpoint(tmp_path, "llama", seed=2).replace(tmp_path / "retrained")
+    shutil.rmtree(ssm_dir)
+    (tmp_path / "retrained").replace(ssm_dir)
+    LLMEngine(llm, ssms=[str(ssm_dir)], tree="auto")
+    assert len(list((tmp_path / "cache" / "tree-auto").glob("*.json"))) == first + 1

@@ -15,6 +15,8 @@ import sys
 from importlib import resources
 from typing import Any
 
+import torch
+
 from specinfer_dist.bench.common import load_prompts, machine
 from specinfer_dist.bench.tree_cost import SWEEP_SIZES, choose_tree, forward_cost, token_ranks, topk_coverage
 from specinfer_dist.engine.sampling_params import SamplingParams
@@ -69,7 +71,13 @@ def auto_tree(
     """The tuned tree for these models on this machine (cached), and which SSMs (indices) draft
     it; None: don't speculate."""
     dtype = next(llm.parameters()).dtype
-    key = hashlib.sha256(json.dumps(["v2", sources, machine(), str(dtype), budget]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps(["v2", sources, machine(), str(dtype), budget]).encode())
+    shared = {p.data_ptr() for p in llm.parameters()}
+    for ssm in ssms:  # a retrained SSM (same path, new weights) must be measured again
+        for tensor in ssm.state_dict().values():
+            if tensor.data_ptr() not in shared:  # the LLM's own tensors are named by its source
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    key = digest.hexdigest()[:16]
     path = cache_root() / "tree-auto" / f"{key}.json"
     if path.is_file():
         result = json.loads(path.read_text())
