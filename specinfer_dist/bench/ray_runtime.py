@@ -1,10 +1,11 @@
 """Throughput of the Ray runtime, side by side in one run: TP=1/2 x pipelining off/on, and the
 in-process engine, at several concurrencies (generated tokens per second).
 
-    python -m specinfer_dist.bench.ray_runtime --concurrency 1,4,16 --max-tokens 16 --repeats 2
+    python -m specinfer_dist.bench.ray_runtime --tp 1,3 --concurrency 1,4,16 --max-tokens 16 --repeats 2 \
+        --out docs/bench/cpu/ray/results.json
 
-The default SSM is the 2-layer truncation of the default LLM (drafting costs something, so
-pipelining has work to hide). Every setup runs the same greedy requests through the same
+The default SSMs are the ones shipped for the default LLM, with a fixed SpecInfer tree (drafting
+costs something, so pipelining has work to hide). Every setup runs the same greedy requests through the same
 client surface (AsyncLLMEngine or CoordinatorClient). All setups stay up and are measured in
 turn, repeatedly, so a busy moment on a shared machine hits each of them; medians are reported.
 """
@@ -16,6 +17,7 @@ import asyncio
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -86,11 +88,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--out", help="write the JSON here (stdout also carries Ray's logs)")
     args = parser.parse_args(argv)
     config = EngineConfig(llm=args.llm, ssms=[args.ssm], tree=args.tree)
     tps = [int(t) for t in args.tp.split(",")]
     rows = run(config, tps, [int(c) for c in args.concurrency.split(",")], args.max_tokens, args.repeats)
-    print(json.dumps({"machine": machine(), "engine": vars(config), "results": rows}, indent=1))
+    result = json.dumps({"machine": machine(), "engine": vars(config), "results": rows}, indent=1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(result + "\n")
+    print(result)
     return 0
 
 
