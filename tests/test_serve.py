@@ -160,6 +160,7 @@ def test_streaming_continuous_usage_counts_tokens_per_chunk(server):
     per_chunk = [b - a for a, b in zip([0, *so_far], so_far)]
     assert min(per_chunk) >= 1 and max(per_chunk) > 1  # speculation delivers several tokens in one chunk
     assert "".join(c.choices[0].text for c in chunks[:-1]) == server.greedy("count my chunks", 14).text
+    assert {c.usage.prompt_tokens for c in chunks} == {chunks[-1].usage.prompt_tokens} != {0}  # from the first chunk
 
 
 def test_seeded_sampling_is_reproducible(server):

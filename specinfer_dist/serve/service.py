@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, TypeVar
 
@@ -62,11 +62,15 @@ class Usage:
     completion_tokens: int = 0
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
+    _prompted: set[int] = field(default_factory=set, repr=False)  # requests whose prompt is counted
 
     def add(self, delta: RequestDelta, count_prompt: bool = True) -> None:
+        # The prompt counts from a request's first delta, so streamed usage has it from the start.
+        if count_prompt and delta.request_id not in self._prompted:
+            self._prompted.add(delta.request_id)
+            self.prompt_tokens += delta.prompt_tokens
         self.completion_tokens += len(delta.token_ids)
         if delta.finished:
-            self.prompt_tokens += delta.prompt_tokens if count_prompt else 0
             self.accepted_prediction_tokens += delta.stats.accepted_tokens
             self.rejected_prediction_tokens += delta.stats.drafted_tokens - delta.stats.accepted_tokens
 
