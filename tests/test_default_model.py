@@ -69,4 +69,5 @@ def test_cli_default_generate_json():
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert "Paris" in result["text"]
-    assert result["mode"] == "tree" and result["steps"] >= 1
+    # The default tree is "auto": measured on this machine, it may also choose plain decoding.
+    assert result["mode"] in ("tree", "incremental") and result["steps"] >= 1
