@@ -22,7 +22,7 @@ from specinfer_dist.bench.tree_cost import SWEEP_SIZES, forward_cost
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidConfigError
-from specinfer_dist.models.default import default_ssm_dirs
+from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.models.loader import load_model, parse_dtype, resolve_model_dir
 from specinfer_dist.models.transformer import Transformer
 
@@ -91,14 +91,12 @@ def _hf_assistant(ssm: Transformer) -> transformers.PreTrainedModel:
     return hf.eval()
 
 
-def _first_ssm(config: BenchConfig, base: LLMEngine) -> Transformer:
+def _first_ssm(config: BenchConfig, llm: Transformer, dtype: torch.dtype) -> Transformer:
     """The first SSM as stored (whole head): HF assisted generation has no draft vocabulary."""
-    ssms = config.ssms if config.ssms is not None else ["default"] if config.llm == "default" else []
-    sources = [s for s in ssms if s != "none"]
+    sources = ssm_sources(config.llm, config.ssms)
     if not sources:
         raise InvalidConfigError("mode hf-assisted needs an SSM (--ssm)")
-    source = str(default_ssm_dirs()[0]) if sources[0] == "default" else sources[0]
-    return load_model(source, dtype=base.model.lm_head.weight.dtype, shared_from=base.model)[0]
+    return load_model(sources[0], dtype=dtype, shared_from=llm)[0]
 
 
 def _run_hf(
@@ -143,7 +141,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if mode.startswith("hf"):
             assistant = None
             if mode == "hf-assisted":
-                assistant = _hf_assistant(_first_ssm(config, base))
+                assistant = _hf_assistant(_first_ssm(config, base.model, dtype))
             llm_dir = resolve_model_dir(config.llm, progress=progress)
             with PeakMemory() as peak:
                 raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)

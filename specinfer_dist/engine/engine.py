@@ -30,7 +30,7 @@ from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence
 from specinfer_dist.engine.verifier import LocalVerifier, Verifier, VerifyItem
 from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
-from specinfer_dist.models.default import default_ssm_dirs
+from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.tree.merge import merge_trees
@@ -53,8 +53,9 @@ class LLMEngine:
     requests are verified by multi-step speculative sampling (``verify="mss"``) or the naive
     baseline. SSMs shipped with a ``draft_vocab.json`` score only those tokens unless
     ``draft_vocab`` is False (models/draft_vocab.py). With more than ``speculation_max_batch``
-    requests running, a step decodes without drafting. ``kv_blocks`` bounds the LLM's KV memory to a pool of that many blocks of
-    ``kv_block_size`` tokens (requests then wait or are preempted); None lets caches grow.
+    requests running, a step decodes without drafting. ``kv_blocks`` bounds the LLM's KV memory
+    to a pool of that many blocks of ``kv_block_size`` tokens (requests then wait or are
+    preempted); None lets caches grow.
     """
 
     def __init__(
@@ -76,16 +77,12 @@ class LLMEngine:
         progress: bool = False,
     ) -> None:
         self.model, self.tokenizer, model_dir = load_model(llm, dtype=dtype, progress=progress)
-        if ssms is None:
-            ssms = ["default"] if llm in (None, "default") else []
-        ssms = [s for s in ssms if s != "none"]  # "none": explicitly no SSM
-        mode = mode or ("tree" if ssms or drafters else "incremental")
+        sources = ssm_sources(llm, ssms)
+        mode = mode or ("tree" if sources or drafters else "incremental")
         if draft_temperature is not None and not draft_temperature > 0:
             raise InvalidConfigError(f"draft_temperature must be positive, got {draft_temperature!r}")
         ssm_models = []
         if mode != "incremental":
-            # "default": every SSM shipped for the default LLM.
-            sources = [str(d) for s in ssms for d in (default_ssm_dirs() if s == "default" else [s])]
             ssm_models = [self._load_ssm(source, dtype, draft_vocab, progress) for source in sources]
         if tree == "auto" and ssm_models:
             # Measured on this machine (bench/tune.py); None means speculation would not pay.

@@ -11,6 +11,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Sequence
 
 from tqdm import tqdm
 
@@ -84,3 +85,11 @@ def default_ssm_dirs() -> list[Path]:
     if not dirs:
         raise ModelLoadError(f"no SSMs shipped for the default LLM in {SHIPPED_SSMS}")
     return sorted(dirs, key=lambda p: int(p.name.removeprefix("ssm-")))
+
+
+def ssm_sources(llm: str | None, ssms: Sequence[str] | None) -> list[str]:
+    """The SSM sources to load for ``llm``: None means the shipped SSMs for the default LLM
+    (none for any other), "default" expands to them, "none" to nothing."""
+    if ssms is None:
+        ssms = ["default"] if llm in (None, "default") else []
+    return [str(d) for s in ssms if s != "none" for d in (default_ssm_dirs() if s == "default" else [s])]
