@@ -3,15 +3,13 @@
 On the CPUs we measured (AMD EPYC, torch 2.13 CPU wheel) ``F.linear`` on 1-16 rows takes a
 matrix-vector / skinny-GEMM path several times slower than the same product written as
 ``weight @ x.T`` with at least two columns, which streams the weight once at full memory
-bandwidth (SmolLM2's 49k-token head, 2 threads: ~10 ms for 1 row vs ~3 ms). Decoding is
+bandwidth (SmolLM2's 49k-token head, 2 threads: ~10 ms for 1 row vs ~3.5-4.5 ms). Decoding is
 exactly that shape, so the model's linears route small inputs through it. Results are the
 same products, summed in a different order (float rounding only). Larger inputs and other
-devices keep ``F.linear``. ``python -m specinfer_dist.models.linear`` prints the comparison.
+devices keep ``F.linear``. ``python -m specinfer_dist.bench.linear_cost`` prints the comparison.
 """
 
 from __future__ import annotations
-
-import time
 
 import torch
 import torch.nn.functional as F
@@ -36,21 +34,3 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
-
-
-def _compare(out_features: int = 49152, in_features: int = 576, repeats: int = 30) -> None:
-    weight = torch.randn(out_features, in_features)
-    for rows in (1, 2, 4, 8, 16, 32):
-        x = torch.randn(rows, in_features)
-        times = {}
-        for name, fn in (("F.linear", F.linear), ("linear", linear)):
-            fn(x, weight)
-            start = time.perf_counter()
-            for _ in range(repeats):
-                fn(x, weight)
-            times[name] = 1000 * (time.perf_counter() - start) / repeats
-        print(f"[{out_features}x{in_features}] {rows:3d} rows: " + ", ".join(f"{k} {v:.2f} ms" for k, v in times.items()))
-
-
-if __name__ == "__main__":
-    _compare()
