@@ -47,7 +47,8 @@ EOF
     --port "$port" --grpc-port "$grpc_port" > "$work/$mode.log" 2>&1 &
   server_pid=$!
   deadline=$((SECONDS + START_TIMEOUT_S))
-  until curl -fsS "http://127.0.0.1:$port/health" > /dev/null 2>&1; do
+  until .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
+      "http://127.0.0.1:$port/health" > /dev/null 2>&1; do
     if ! kill -0 "$server_pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
       echo "bench_serve.sh: the $mode server did not come up; its log:" >&2
       tail -n 50 "$work/$mode.log" >&2
