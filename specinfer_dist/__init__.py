@@ -1,7 +1,12 @@
 """specinfer_dist: tree-based speculative inference that keeps the LLM's output exactly."""
 
 from specinfer_dist.engine import LLMEngine, RequestOutput, SamplingParams
-from specinfer_dist.errors import InvalidConfigError, InvalidRequestError, ModelLoadError, SpecInferError
+from specinfer_dist.errors import (
+    InvalidConfigError,
+    InvalidRequestError,
+    ModelLoadError,
+    SpecInferError,
+)
 from specinfer_dist.tree import TreeSpec
 
 __all__ = [

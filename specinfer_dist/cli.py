@@ -8,17 +8,27 @@ import sys
 import time
 from dataclasses import fields, replace
 
-from specinfer_dist.bench.run import DEFAULT_MODES, BenchConfig, format_summary, run_bench
+from specinfer_dist.bench.run import (
+    DEFAULT_MODES,
+    BenchConfig,
+    format_summary,
+    run_bench,
+)
 from specinfer_dist.bench.run import MODES as BENCH_MODES
 from specinfer_dist.bench.serve_load import add_bench_serve_parser
-from specinfer_dist.bench.tune import tune_tree
-from specinfer_dist.config import ClusterConfig, EngineConfig, load_cluster_config, load_config
+from specinfer_dist.config import (
+    ClusterConfig,
+    EngineConfig,
+    load_cluster_config,
+    load_config,
+)
 from specinfer_dist.engine.engine import MODES, VERIFIERS, LLMEngine
-from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidConfigError, SpecInferError
+from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.serve.cli import add_serve_parser
 from specinfer_dist.training.cli import add_boost_tune_parser
 from specinfer_dist.tree.spec import DEFAULT_WIDTHS
+from specinfer_dist.tuning.tune import tune_tree
 
 
 def _engine_args(parser: argparse.ArgumentParser) -> None:
@@ -61,7 +71,9 @@ def _generate(args: argparse.Namespace) -> int:
         seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos,
     )
     if args.ray:
-        from specinfer_dist.distributed import CoordinatorClient  # Ray is imported only when asked for
+        from specinfer_dist.distributed import (
+            CoordinatorClient,  # Ray is imported only when asked for
+        )
 
         client = CoordinatorClient.from_config(_engine_config(args), _cluster_config(args))
         try:

@@ -8,9 +8,10 @@ from typing import Any
 
 import yaml
 
-from specinfer_dist.engine.block_pool import DEFAULT_BLOCK_SIZE
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET
+
+DEFAULT_BLOCK_SIZE = 16  # token rows per KV block
 
 
 class _Section:
@@ -33,7 +34,7 @@ class EngineConfig(_Section):
     llm: str = "default"  # "default", a HF checkpoint dir, a .gguf file or a hub id
     ssms: list[str] | None = None  # None: the default SSM for the default LLM, none otherwise
     drafters: list[str] = field(default_factory=list)  # model-free drafters, e.g. "ngram" or "ngram:2,1,1,1"
-    tree: str = "auto"  # measured on this machine once (bench/tune.py), or widths like "1,1,3,1,1,1,1,1"
+    tree: str = "auto"  # measured on this machine once (tuning/tune.py), or widths like "1,1,3,1,1,1,1,1"
     tree_budget: int = DEFAULT_TOKEN_BUDGET
     mode: str | None = None  # incremental | sequence | tree; None: tree when there is an SSM
     verify: str = "mss"  # how sampled requests are verified: mss | naive

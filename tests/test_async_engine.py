@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from helpers import make_tiny_checkpoint
+
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, EngineStepError
 

@@ -3,6 +3,7 @@
 import json
 
 from helpers import make_tiny_checkpoint
+
 from specinfer_dist.cli import main
 
 

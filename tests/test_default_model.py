@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 import transformers
-
 from exactness import assert_greedy_equal, hf_greedy
+
 from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.models.default import default_llm_dir
 

@@ -19,18 +19,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-
 from exactness import assert_greedy_equal
 from helpers import make_tiny_checkpoint
+from test_engine_exact import noisy_copy
+
 from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, SamplingParams
 from specinfer_dist.cli import main
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import Coordinator, CoordinatorClient
 from specinfer_dist.distributed.tp import shard_model
 from specinfer_dist.engine.async_engine import EngineStepError
-from specinfer_dist.engine.verifier import LocalVerifier, VerifyItem
 from specinfer_dist.models.loader import load_model
-from test_engine_exact import noisy_copy
+from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
 SIM_GPU = "sim_gpu"
 TREE = "1,2,1,1"

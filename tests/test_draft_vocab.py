@@ -8,11 +8,16 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import make_tiny_checkpoint
+
 from specinfer_dist import LLMEngine, ModelLoadError, SamplingParams
 from specinfer_dist.drafters.base import DraftRequest
-from specinfer_dist.models.draft_vocab import DRAFT_VOCAB_FILE, DraftVocabHead, frequent_tokens, write_draft_vocab
+from specinfer_dist.models.draft_vocab import (
+    DRAFT_VOCAB_FILE,
+    DraftVocabHead,
+    frequent_tokens,
+    write_draft_vocab,
+)
 from specinfer_dist.models.linear import SKINNY_ROWS, linear
 
 

@@ -2,7 +2,7 @@
 
 from specinfer_dist.drafters.base import DraftRequest
 from specinfer_dist.drafters.ngram import NgramDrafter
-from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.tree import TokenTree, TreeSpec, merge_trees
 
 

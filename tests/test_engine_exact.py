@@ -8,12 +8,12 @@ import shutil
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
-
 from exactness import assert_greedy_equal, hf_greedy
 from helpers import make_tiny_checkpoint
+from safetensors.torch import load_file, save_file
+
 from specinfer_dist import LLMEngine, SamplingParams
-from specinfer_dist.engine.model_runner import RunItem
+from specinfer_dist.runtime.model_runner import RunItem
 
 MAX_NEW = 24
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import make_tiny_checkpoint
+
 from specinfer_dist import (
     InvalidConfigError,
     InvalidRequestError,

@@ -18,12 +18,12 @@ from helpers import make_tiny_checkpoint
 
 from specinfer_dist.errors import InvalidConfigError, ModelLoadError
 from specinfer_dist.models import loader
+from specinfer_dist.models.cache import cache_root
 from specinfer_dist.models.default import (
     DEFAULT_LLM_PACKAGE,
     default_llm_dir,
 )
 from specinfer_dist.models.loader import (
-    cache_root,
     check_same_vocabulary,
     load_model,
     parse_dtype,

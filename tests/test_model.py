@@ -4,8 +4,8 @@ import pytest
 import torch
 import transformers
 
-from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.tree import TokenTree
 
 VOCAB = 300

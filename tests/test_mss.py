@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers import make_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 from scipy.stats import power_divergence
 
-from helpers import make_tiny_checkpoint
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
 from specinfer_dist.drafters.ssm import SSMDrafter
 from specinfer_dist.models.draft_vocab import write_draft_vocab

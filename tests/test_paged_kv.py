@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import make_tiny_checkpoint
-from specinfer_dist import InvalidConfigError, InvalidRequestError, LLMEngine, SamplingParams
-from specinfer_dist.engine.block_pool import BlockPool, KVCapacity
-from specinfer_dist.engine.kv_cache import KVCache, PagedKVCache
 from test_engine_exact import noisy_copy, prompts
+
+from specinfer_dist import (
+    InvalidConfigError,
+    InvalidRequestError,
+    LLMEngine,
+    SamplingParams,
+)
+from specinfer_dist.runtime.block_pool import BlockPool, KVCapacity
+from specinfer_dist.runtime.kv_cache import KVCache, PagedKVCache
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 2, 2, 8, 4
 

@@ -18,8 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.api import RunTarget
-
 from serve_helpers import free_port, make_chat_checkpoint
+
 from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.cli import main as cli_main
 from specinfer_dist.config import ClusterConfig, EngineConfig, ServeConfig

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
-
 from serve_helpers import free_port, make_chat_checkpoint
 
 

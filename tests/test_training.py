@@ -11,13 +11,13 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
-
 from helpers import make_tiny_checkpoint
+
 from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, SamplingParams
 from specinfer_dist.cli import main
-from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.models.draft_vocab import DRAFT_VOCAB_FILE, DraftVocabHead
 from specinfer_dist.models.loader import SHARED_FROM_LLM_KEY, load_model
+from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.training.boost import BoostConfig, boost_tune
 from specinfer_dist.training.data import DataConfig, build_distill_set, load_hf
 from specinfer_dist.training.model import SHARED, init_ssm, save_ssm

@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from specinfer_dist.errors import InvalidConfigError
-from specinfer_dist.tree import TokenTree, TreeSpec, ancestor_mask, depths, merge_trees, verify_greedy
+from specinfer_dist.tree import (
+    TokenTree,
+    TreeSpec,
+    ancestor_mask,
+    depths,
+    merge_trees,
+    verify_greedy,
+)
 
 
 def bfs_tree() -> TokenTree:

@@ -4,12 +4,17 @@ import json
 import shutil
 
 import pytest
-
-from helpers import make_tiny_checkpoint
-from specinfer_dist import LLMEngine, SamplingParams
 import torch
+from helpers import make_tiny_checkpoint
 
-from specinfer_dist.bench.tree_cost import choose_tree, evaluate, forward_cost, interpolate, topk_coverage
+from specinfer_dist import LLMEngine, SamplingParams
+from specinfer_dist.tuning.tree_cost import (
+    choose_tree,
+    evaluate,
+    forward_cost,
+    interpolate,
+    topk_coverage,
+)
 
 FLAT = {1: 1.0, 64: 1.0, 128: 1.0}  # a device where verifying 128 tokens costs what 1 does
 FREE = {1: 0.0, 64: 0.0}

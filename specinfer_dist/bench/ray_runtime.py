@@ -23,12 +23,14 @@ from typing import Any
 import ray
 import torch
 
-from specinfer_dist.bench.common import load_prompts, machine
+from specinfer_dist.bench.common import BENCH_PROMPTS
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import CoordinatorClient
 from specinfer_dist.engine.async_engine import AsyncLLMEngine
 from specinfer_dist.engine.engine import LLMEngine
-from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.runtime.device import machine
+from specinfer_dist.runtime.sampling_params import SamplingParams
+from specinfer_dist.tuning.prompts import load_prompts
 
 
 async def _throughput(engine: Any, prompts: list[dict[str, Any]], concurrency: int, max_tokens: int) -> tuple[float, float]:
@@ -47,7 +49,7 @@ async def _throughput(engine: Any, prompts: list[dict[str, Any]], concurrency: i
 
 
 def run(config: EngineConfig, tps: list[int], concurrency: list[int], max_tokens: int, repeats: int) -> list[dict[str, Any]]:
-    prompts = load_prompts(None)
+    prompts = load_prompts(BENCH_PROMPTS)
     torch.set_num_threads(1)  # the local engine gets what one shard gets (cpus_per_shard: 1)
     engines: dict[str, Any] = {"local": AsyncLLMEngine(LLMEngine.from_config(config))}
     # Logical CPUs: every setup's actors stay placed at once.

@@ -16,15 +16,17 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from specinfer_dist.bench.common import PeakMemory, load_prompts, machine
+from specinfer_dist.bench.common import BENCH_PROMPTS, PeakMemory
 from specinfer_dist.bench.plots import write_plots
-from specinfer_dist.bench.tree_cost import SWEEP_SIZES, forward_cost
 from specinfer_dist.engine.engine import LLMEngine
-from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.models.loader import load_model, parse_dtype, resolve_model_dir
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.device import machine
+from specinfer_dist.runtime.sampling_params import SamplingParams
+from specinfer_dist.tuning.prompts import load_prompts
+from specinfer_dist.tuning.tree_cost import SWEEP_SIZES, forward_cost
 
 # Engine settings per mode. "-mss"/"-naive" modes sample at the bench temperature.
 ENGINE_MODES: dict[str, dict[str, Any]] = {
@@ -128,7 +130,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     unknown = set(config.modes) - set(MODES)
     if unknown:
         raise InvalidConfigError(f"unknown bench mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
-    rows = load_prompts(config.prompts)
+    rows = load_prompts(config.prompts or BENCH_PROMPTS)
     dtype = parse_dtype(config.dtype)
     base = LLMEngine(config.llm, mode="incremental", dtype=dtype, progress=progress)
     prompt_ids = [base.encode(r["prompt"], chat=bool(r.get("chat"))) for r in rows]

@@ -45,8 +45,10 @@ import matplotlib
 import numpy as np
 from tqdm import tqdm
 
-from specinfer_dist.bench.common import load_prompts, machine
+from specinfer_dist.bench.common import BENCH_PROMPTS
 from specinfer_dist.errors import InvalidConfigError, SpecInferError
+from specinfer_dist.runtime.device import machine
+from specinfer_dist.tuning.prompts import load_prompts
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -95,7 +97,7 @@ def run_load(config: LoadConfig, progress: bool = False) -> dict[str, Any]:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise InvalidConfigError(f"{name} must be positive, got {value}")
-    prompts = load_prompts(config.prompts)
+    prompts = load_prompts(config.prompts or BENCH_PROMPTS)
     return asyncio.run(_run(config, prompts, progress))
 
 

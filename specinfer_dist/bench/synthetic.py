@@ -21,15 +21,15 @@ from typing import Any
 import torch
 import transformers
 
-from specinfer_dist.bench.common import machine
-from specinfer_dist.bench.tree_cost import SWEEP_SIZES, forward_cost
-from specinfer_dist.drafters.base import DraftRequest, Drafter, draft_generator
+from specinfer_dist.drafters.base import Drafter, DraftRequest, draft_generator
 from specinfer_dist.engine.engine import LLMEngine
-from specinfer_dist.engine.sampling_params import SamplingParams
-from specinfer_dist.engine.verifier import LocalVerifier
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.device import machine
+from specinfer_dist.runtime.sampling_params import SamplingParams
+from specinfer_dist.runtime.verifier import LocalVerifier
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
+from specinfer_dist.tuning.tree_cost import SWEEP_SIZES, forward_cost
 
 SHAPES = {  # Llama-family shapes (vocab 32000)
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),

@@ -19,12 +19,18 @@ from ray.util.placement_group import remove_placement_group
 
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed.draft_worker import DraftPool, DraftWorker
-from specinfer_dist.distributed.placement import COORDINATOR_CPUS, actor_options, connect, reserve, resolve_gpus
+from specinfer_dist.distributed.placement import (
+    COORDINATOR_CPUS,
+    actor_options,
+    connect,
+    reserve,
+    resolve_gpus,
+)
 from specinfer_dist.distributed.verifier_shard import ShardGroupVerifier
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, Counters, RequestDelta
 from specinfer_dist.engine.engine import LLMEngine, Prompt
 from specinfer_dist.engine.outputs import RequestOutput
-from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.runtime.sampling_params import SamplingParams
 
 
 # Its blocking ray.get calls run in start() and on the engine's loop thread, never while the

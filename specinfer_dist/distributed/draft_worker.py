@@ -22,7 +22,7 @@ import torch
 from ray.exceptions import RayActorError
 
 from specinfer_dist.config import EngineConfig
-from specinfer_dist.drafters.base import DraftRequest, Drafter
+from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.errors import SpecInferError
 from specinfer_dist.tree.spec import TreeSpec

@@ -24,9 +24,9 @@ from ray.util.placement_group import PlacementGroup
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed.placement import actor_options
 from specinfer_dist.distributed.tp import shard_model
-from specinfer_dist.engine.block_pool import KVCapacity
-from specinfer_dist.engine.verifier import LocalVerifier, VerifyItem
 from specinfer_dist.models.loader import load_model
+from specinfer_dist.runtime.block_pool import KVCapacity
+from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
 
 class ShardGroupError(RuntimeError):

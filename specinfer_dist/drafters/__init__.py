@@ -1,4 +1,4 @@
-from specinfer_dist.drafters.base import DraftRequest, Drafter
+from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.drafters.ssm import SSMDrafter
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
 

@@ -6,7 +6,7 @@ code, quoting). Its proposals are deterministic, so each node is a point mass fo
 
 from __future__ import annotations
 
-from specinfer_dist.drafters.base import DraftRequest, Drafter
+from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree

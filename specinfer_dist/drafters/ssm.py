@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specinfer_dist.drafters.base import DraftRequest, Drafter, draft_generator
-from specinfer_dist.engine.kv_cache import KVCache
-from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.drafters.base import Drafter, DraftRequest, draft_generator
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.kv_cache import KVCache
+from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from specinfer_dist.engine.engine import LLMEngine, Prompt
-from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.engine.sequence import Sequence, SpecStats
+from specinfer_dist.runtime.sampling_params import SamplingParams
 
 
 class EngineStepError(RuntimeError):

@@ -7,37 +7,38 @@ incremental drafts nothing (the tree is just the root), sequence drafts a chain.
 from __future__ import annotations
 
 import itertools
+import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
-import time
 from pathlib import Path
-from typing import Any, Iterable, Sequence as Seq
+from typing import Any, Iterable
+from typing import Sequence as Seq
 
 import torch
 from tqdm import tqdm
 from transformers import GenerationConfig
 
-from specinfer_dist.bench.tune import auto_tree
-from specinfer_dist.config import EngineConfig
-from specinfer_dist.drafters.base import DraftRequest, Drafter
+from specinfer_dist.config import DEFAULT_BLOCK_SIZE, EngineConfig
+from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.drafters.ssm import SSMDrafter
-from specinfer_dist.engine.block_pool import DEFAULT_BLOCK_SIZE, KVCapacity
-from specinfer_dist.engine.model_runner import chain_parents
 from specinfer_dist.engine.outputs import RequestOutput
-from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence
-from specinfer_dist.engine.verifier import LocalVerifier, Verifier, VerifyItem
 from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
 from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
+from specinfer_dist.runtime.block_pool import KVCapacity
+from specinfer_dist.runtime.model_runner import chain_parents
+from specinfer_dist.runtime.sampling_params import SamplingParams
+from specinfer_dist.runtime.verifier import LocalVerifier, Verifier, VerifyItem
 from specinfer_dist.tree.merge import merge_trees
+from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
-from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.verify import verify_greedy, verify_mss, verify_naive
+from specinfer_dist.tuning.tune import auto_tree
 
 MODES = ("incremental", "sequence", "tree")
 VERIFIERS = {"mss": verify_mss, "naive": verify_naive}
@@ -85,7 +86,7 @@ class LLMEngine:
         if mode != "incremental":
             ssm_models = [self._load_ssm(source, dtype, draft_vocab, progress) for source in sources]
         if tree == "auto" and ssm_models:
-            # Measured on this machine (bench/tune.py); None means speculation would not pay.
+            # Measured on this machine (tuning/tune.py); None means speculation would not pay.
             key = [llm, *sources, f"draft_vocab={draft_vocab}"]
             spec, chosen = auto_tree(self.model, self.tokenizer, ssm_models, key, tree_budget, progress)
             ssm_models = [ssm_models[i] for i in chosen]

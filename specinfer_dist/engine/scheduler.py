@@ -11,9 +11,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Callable, Iterable
 
-from specinfer_dist.engine.block_pool import KVCapacity
 from specinfer_dist.engine.sequence import Sequence
 from specinfer_dist.errors import InvalidRequestError
+from specinfer_dist.runtime.block_pool import KVCapacity
 
 
 class Scheduler:

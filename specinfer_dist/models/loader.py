@@ -6,15 +6,7 @@ into the cache) or a Hugging Face hub id. Every failure surfaces as ModelLoadErr
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
-import io
-import os
 import re
-import shutil
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +15,9 @@ import torch
 import transformers
 
 from specinfer_dist.errors import InvalidConfigError, ModelLoadError
+from specinfer_dist.models.cache import cache_lock
+from specinfer_dist.models.default import default_llm_dir
+from specinfer_dist.models.gguf import convert_gguf, gguf_cache_dir, reason
 from specinfer_dist.models.transformer import Transformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,47 +26,6 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 SHARED_FROM_LLM_KEY = "specinfer_shared_from_llm"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
-
-
-def cache_root() -> Path:
-    """Where converted and derived checkpoints live."""
-    if os.environ.get("SPECINFER_DIST_CACHE"):
-        return Path(os.environ["SPECINFER_DIST_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "specinfer_dist"
-    return Path.home() / ".cache" / "specinfer_dist"
-
-
-@contextlib.contextmanager
-def cache_lock(name: str) -> Iterator[None]:
-    """Hold an exclusive lock on cache entry `name`, so two processes never build it at once."""
-    lock_dir = cache_root() / "locks"
-    lock_dir.mkdir(parents=True, exist_ok=True)
-    with open(lock_dir / f"{name}.lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a temp dir next to `out_dir` that becomes `out_dir` only if the block succeeds.
-
-    An interrupted build therefore never leaves a half-written directory behind.
-    """
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        # A leftover without config.json is not a usable entry; os.replace needs the name free.
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -83,60 +37,9 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise InvalidConfigError(f"unknown dtype {dtype!r}; expected one of {', '.join(_DTYPES)}")
 
 
-def _reason(e: BaseException) -> str:
-    """First line of an exception, so users see one short line instead of a traceback."""
-    lines = str(e).strip().splitlines()
-    first = lines[0] if lines else ""
-    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> None:
-    """Dequantize a GGUF checkpoint into a plain HF directory (config, safetensors, tokenizer)."""
-    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if progress:
-        print(f"converting GGUF to HF format ({gguf_path.name})...", file=sys.stderr, flush=True)
-    # transformers draws its own tqdm bars on stderr; hide them when asked to be quiet.
-    quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
-    try:
-        with quiet:
-            src, name = str(gguf_path.parent), gguf_path.name
-            tokenizer = transformers.AutoTokenizer.from_pretrained(src, gguf_file=name)
-            model = transformers.AutoModelForCausalLM.from_pretrained(
-                src, gguf_file=name, dtype=torch.float32
-            )
-    except Exception as e:
-        raise ModelLoadError(f"could not convert GGUF {gguf_path}: {_reason(e)}") from e
-
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    config = model.config
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    # The weights are now plain float32; a leftover quantization_config would make
-    # transformers try to re-quantize (and save_pretrained refuses GGUF-quantized models).
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.architectures = [type(model).__name__]
-    with atomic_dir(out_dir) as tmp:
-        safetensors.torch.save_file(state, tmp / "model.safetensors", metadata={"format": "pt"})
-        config.to_json_file(tmp / "config.json")
-        model.generation_config.to_json_file(tmp / "generation_config.json")
-        tokenizer.save_pretrained(tmp)
-
-
-def _gguf_cache_dir(path: Path) -> Path:
-    # Key on path, size and mtime so a replaced file is converted again.
-    st = path.stat()
-    key = hashlib.sha256(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_root() / "gguf" / f"{path.stem}-{key}"
-
-
 def resolve_model_dir(source: str | None, *, progress: bool = True) -> Path:
     """Turn a model source into a local HF directory (config.json, safetensors, tokenizer)."""
     if source is None or source == "default":
-        # Imported here because default.py itself builds on this module.
-        from specinfer_dist.models.default import default_llm_dir
-
         return default_llm_dir(progress=progress)
 
     path = Path(source).expanduser()
@@ -151,7 +54,7 @@ def resolve_model_dir(source: str | None, *, progress: bool = True) -> Path:
                 "or a .gguf file"
             )
         path = path.resolve()
-        out = _gguf_cache_dir(path)
+        out = gguf_cache_dir(path)
         if not (out / "config.json").is_file():
             with cache_lock(f"gguf-{out.name}"):
                 if not (out / "config.json").is_file():  # another process may have just made it
@@ -172,7 +75,7 @@ def _download_from_hub(repo_id: str) -> Path:
         path = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS))
     except Exception as e:
         raise ModelLoadError(
-            f"could not download {repo_id} from the Hugging Face hub (no network?): {_reason(e)}"
+            f"could not download {repo_id} from the Hugging Face hub (no network?): {reason(e)}"
         ) from e
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"could not load model from {repo_id}: hub repo has no config.json")
@@ -222,7 +125,7 @@ def load_model(
     try:
         config = transformers.AutoConfig.from_pretrained(model_dir)
     except Exception as e:
-        raise ModelLoadError(f"could not load model from {source}: config: {_reason(e)}") from e
+        raise ModelLoadError(f"could not load model from {source}: config: {reason(e)}") from e
     if config.model_type not in Transformer.SUPPORTED_ARCHITECTURES:
         raise ModelLoadError(
             f"could not load model from {source}: unsupported model type {config.model_type!r}; "
@@ -247,14 +150,14 @@ def load_model(
         _check_state_dict(expected, state)
         model.load_state_dict(state, strict=not shared)
     except Exception as e:
-        raise ModelLoadError(f"could not load model from {source}: weights: {_reason(e)}") from e
+        raise ModelLoadError(f"could not load model from {source}: weights: {reason(e)}") from e
     model = model.to(dtype).eval().requires_grad_(False)
     if shared:
         _share_tensors(model, shared_from, shared, source)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
-        raise ModelLoadError(f"could not load model from {source}: tokenizer: {_reason(e)}") from e
+        raise ModelLoadError(f"could not load model from {source}: tokenizer: {reason(e)}") from e
     return model, tokenizer, model_dir
 
 
@@ -265,7 +168,7 @@ def _share_tensors(model: Transformer, llm: Transformer, names: list[str], sourc
         try:
             mine, theirs = model.get_parameter(name), llm.get_parameter(name)
         except AttributeError as e:
-            raise ModelLoadError(f"could not load model from {source}: shared weight {name}: {_reason(e)}") from e
+            raise ModelLoadError(f"could not load model from {source}: shared weight {name}: {reason(e)}") from e
         if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
             raise ModelLoadError(
                 f"could not load model from {source}: shared weight {name} is {tuple(mine.shape)} "

@@ -23,7 +23,7 @@ from specinfer_dist.models.linear import Linear
 
 
 class KVStore(Protocol):
-    """What attention needs from a request's cache (see engine/kv_cache.py)."""
+    """What attention needs from a request's cache (see runtime/kv_cache.py)."""
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's k/v ([kv_heads, n, head_dim]) and return all rows so far."""

@@ -13,7 +13,12 @@ from ray.serve import Application
 from ray.serve.grpc_util import RayServegRPCContext
 
 from specinfer_dist.config import (
-    ClusterConfig, EngineConfig, ServeConfig, load_cluster_config, load_config, load_serve_config,
+    ClusterConfig,
+    EngineConfig,
+    ServeConfig,
+    load_cluster_config,
+    load_config,
+    load_serve_config,
 )
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.serve import grpc_api

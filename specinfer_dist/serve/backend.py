@@ -11,8 +11,8 @@ from typing import Any, AsyncIterator, Protocol
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, Counters, RequestDelta
 from specinfer_dist.engine.engine import LLMEngine, Prompt
-from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.runtime.sampling_params import SamplingParams
 
 RUNTIMES = ("local", "ray")
 
@@ -41,7 +41,9 @@ def build_engine(config: EngineConfig, runtime: str = "local", cluster: ClusterC
     they go when it does), driven from here."""
     check_runtime(runtime)
     if runtime == "ray":
-        from specinfer_dist.distributed import CoordinatorClient  # only this runtime needs it
+        from specinfer_dist.distributed import (
+            CoordinatorClient,  # only this runtime needs it
+        )
 
         return CoordinatorClient.from_config(config, cluster)
     return AsyncLLMEngine(LLMEngine.from_config(config))

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2
 from ray.serve.grpc_util import RayServegRPCContext
 
 from specinfer_dist.engine.async_engine import RequestDelta
-from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.auth import check_api_key
 from specinfer_dist.serve.proto import specinfer_pb2 as pb

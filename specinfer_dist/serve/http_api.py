@@ -22,7 +22,11 @@ from specinfer_dist.errors import SpecInferError
 from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.auth import check_api_key
 from specinfer_dist.serve.metrics import CONTENT_TYPE
-from specinfer_dist.serve.openai_protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from specinfer_dist.serve.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingRequest,
+)
 from specinfer_dist.serve.service import Service, Usage
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's

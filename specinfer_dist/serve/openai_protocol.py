@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from specinfer_dist.engine.engine import Prompt
-from specinfer_dist.engine.sampling_params import SamplingParams
+from specinfer_dist.runtime.sampling_params import SamplingParams
 
 MAX_CHOICES = 16
 

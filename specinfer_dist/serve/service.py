@@ -15,8 +15,8 @@ from jinja2 import TemplateError
 from specinfer_dist.config import ClusterConfig, EngineConfig, ServeConfig
 from specinfer_dist.engine.async_engine import RequestDelta
 from specinfer_dist.engine.engine import Prompt
-from specinfer_dist.engine.sampling_params import SamplingParams
 from specinfer_dist.errors import InvalidRequestError
+from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.serve.auth import resolve_api_key
 from specinfer_dist.serve.backend import build_engine
 from specinfer_dist.serve.metrics import Metrics

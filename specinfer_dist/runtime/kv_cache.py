@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from specinfer_dist.engine.block_pool import BlockPool
+from specinfer_dist.runtime.block_pool import BlockPool
 
 
 class KVCacheBase(ABC):

@@ -12,10 +12,10 @@ from typing import Protocol
 
 import torch
 
-from specinfer_dist.engine.block_pool import BlockPool, KVCapacity
-from specinfer_dist.engine.kv_cache import KVCacheBase, PagedKVCache
-from specinfer_dist.engine.model_runner import ModelRunner, RunItem
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.block_pool import BlockPool, KVCapacity
+from specinfer_dist.runtime.kv_cache import KVCacheBase, PagedKVCache
+from specinfer_dist.runtime.model_runner import ModelRunner, RunItem
 
 
 @dataclass

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from specinfer_dist.engine.kv_cache import KVCache
 from specinfer_dist.models.transformer import Segment, Transformer
+from specinfer_dist.runtime.kv_cache import KVCache
 from specinfer_dist.tree.token_tree import ancestor_mask, depths
 
 

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from specinfer_dist.engine.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 
 SWEEP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 

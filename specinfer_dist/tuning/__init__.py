@@ -1,0 +1,1 @@
+"""Tree choice from measured costs: ``--tree auto`` and ``specinfer-dist tune-tree``."""
