@@ -84,6 +84,13 @@ class EngineConfig(_Section):
     max_num_seqs: int = option(16, "requests decoded together per step")
     speculation_max_batch: int | None = option(
         None, "with more requests running, decode without drafting (default: always draft)")
+    max_num_batched_tokens: int | None = option(
+        2048, "most LLM tokens per step: decode/verify rows of running requests first, then prompt chunks "
+        "(chunked prefill: a long prompt is prefilled over several steps; None: each prompt in one step)")
+    max_queued_seqs: int | None = option(
+        256, "most sequences waiting for a place in the running batch; beyond it serving refuses new ones (429); "
+        "None: no limit")
+    max_seqs_per_request: int = option(64, "most sequences (prompts x n) one serving request may start")
     kv_blocks: int | None = option(None, "LLM KV pool size in blocks (default: caches grow on demand)")
     kv_block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV block")
     generation_config: str = option(
@@ -102,9 +109,9 @@ class EngineConfig(_Section):
         _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(self.generation_config in GENERATION_CONFIGS,
                f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}, got {self.generation_config!r}")
-        for name in ("tree_budget", "max_num_seqs", "kv_block_size"):
+        for name in ("tree_budget", "max_num_seqs", "kv_block_size", "max_seqs_per_request"):
             _check(_positive_int(getattr(self, name)), f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("speculation_max_batch", "kv_blocks"):
+        for name in ("speculation_max_batch", "kv_blocks", "max_num_batched_tokens", "max_queued_seqs"):
             value = getattr(self, name)
             _check(value is None or _positive_int(value), f"{name} must be a positive integer, got {value!r}")
         t = self.draft_temperature

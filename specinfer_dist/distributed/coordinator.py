@@ -65,6 +65,9 @@ class Coordinator:
             verify=engine.verify,
             max_num_seqs=engine.max_num_seqs,
             speculation_max_batch=engine.speculation_max_batch,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+            max_queued_seqs=engine.max_queued_seqs,
+            max_seqs_per_request=engine.max_seqs_per_request,
             pipeline=cluster.pipeline,
         )
         self.served = AsyncLLMEngine(llm)

@@ -66,6 +66,9 @@ class EngineParts:
     verify: str
     max_num_seqs: int
     speculation_max_batch: int | None
+    max_num_batched_tokens: int | None
+    max_queued_seqs: int | None
+    max_seqs_per_request: int | None
 
 
 def load_target(config: EngineConfig, progress: bool = False) -> Target:
@@ -147,6 +150,9 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
         verify=config.verify,
         max_num_seqs=config.max_num_seqs,
         speculation_max_batch=config.speculation_max_batch,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_queued_seqs=config.max_queued_seqs,
+        max_seqs_per_request=config.max_seqs_per_request,
     )
 
 

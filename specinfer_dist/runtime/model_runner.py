@@ -59,7 +59,7 @@ class ModelRunner:
             torch.tensor(ids, device=self.device),
             torch.tensor(positions, device=self.device),
             segments,
-            torch.tensor(rows, device=self.device),
+            torch.tensor(rows, dtype=torch.long, device=self.device),  # may be empty (prompt chunks only)
         )
         # On the host: verification is sequential per request, and its RNG lives on the CPU.
         return list(logits.float().cpu().split([len(item.logit_rows) for item in items]))
