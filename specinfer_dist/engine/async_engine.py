@@ -77,7 +77,10 @@ class _Stream:
         self.last_stats = SpecStats()  # at the previous delta, for per-step counters
 
     def push(self, item: RequestDelta | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            pass
 
 
 class AsyncLLMEngine:
