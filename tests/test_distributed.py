@@ -164,7 +164,7 @@ def restarted_pid(worker, timeout_s: float = 120) -> int:
 def test_cli_ray_gives_the_local_json(models, clients, capsys):
     engine_config = models[0]
     args = ["generate", "--prompt", "hello world", "--llm", engine_config.llm, "--ssm", engine_config.ssms[0],
-            "--tree", TREE, "--max-tokens", "12", "--ignore-eos", "--json"]
+            "--tree", TREE, "--max-tokens", "12", "--ignore-eos", "--json", "--temperature", "0"]
     assert main(args) == 0
     local = json.loads(capsys.readouterr().out)
     # Ray is already up in this process, so --ray joins it (a fresh process would start its own).

@@ -93,7 +93,8 @@ class Coordinator:
 
     def info(self) -> dict[str, Any]:
         engine = self.served.engine
-        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify, "pipeline": engine.pipeline}
+        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify, "pipeline": engine.pipeline,
+                "sampling_defaults": engine.sampling_defaults}
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
         """The current verifier shards (rank order) and draft workers (for operators and tests)."""
@@ -167,7 +168,7 @@ class CoordinatorClient:
         return _call(self.coordinator.num_running)
 
     def info(self) -> dict[str, Any]:
-        """The engine's mode, tree spec, sampled-request verifier and pipelining flag."""
+        """The engine's mode, tree spec, sampled-request verifier, pipelining flag and sampling defaults."""
         return _call(self.coordinator.info)
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
