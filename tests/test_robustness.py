@@ -116,6 +116,29 @@ def test_commit_failure_releases_that_request_and_the_others_continue(llm, monke
     assert not engine.verifier.caches
 
 
+def test_forward_failure_ends_its_step_and_the_engine_stays_usable(llm, monkeypatch):
+    engine = LLMEngine.load(llm, ssms=[llm], tree="1,2,1")
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    [want] = engine.generate(PROMPTS[:1], greedy)
+    real_forward = engine.verifier.forward
+    calls = {"n": 0}
+
+    def flaky(items):
+        calls["n"] += 1
+        if calls["n"] == 2:  # mid-generation: the caches hold rows of this unfinished forward
+            raise RuntimeError("device lost")
+        return real_forward(items)
+
+    monkeypatch.setattr(engine.verifier, "forward", flaky)
+    seqs = [engine.add_request(p, greedy) for p in PROMPTS[:2]]
+    engine.step()
+    with pytest.raises(RuntimeError, match="device lost"):
+        engine.step()
+    assert all(s.finish_reason.value == "error" and "LLM forward" in s.error for s in seqs)
+    assert not engine.has_unfinished() and not engine.verifier.caches
+    assert engine.generate(PROMPTS[:1], greedy)[0].token_ids == want.token_ids
+
+
 def test_verify_tree_refuses_non_finite_numbers():
     tree = TokenTree.from_root(1)
     logits = torch.randn(1, 16)

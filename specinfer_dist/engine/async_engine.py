@@ -4,8 +4,9 @@ The engine is not thread-safe, so only the loop thread touches it; callers hand 
 and aborts over through an inbox. A client that stops iterating (disconnects) aborts its
 request, which frees its KV cache. A request whose own processing fails (the engine ends it with
 ``FinishReason.ERROR``) ends with ``EngineStepError`` while the others go on untouched; if the
-step as a whole fails (say, a verifier shard died), every request in it ends with
-``EngineStepError`` and the loop keeps serving the rest. Failures are logged and counted.
+LLM forward fails (say, a verifier shard died, taking every cache with it), every running
+request ends with ``EngineStepError`` and the loop keeps serving new ones. Failures are logged
+and counted.
 
 Admission: ``generate`` refuses a sequence with ``EngineOverloadedError`` when
 ``max_queued_seqs`` are already waiting (counting those still in the inbox); ``check_capacity``

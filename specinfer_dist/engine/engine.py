@@ -246,7 +246,11 @@ class LLMEngine:
         whole, trees, failed = self._drop_failed(whole, self.draft(whole))
         drafted = time.perf_counter()
         items = self.verify_items(whole, trees) + self.chunk_items(chunks)
-        logits = self.verifier.forward(items) if items else []
+        try:
+            logits = self.verifier.forward(items) if items else []
+        except Exception as err:
+            self._fail_step([*whole, *(seq for seq, _ in chunks)], err)
+            raise
         self.apply(whole, trees, items, logits)
         self.commit_chunks(chunks)
         self.timing["draft_s"] += drafted - start
@@ -278,7 +282,12 @@ class LLMEngine:
                 wait([logits])  # between steps, only one thread ever uses the verifier
         later, ahead, failed_ahead = self._drop_failed(later, ahead)
         self._drafted.update(zip((seq.request_id for seq in later), ahead))
-        self.apply(now, trees, items, logits.result() if logits is not None else [])
+        try:
+            results = logits.result() if logits is not None else []
+        except Exception as err:
+            self._fail_step([*now, *(seq for seq, _ in chunks)], err)
+            raise
+        self.apply(now, trees, items, results)
         self.commit_chunks(chunks)
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted  # verification time not hidden behind drafting
@@ -435,14 +444,22 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self._release(seq)
 
-    def _fail(self, seq: Sequence, stage: str, err: BaseException) -> None:
+    def _fail(self, seq: Sequence, stage: str, err: BaseException, log: bool = True) -> None:
         """End one request with its own error, logged with its id; the others never see it."""
         seq.finish_reason = FinishReason.ERROR
         seq.error = f"request {seq.request_id} failed while {stage}: {type(err).__name__}: {err}"
-        logger.error("%s", seq.error, exc_info=err)
+        if log:
+            logger.error("%s", seq.error, exc_info=err)
         if seq in self.scheduler.running:
             self.scheduler.finish(seq)
         self._release(seq)
+
+    def _fail_step(self, seqs: list[Sequence], err: BaseException) -> None:
+        """The LLM forward failed: end every request it held (their caches may hold rows of a
+        forward that never finished), so the engine stays usable for the rest."""
+        logger.error("LLM forward failed; ending requests %s", [seq.request_id for seq in seqs], exc_info=err)
+        for seq in seqs:
+            self._fail(seq, "running the LLM forward of its step", err, log=False)
 
     def _release(self, seq: Sequence) -> None:
         self._drafted.pop(seq.request_id, None)
