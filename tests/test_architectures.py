@@ -148,6 +148,7 @@ def test_bfloat16_smoke(checkpoints, name):
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].float()
     assert runner.dtype == torch.bfloat16 and got.isfinite().all()
+    assert all(rope.inv_freq.dtype == torch.float32 for rope in model.model.rotary_emb.values())
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
     engine = LLMEngine(str(llm), ssms=[str(near)], tree="1,2,1", dtype="bfloat16")
     outs = engine.generate(prompts(2, seed=4), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
