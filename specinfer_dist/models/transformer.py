@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
-from specinfer_dist.models.architectures import FAMILIES, Family, family
+from specinfer_dist.models.architectures import Family, family
 from specinfer_dist.models.layers import (
     FusedMLP,
     MLP,
@@ -55,7 +55,7 @@ class Segment:
 class Attention(nn.Module):
     """Self-attention over the flattened run. Per layer it holds everything the attention core
     needs besides q/k/v: ``scale`` (SDPA's, 1/sqrt(query_pre_attn_scalar) for Gemma),
-    ``softcap`` (Gemma's attention-logit soft-capping, None when unset), ``sliding_window``
+    ``softcap`` (Gemma 2's attention-logit soft-capping, else None), ``sliding_window``
     (None on global layers) and ``rope`` (which of the decoder's rotary embeddings it uses)."""
 
     def __init__(self, config: PretrainedConfig, layer: int, fam: Family) -> None:
@@ -192,8 +192,6 @@ class Decoder(nn.Module):
 
 class Transformer(nn.Module):
     """Causal LM over flattened multi-request token runs (see module docstring)."""
-
-    SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
