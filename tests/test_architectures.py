@@ -127,7 +127,7 @@ def test_greedy_engine_equals_generate(checkpoints, name):
         "prompt lookup": dict(ssms=[], drafters=["ngram"], tree="1,1,1,1"),
     }
     for run, kwargs in runs.items():
-        outs = LLMEngine(str(llm), max_num_seqs=3, **kwargs).generate(batch, params)  # requests join mid-way
+        outs = LLMEngine.load(str(llm), max_num_seqs=3, **kwargs).generate(batch, params)  # requests join mid-way
         for prompt, out, ref in zip(batch, outs, refs):
             assert_greedy_equal(hf, prompt, out.token_ids, ref)
         drafted = sum(o.stats.drafted_tokens for o in outs)
@@ -150,7 +150,7 @@ def test_bfloat16_smoke(checkpoints, name):
     assert runner.dtype == torch.bfloat16 and got.isfinite().all()
     assert all(rope.inv_freq.dtype == torch.float32 for rope in model.model.rotary_emb.values())
     torch.testing.assert_close(got, ref, atol=3e-2, rtol=3e-2)
-    engine = LLMEngine(str(llm), ssms=[str(near)], tree="1,2,1", dtype="bfloat16")
+    engine = LLMEngine.load(str(llm), ssms=[str(near)], tree="1,2,1", dtype="bfloat16")
     outs = engine.generate(prompts(2, seed=4), SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert all(len(o.token_ids) == 12 and all(0 <= t < 260 for t in o.token_ids) for o in outs)
 
@@ -203,8 +203,10 @@ def test_unsupported_configurations_are_refused_by_name(tmp_path):
         ),
         "gpt2": (
             transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64),
-            r"unsupported model type 'gpt2'; supported: llama \(LlamaForCausalLM\), .*qwen3 \(Qwen3ForCausalLM\), "
-            r"gemma2 \(Gemma2ForCausalLM\), gemma3_text \(Gemma3ForCausalLM\), phi3 \(Phi3ForCausalLM\)",
+            (
+                r"unsupported model type 'gpt2'; supported: llama \(LlamaForCausalLM\), .*qwen3 \(Qwen3ForCausalLM\), "
+                r"gemma2 \(Gemma2ForCausalLM\), gemma3_text \(Gemma3ForCausalLM\), phi3 \(Phi3ForCausalLM\)"
+            ),
         ),
     }
     for name, (config, message) in cases.items():
@@ -218,7 +220,7 @@ def test_drafters_of_another_family_must_share_the_vocabulary(checkpoints, tmp_p
     llm, _ = checkpoints["gemma3"]
     other = make_tiny_checkpoint(tmp_path, "qwen3", head_dim=16, extra_tokens=["hello"])
     with pytest.raises(ModelLoadError, match=f"SSM {other} does not share the LLM's vocabulary: vocab_size 261 vs LLM's 260"):
-        LLMEngine(str(llm), ssms=[str(other)])
+        LLMEngine.load(str(llm), ssms=[str(other)], tree="1,1")
     same_size = make_tiny_checkpoint(tmp_path, "phi3", word_vocab=260)
     with pytest.raises(ModelLoadError, match="does not share the LLM's vocabulary: 256 tokens differ"):
-        LLMEngine(str(llm), ssms=[str(same_size)])
+        LLMEngine.load(str(llm), ssms=[str(same_size)], tree="1,1")

@@ -48,5 +48,6 @@ def assert_shards_match(model_dirs: list[Path], tmp_path: Path, world_size: int 
     mp.spawn(_rank, args=(world_size, port, dirs, out), nprocs=world_size)
     for rank in range(world_size):
         for d, got, ref in zip(dirs, torch.load(f"{out}.{rank}"), want, strict=True):
+            where = f"{d}, rank {rank}"
             for g, w in zip(got, ref, strict=True):
-                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"{d}, rank {rank}: {m}")
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m, where=where: f"{where}: {m}")

@@ -18,7 +18,12 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specinfer_dist.errors import ModelLoadError
-from specinfer_dist.models.layers import OffsetRMSNorm, RMSNorm, rope_layer_types, rope_parameters
+from specinfer_dist.models.layers import (
+    OffsetRMSNorm,
+    RMSNorm,
+    rope_layer_types,
+    rope_parameters,
+)
 
 
 @dataclass(frozen=True)

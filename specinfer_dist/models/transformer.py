@@ -22,8 +22,8 @@ from transformers import PretrainedConfig
 
 from specinfer_dist.models.architectures import Family, family
 from specinfer_dist.models.layers import (
-    FusedMLP,
     MLP,
+    FusedMLP,
     RotaryEmbedding,
     ScaledEmbedding,
     apply_rope,
