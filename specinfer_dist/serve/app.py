@@ -48,6 +48,12 @@ class SpecInferDeployment:
     ) -> health_pb2.HealthCheckResponse:
         return grpc_api.check_health(request, grpc_context)
 
+    async def Watch(  # noqa: N802
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        async for response in grpc_api.watch_health(request, grpc_context):
+            yield response
+
     def __del__(self) -> None:
         # Replica shutdown: stop the engine loop (the Ray runtime: its actors too).
         if hasattr(self, "service"):
@@ -75,6 +81,18 @@ def app_configs(args: dict[str, Any]) -> tuple[EngineConfig, ServeConfig, Cluste
         cls.from_dict({**(asdict(load(path)) if path else {}), **args.get(name, {})}) for name, (cls, load) in _SECTIONS.items()
     )
     return engine, config, cluster
+
+
+def proxy_options(config: ServeConfig) -> dict[str, Any]:
+    """``serve.start``'s keyword arguments for ``config``: HTTP on host:port; gRPC on grpc_port
+    (none when 0), with server reflection only when ``grpc_reflection`` asks for it (Serve's
+    default is on). Serve 2.60's gRPCOptions has no host: its proxy binds every interface."""
+    servicers = grpc_api.GRPC_SERVICER_FUNCTIONS if config.grpc_port else []  # none: Serve starts no gRPC server
+    return {
+        "http_options": {"host": config.host, "port": config.port},
+        "grpc_options": {"port": config.grpc_port, "grpc_servicer_functions": servicers,
+                         "enable_reflection": config.grpc_reflection},
+    }
 
 
 def make_app(engine: EngineConfig, config: ServeConfig, cluster: ClusterConfig | None = None) -> Application:
