@@ -85,12 +85,11 @@ def app_configs(args: dict[str, Any]) -> tuple[EngineConfig, ServeConfig, Cluste
 
 def proxy_options(config: ServeConfig) -> dict[str, Any]:
     """``serve.start``'s keyword arguments for ``config``: HTTP on host:port; gRPC on grpc_port
-    (none when 0), with server reflection only when ``grpc_reflection`` asks for it (Serve's
-    default is on). Serve 2.60's gRPCOptions has no host: its proxy binds every interface."""
-    servicers = grpc_api.GRPC_SERVICER_FUNCTIONS if config.grpc_port else []  # none: Serve starts no gRPC server
+    (0: Serve starts no gRPC server), with server reflection only when ``grpc_reflection`` asks
+    for it (Serve's default is on). Serve 2.60's gRPCOptions has no host: it binds every interface."""
     return {
         "http_options": {"host": config.host, "port": config.port},
-        "grpc_options": {"port": config.grpc_port, "grpc_servicer_functions": servicers,
+        "grpc_options": {"port": config.grpc_port, "grpc_servicer_functions": grpc_api.GRPC_SERVICER_FUNCTIONS,
                          "enable_reflection": config.grpc_reflection},
     }
 
