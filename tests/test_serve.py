@@ -433,7 +433,7 @@ def test_grpc_cancelled_call_is_counted_and_aborted(server):
         samples = server.metrics()["specinfer_api_requests"].samples
         return sum(s.value for s in samples if s.labels == {"protocol": "grpc", "status": "CANCELLED"})
 
-    before = cancelled()
+    before, aborted = cancelled(), server.metrics()["specinfer_request_aborted"].samples[0].value
     request = pb.GenerateRequest(text="a long one", max_tokens=4000, temperature=0, ignore_eos=True, stream=True)
     call = server.stub().Generate(request, metadata=OPEN)
     assert next(call).token_ids
@@ -442,9 +442,11 @@ def test_grpc_cancelled_call_is_counted_and_aborted(server):
     while time.monotonic() < deadline:
         health = requests.get(f"{server.http}/health", timeout=10).json()
         if cancelled() > before and health["running"] == 0:
+            assert server.metrics()["specinfer_request_aborted"].samples[0].value > aborted
             return
         time.sleep(0.2)
-    pytest.fail(f"cancelled calls counted: {cancelled()} (before: {before}); {health}")
+    pytest.fail(f"cancelled calls counted: {cancelled()} (before: {before}); {health}; aborted "
+                f"{server.metrics()['specinfer_request_aborted'].samples[0].value} (before: {aborted})")
 
 
 def test_grpc_health(server):

@@ -3,6 +3,7 @@ answers HTTP through FastAPI and gRPC through methods named after the RPCs."""
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from dataclasses import asdict
 from typing import Any, AsyncIterator
 
@@ -40,8 +41,10 @@ class SpecInferDeployment:
     async def Generate(  # noqa: N802 - Serve's gRPC proxy calls the method named like the RPC
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        async for response in grpc_api.generate(self.service, request, grpc_context):
-            yield response
+        # aclosing: when Serve closes this generator (the client cancelled), the inner one sees it at once.
+        async with aclosing(grpc_api.generate(self.service, request, grpc_context)) as responses:
+            async for response in responses:
+                yield response
 
     async def Check(  # noqa: N802
         self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
