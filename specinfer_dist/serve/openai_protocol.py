@@ -119,9 +119,10 @@ class SamplingRequest(_Request):
 
     model: str | None = None  # None: the served model
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0, allow_inf_nan=False)  # OpenAI's default; 0 (or < 1e-5) = greedy
-    top_p: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
-    top_k: int = Field(0, ge=-1)  # extension (as vLLM): 0 or -1 = off
+    # Unset: the model's generation_config.json values, else OpenAI's (as vLLM; see SamplingParams).
+    temperature: float | None = Field(None, ge=0, allow_inf_nan=False)  # 0 (or < 1e-5) = greedy
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=-1)  # extension (as vLLM): 0 or -1 = off
     seed: int | None = Field(None, ge=0, le=MAX_SEED)  # choice i of n samples with seed + i (mod 2**63)
     stop: str | list[str] | None = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)
