@@ -1,5 +1,10 @@
 """OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions,
-plus /health and /metrics. Errors use OpenAI's body: {"error": {message, type, param, code}}."""
+plus /health and /metrics.
+
+Invariants: every error answer uses OpenAI's body {"error": {message, type, param, code}},
+whatever raised it (anything unexpected is a logged 500 "internal error: <type>"); every POST is
+counted by the status it got; no body over ``max_request_bytes`` reaches the handlers, with or
+without Content-Length; after a stream's 200, errors arrive in-band as an error event."""
 
 from __future__ import annotations
 

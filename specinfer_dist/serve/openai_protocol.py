@@ -55,6 +55,7 @@ class _Body(BaseModel):
     @classmethod
     def _honoured_only(cls, data: Any) -> Any:
         """Drop the unimplemented options set to "off"; refuse every other option we do not know."""
+        # ApiError, not ValueError: pydantic passes it through unchanged, with the option as param.
         if not isinstance(data, dict):
             return data
         for key, value in data.items():
