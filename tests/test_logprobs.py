@@ -41,8 +41,9 @@ def check_against_hf(hf, prompt, out, k=K):
         assert lp.logprob == pytest.approx(ref[i, token].item(), abs=1e-4)
         values, ids = ref[i].topk(k)
         assert len(lp.top) == k
-        assert list(lp.top.values()) == pytest.approx(values.tolist(), abs=1e-4)  # most likely first
-        assert set(lp.top) == set(ids.tolist()) or (values[-1] - values[-2]).abs() < 1e-4  # up to a tie at the cut
+        assert lp.token_id == token
+        assert [v for _, v in lp.top] == pytest.approx(values.tolist(), abs=1e-4)  # most likely first
+        assert {t for t, _ in lp.top} == set(ids.tolist()) or (values[-1] - values[-2]).abs() < 1e-4  # a tie at the cut
 
 
 def test_speculation_does_not_change_logprobs(models):
@@ -72,7 +73,7 @@ def test_off_by_default_and_zero_gives_only_the_token(models):
     engine = LLMEngine.load(llm, ssms=["none"], mode="incremental")
     [off, zero] = engine.generate(PROMPTS[:2], [SamplingParams(max_tokens=3), SamplingParams(max_tokens=3, logprobs=0)])
     assert off.logprobs is None and "logprobs" not in off.to_dict()
-    assert len(zero.logprobs) == 3 and all(lp.top == {} and lp.logprob <= 0 for lp in zero.logprobs)
+    assert len(zero.logprobs) == 3 and all(lp.top == [] and lp.logprob <= 0 for lp in zero.logprobs)
     for bad in (-1, 21, 2.5, True):
         with pytest.raises(InvalidRequestError, match="logprobs"):
             SamplingParams(logprobs=bad)

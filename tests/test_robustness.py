@@ -38,8 +38,9 @@ def good_params() -> list[SamplingParams]:
 
 
 def slipped_through_temperature() -> SamplingParams:
-    """A tiny temperature as if validation had let it through: logits / 1e-310 overflow."""
-    params = SamplingParams(temperature=0.5, max_tokens=12, ignore_eos=True)
+    """A tiny temperature as if validation (which makes it greedy) had let it through:
+    logits / 1e-310 overflow. Every sampling field is set, so the engine's defaults keep it."""
+    params = SamplingParams(temperature=0.5, top_p=1.0, top_k=0, max_tokens=12, ignore_eos=True)
     params.temperature = 1e-310
     return params
 

@@ -131,6 +131,11 @@ class AsyncLLMEngine:
         for them now (``max_queued_seqs``)."""
         self.engine.check_capacity(num_seqs, queued=self.engine.num_waiting() + self._inbox_adds)
 
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + generated tokens one request may hold (the LLM's context)."""
+        return self.engine.max_positions
+
     def num_waiting(self) -> int:
         return self.engine.num_waiting()
 

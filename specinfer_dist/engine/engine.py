@@ -475,6 +475,6 @@ def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[Toke
     logp = logits.double().log_softmax(dim=-1)
     top_values, top_ids = logp.topk(k, dim=-1)
     return [
-        TokenLogprob(logp[i, token].item(), dict(zip(top_ids[i].tolist(), top_values[i].tolist())))
+        TokenLogprob(token, logp[i, token].item(), list(zip(top_ids[i].tolist(), top_values[i].tolist())))
         for i, token in enumerate(tokens)
     ]

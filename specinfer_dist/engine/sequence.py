@@ -24,10 +24,11 @@ class FinishReason(str, Enum):
 @dataclass
 class TokenLogprob:
     """An emitted token's log-probability under the LLM's raw distribution, and the most
-    likely tokens there (id -> log-probability, most likely first)."""
+    likely tokens there as (id, log-probability), most likely first."""
 
+    token_id: int
     logprob: float
-    top: dict[int, float] = field(default_factory=dict)
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
