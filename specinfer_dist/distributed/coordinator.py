@@ -91,6 +91,9 @@ class Coordinator:
     def num_waiting(self) -> int:
         return self.served.num_waiting()
 
+    def check_capacity(self, num_seqs: int) -> None:
+        self.served.check_capacity(num_seqs)
+
     def num_running(self) -> int:
         return self.served.num_running()
 
@@ -168,6 +171,10 @@ class CoordinatorClient:
 
     def num_waiting(self) -> int:
         return _call(self.coordinator.num_waiting)
+
+    def check_capacity(self, num_seqs: int) -> None:
+        """Raises the engine's own error (EngineOverloadedError, InvalidRequestError) if not."""
+        _call(self.coordinator.check_capacity, num_seqs)
 
     def num_running(self) -> int:
         return _call(self.coordinator.num_running)
