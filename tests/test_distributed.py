@@ -27,7 +27,7 @@ from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, Sampli
 from specinfer_dist.cli import main
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import Coordinator, CoordinatorClient
-from specinfer_dist.distributed.tp import shard_model
+from specinfer_dist.distributed.tp import TensorParallel, shard_model
 from specinfer_dist.engine.async_engine import EngineStepError
 from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
@@ -236,6 +236,11 @@ def _tp_rank(rank: int, world_size: int, port: int, model_dir: str, out: str) ->
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     model, _, _ = load_model(model_dir, progress=False)
     torch.save(_tp_logits(shard_model(model, rank, world_size)), f"{out}.{rank}")
+    # The loader's path: an empty model sharded on the meta device, then only this rank's slices read.
+    sliced, _, _ = load_model(model_dir, progress=False, sharding=TensorParallel(rank, world_size))
+    assert not any(p.is_meta for p in sliced.parameters())
+    assert sliced.model.rotary_emb.inv_freq.dtype == torch.float32
+    torch.save(_tp_logits(sliced), f"{out}.sliced.{rank}")
     dist.destroy_process_group()
 
 
@@ -260,9 +265,9 @@ def test_tensor_parallel_shards_match_unsharded_model(tmp_path):
     out = str(tmp_path / "logits")
     mp.spawn(_tp_rank, args=(2, port, str(model_dir), out), nprocs=2)
     for rank in range(2):
-        got = torch.load(f"{out}.{rank}")
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        for path in (f"{out}.{rank}", f"{out}.sliced.{rank}"):
+            for g, w in zip(torch.load(path), want, strict=True):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_tensor_parallel_must_divide_heads(tmp_path):

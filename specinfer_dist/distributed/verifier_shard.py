@@ -23,7 +23,7 @@ from ray.util.placement_group import PlacementGroup
 
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed.placement import actor_options
-from specinfer_dist.distributed.tp import shard_model
+from specinfer_dist.distributed.tp import TensorParallel
 from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.block_pool import KVCapacity
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
@@ -61,15 +61,16 @@ class VerifierShard:
 
     def join(self, init_method: str | None) -> None:
         """Load the LLM, join the group (every rank must be called at once), keep this rank's shard."""
-        model, _, _ = load_model(self.spec.llm, dtype=self.spec.dtype, progress=False)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.spec.world_size > 1:
             dist.init_process_group(
                 "nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=self.rank,
                 world_size=self.spec.world_size, timeout=timedelta(seconds=self.spec.timeout_s),
             )
-            shard_model(model, self.rank, self.spec.world_size)
-        self.verifier = LocalVerifier(model.to(device), self.spec.kv_capacity)
+        # Only this rank's slices are read, in the target dtype, straight onto its device.
+        sharding = TensorParallel(self.rank, self.spec.world_size)
+        model, _, _ = load_model(self.spec.llm, dtype=self.spec.dtype, device=device, progress=False, sharding=sharding)
+        self.verifier = LocalVerifier(model, self.spec.kv_capacity)
 
     def step(
         self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem]
