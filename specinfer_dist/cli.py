@@ -45,7 +45,8 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-temperature", type=float, help="SSM sampling temperature (default: the request's)")
     parser.add_argument("--full-draft-vocab", dest="draft_vocab", action="store_const", const=False,
                         help="SSM heads score the whole vocabulary, not their draft_vocab.json")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default auto: a GPU when torch sees one")
     parser.add_argument("--speculation-max-batch", type=int,
                         help="with more requests running, decode without drafting (default: always draft)")
 

@@ -40,10 +40,12 @@ class EngineConfig(_Section):
     verify: str = "mss"  # how sampled requests are verified: mss | naive
     draft_temperature: float | None = None  # None: SSMs sample with each request's own transforms
     draft_vocab: bool = True  # SSM heads score only their draft_vocab.json tokens (False: all)
-    dtype: str = "float32"
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto | cpu | cuda (auto: a GPU when torch sees one)
     max_num_seqs: int = 16
     speculation_max_batch: int | None = None  # more requests running: no drafting (None: always draft)
-    kv_blocks: int | None = None  # LLM KV pool size in blocks; None: caches grow on demand
+    kv_blocks: int | None = None  # LLM KV pool size in blocks; None: sized by kv_memory_fraction
+    kv_memory_fraction: float | None = None  # of free memory after loading; None: 0.9 on CUDA, no pool on CPU (caches grow)
     kv_block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
 
 
@@ -77,11 +79,12 @@ class ClusterConfig(_Section):
     address: str | None = None  # None: start Ray on this machine; "auto": the one `ray start` runs here; or HOST:PORT
     tp: int = 1  # tensor-parallel verifier shards, one process (and GPU) each, all on one node
     draft_workers: int = 1  # data parallelism: requests are spread over this many draft workers
-    pipeline: bool = True  # overlap drafting half of the batch with verifying the other half
+    pipeline: bool = True  # a forward always in flight: verify one half of the batch while drafting the other
     gpus_per_shard: float | None = None  # None: 1 if the cluster has any `gpu_resource`, else 0 (CPU + gloo)
     gpu_resource: str = "GPU"  # resource a shard's GPU is counted in; CPU-only CI simulates GPUs with a custom one
     cpus_per_shard: float = 1  # also the shard's torch threads
-    cpus_per_draft_worker: float = 1  # draft workers run their SSMs on CPU
+    cpus_per_draft_worker: float = 1
+    gpus_per_draft_worker: float = 0  # >0 (fractions share a GPU): each worker's SSMs run on that GPU
     step_timeout_s: float = 300  # a verification step (or shard group start) slower than this fails the group
 
     def __post_init__(self) -> None:

@@ -27,6 +27,8 @@ from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, Sampli
 from specinfer_dist.cli import main
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import Coordinator, CoordinatorClient
+from specinfer_dist.distributed.pipeline import PipelinedEngine
+from specinfer_dist.distributed.placement import actor_options, bundles, stage_device
 from specinfer_dist.distributed.tp import TensorParallel, shard_model
 from specinfer_dist.engine.async_engine import EngineStepError
 from specinfer_dist.models.loader import load_model
@@ -52,7 +54,8 @@ def clients(models):
     ray.init(address="local", num_cpus=12, resources={SIM_GPU: 4}, include_dashboard=False)
     engine_config = models[0]
     base = ClusterConfig(gpu_resource=SIM_GPU, step_timeout_s=60)
-    configs = {1: replace(base, tp=1, pipeline=False), 2: replace(base, tp=2)}
+    # TP=2 also places its draft worker on half a (simulated) GPU.
+    configs = {1: replace(base, tp=1, pipeline=False), 2: replace(base, tp=2, gpus_per_draft_worker=0.5)}
     handles = {tp: Coordinator.remote(engine_config, cluster) for tp, cluster in configs.items()}  # start in parallel
     started = {tp: CoordinatorClient(handle) for tp, handle in handles.items()}
     yield started
@@ -82,14 +85,24 @@ def run_all(client, batch, params) -> list[tuple[list[int], list]]:
     return asyncio.run(main())
 
 
+class EagerVerifier(LocalVerifier):
+    """The local stage with the remote one's submit/collect (its forward runs at submit)."""
+
+    def submit(self, items: list[VerifyItem]) -> list[torch.Tensor]:
+        return self.forward(items)
+
+    def collect(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        return logits
+
+
 def test_greedy_identical_across_runtimes(models, clients):
     _, local, hf = models
     batch = prompts(6)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 5, 31, 12, 1, 24)]
     want = reference(local, batch, params)
-    pipelined = LLMEngine.from_parts(
-        tokenizer=local.tokenizer, model_config=local.model.config, eos_ids=local.eos_ids, verifier=LocalVerifier(local.model),
-        drafters=local.drafters, spec=local.spec, mode=local.mode, verify=local.verify, max_num_seqs=16, pipeline=True,
+    pipelined = PipelinedEngine.from_parts(
+        tokenizer=local.tokenizer, model_config=local.model.config, eos_ids=local.eos_ids, verifier=EagerVerifier(local.model),
+        drafters=local.drafters, spec=local.spec, mode=local.mode, verify=local.verify, max_num_seqs=16,
     )
     runs = {"local pipelined": [o.token_ids for o in pipelined.generate(batch, params)]}
     for tp, client in clients.items():
@@ -226,6 +239,26 @@ def test_verifier_shard_death_fails_in_flight_then_recovers(models, clients):
     [want] = reference(local, [prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert_greedy_equal(hf, prompt, got, want)
     assert set(client.actors()["shards"]).isdisjoint(old)  # a new group
+
+
+def test_draft_workers_hold_no_llm_weights(clients):
+    # Their SSMs (noisy copies) share nothing with the LLM, so not one LLM tensor is read.
+    for client in clients.values():
+        for worker in client.actors()["draft_workers"]:
+            assert ray.get(worker.llm_tensors.remote()) == {}
+
+
+def test_gpu_placement_bundles_and_devices():
+    cluster = ClusterConfig(tp=2, draft_workers=2, gpus_per_shard=1, gpus_per_draft_worker=0.5)
+    shards, drafts = bundles(cluster)
+    assert shards == [{"CPU": 1, "GPU": 1}] * 2 and drafts == [{"CPU": 1, "GPU": 0.5}] * 2
+    assert stage_device(cluster, 1) == stage_device(cluster, 0.5) == "cuda" and stage_device(cluster, 0) == "cpu"
+    assert actor_options(cluster, None, 0, 1, 0.5)["num_gpus"] == 0.5  # Ray then sets CUDA_VISIBLE_DEVICES
+    simulated = replace(cluster, gpu_resource=SIM_GPU)
+    assert bundles(simulated)[1] == [{"CPU": 1, SIM_GPU: 0.5}] * 2
+    assert stage_device(simulated, 1) == "cpu"  # a simulated GPU computes on the CPU
+    assert actor_options(simulated, None, 0, 1, 0.5)["resources"] == {SIM_GPU: 0.5}
+    assert bundles(replace(cluster, gpus_per_draft_worker=0))[1] == [{"CPU": 1}] * 2
 
 
 # ---- tensor parallelism, without Ray ------------------------------------------------------

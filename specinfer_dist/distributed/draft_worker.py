@@ -1,6 +1,9 @@
 """Drafting on Ray: workers hosting the drafters, and the engine's stand-ins for them.
 
-A ``DraftWorker`` builds its drafters exactly as a single-process LLMEngine does. Several
+A ``DraftWorker`` builds its drafters exactly as a single-process LLMEngine does, on its own
+GPU (``gpus_per_draft_worker``) or CPU, but its LLM reads no weights except the tensors its
+SSMs share (embedding, head): the LLM never runs here, and the tree arrives resolved (``tree:
+auto`` is measured on the verifier, verifier_shard.py). Several
 workers give data parallelism: ``DraftPool`` spreads a step's requests over them, each request
 sticking to one worker (which keeps that request's SSM KV cache), and gets every drafter's
 trees in one round trip per worker. The engine sees one ``RemoteDrafter`` per hosted drafter
@@ -14,7 +17,7 @@ tree, which verification turns into one ordinary decoding step. Output stays exa
 from __future__ import annotations
 
 import os
-from dataclasses import replace
+from dataclasses import asdict, replace
 from typing import Any
 
 import ray
@@ -36,15 +39,15 @@ class DraftWorker:
     def __init__(self, engine: EngineConfig, threads: int) -> None:
         torch.set_num_threads(threads)
         # A whole local engine resolves SSMs, tree and mode exactly as the single-process path.
-        # Its LLM is only needed while SSMs are built (they may share its embedding and head, and
-        # their vocabularies are checked against it); what they share outlives it. It never
-        # verifies here, so it gets no KV pool.
+        # Its LLM stays on the meta device but for what the SSMs share; it never verifies here,
+        # so it gets no KV pool.
         try:
-            local = LLMEngine.from_config(replace(engine, kv_blocks=None))
+            local = LLMEngine(**asdict(replace(engine, kv_blocks=None)), llm_weights=False)
         except SpecInferError as err:  # e.g. a bad SSM path: describe() reports it as it is
             self.error: SpecInferError | None = err
             return
         self.error = None
+        self.llm = local.model
         self.drafters = local.drafters
         self.parts = {
             "tokenizer": local.tokenizer,
@@ -62,6 +65,10 @@ class DraftWorker:
 
     def ready(self) -> int:
         return os.getpid()
+
+    def llm_tensors(self) -> dict[str, str]:
+        """The LLM parameters this process holds in memory (name -> device), for tests and operators."""
+        return {name: str(p.device) for name, p in self.llm.named_parameters() if not p.is_meta}
 
     def propose(self, requests: list[DraftRequest], max_depths: list[int], released: list[int]) -> list[list[TokenTree]]:
         """Forget ``released`` requests, then every drafter's trees for ``requests``."""

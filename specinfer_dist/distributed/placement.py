@@ -1,10 +1,12 @@
 """Where things run: joining or starting Ray, and reserving each stage's resources.
 
 Verifier shards go in one STRICT_PACK placement group (tensor parallelism all-reduces twice
-per layer, so its ranks share a node); draft workers in a SPREAD group (anywhere, preferably
-apart). A shard takes ``gpus_per_shard`` of ``gpu_resource``: "GPU" on real clusters, a
-custom resource on CPU-only machines, so CI exercises the same placement without GPUs (Ray
-does not allow declaring "GPU" where there are none). Shards without a GPU run on CPU (gloo).
+per layer, so its ranks share a node: on Kubernetes, one pod with ``tp`` GPUs); draft workers
+in a SPREAD group (anywhere, preferably apart). A shard takes ``gpus_per_shard`` and a draft
+worker ``gpus_per_draft_worker`` (fractions share a GPU) of ``gpu_resource``: "GPU" on real
+clusters, a custom resource on CPU-only machines, so CI exercises the same placement without
+GPUs (Ray does not allow declaring "GPU" where there are none). A stage computes on CUDA
+exactly when its bundle holds real GPUs (``stage_device``); otherwise on CPU (gloo for TP).
 """
 
 from __future__ import annotations
@@ -53,20 +55,32 @@ def resolve_gpus(cluster: ClusterConfig) -> ClusterConfig:
     return replace(cluster, gpus_per_shard=1.0 if ray.cluster_resources().get(cluster.gpu_resource) else 0.0)
 
 
+def bundles(cluster: ClusterConfig) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """The verifier shards' bundles (one per rank, packed on one node) and the draft workers'."""
+    shard = {"CPU": cluster.cpus_per_shard, cluster.gpu_resource: cluster.gpus_per_shard}
+    draft = {"CPU": cluster.cpus_per_draft_worker, cluster.gpu_resource: cluster.gpus_per_draft_worker}
+    return (
+        [{k: v for k, v in shard.items() if v}] * cluster.tp,
+        [{k: v for k, v in draft.items() if v}] * cluster.draft_workers,
+    )
+
+
+def stage_device(cluster: ClusterConfig, gpus: float | None) -> str:
+    """Where a stage holding ``gpus`` of ``gpu_resource`` computes: CUDA only for real GPUs."""
+    return "cuda" if gpus and cluster.gpu_resource == "GPU" else "cpu"
+
+
 def reserve(cluster: ClusterConfig) -> tuple[PlacementGroup, PlacementGroup]:
     """Placement groups for the verifier shards and the draft workers, or a clear error."""
-    shard = {"CPU": cluster.cpus_per_shard, cluster.gpu_resource: cluster.gpus_per_shard}
-    groups = (
-        placement_group([{k: v for k, v in shard.items() if v}] * cluster.tp, strategy="STRICT_PACK"),
-        placement_group([{"CPU": cluster.cpus_per_draft_worker}] * cluster.draft_workers, strategy="SPREAD"),
-    )
+    shard, draft = bundles(cluster)
+    groups = (placement_group(shard, strategy="STRICT_PACK"), placement_group(draft, strategy="SPREAD"))
     ready, _ = ray.wait([g.ready() for g in groups], num_returns=2, timeout=RESERVE_TIMEOUT_S)
     if len(ready) < 2:
         for group in groups:
             remove_placement_group(group)
         raise InvalidConfigError(
-            f"the Ray cluster cannot place {cluster.tp} verifier shard(s) of {shard} on one node and "
-            f"{cluster.draft_workers} draft worker(s) of {cluster.cpus_per_draft_worker} CPU "
+            f"the Ray cluster cannot place {cluster.tp} verifier shard(s) of {shard[0]} on one node and "
+            f"{cluster.draft_workers} draft worker(s) of {draft[0]} "
             f"(it has {_resources(cluster)} in all, some perhaps in use)"
         )
     return groups

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -27,9 +26,9 @@ from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence
 from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
 from specinfer_dist.models.default import ssm_sources
-from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
-from specinfer_dist.models.loader import check_same_vocabulary, load_model
-from specinfer_dist.runtime.block_pool import KVCapacity
+from specinfer_dist.models.loader import load_model, load_ssm
+from specinfer_dist.runtime.device import default_dtype, resolve_device
+from specinfer_dist.runtime.memory import kv_capacity_for
 from specinfer_dist.runtime.model_runner import chain_parents
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier, VerifyItem
@@ -70,21 +69,35 @@ class LLMEngine:
         verify: str = "mss",
         draft_temperature: float | None = None,
         draft_vocab: bool = True,
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype | None = None,
+        device: str = "auto",
         max_num_seqs: int = 16,
         speculation_max_batch: int | None = None,
         kv_blocks: int | None = None,
         kv_block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_memory_fraction: float | None = None,
         progress: bool = False,
+        llm_weights: bool = True,
     ) -> None:
-        self.model, self.tokenizer, model_dir = load_model(llm, dtype=dtype, progress=progress)
+        # llm_weights=False (a draft worker): the LLM never runs here; it reads only what SSMs share.
+        self.device = resolve_device(device)
+        dtype = dtype or default_dtype(self.device)
+        self.model, self.tokenizer, model_dir = load_model(
+            llm, dtype=dtype, device=self.device, progress=progress, weights=llm_weights
+        )
         sources = ssm_sources(llm, ssms)
         mode = mode or ("tree" if sources or drafters else "incremental")
         if draft_temperature is not None and not draft_temperature > 0:
             raise InvalidConfigError(f"draft_temperature must be positive, got {draft_temperature!r}")
         ssm_models = []
         if mode != "incremental":
-            ssm_models = [self._load_ssm(source, dtype, draft_vocab, progress) for source in sources]
+            ssm_models = [
+                load_ssm(source, self.model, self.tokenizer, dtype=dtype, device=self.device, draft_vocab=draft_vocab,
+                         progress=progress)
+                for source in sources
+            ]
+        if tree == "auto" and ssm_models and not llm_weights:
+            raise InvalidConfigError("tree 'auto' is measured where the LLM runs: resolve it there first")
         if tree == "auto" and ssm_models:
             # Measured on this machine (tuning/tune.py); None means speculation would not pay.
             key = [llm, *sources, f"draft_vocab={draft_vocab}"]
@@ -104,7 +117,7 @@ class LLMEngine:
             tokenizer=self.tokenizer,
             model_config=self.model.config,
             eos_ids=eos_ids(model_dir, self.model.config, self.tokenizer),
-            verifier=LocalVerifier(self.model, None if kv_blocks is None else KVCapacity(kv_blocks, kv_block_size)),
+            verifier=LocalVerifier(self.model, kv_capacity_for(self.model, kv_blocks, kv_block_size, kv_memory_fraction)),
             drafters=all_drafters,
             spec=spec,
             mode=mode,
@@ -133,7 +146,6 @@ class LLMEngine:
         verify: str,
         max_num_seqs: int,
         speculation_max_batch: int | None = None,
-        pipeline: bool = False,
     ) -> None:
         if mode not in MODES:
             raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -162,23 +174,10 @@ class LLMEngine:
         self.scheduler = Scheduler(max_num_seqs, verifier.release, verifier.kv_capacity, max_drafted)
         self._ids = itertools.count()
         self.timing = {"draft_s": 0.0, "verify_s": 0.0}
-        # Pipelining (remote stages): trees drafted in one step are verified in the next.
-        self.pipeline = pipeline
-        self._drafted: dict[int, TokenTree] = {}
-        self._forwards = ThreadPoolExecutor(1, thread_name_prefix="verify")  # no thread until used
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress: bool = False) -> "LLMEngine":
         return cls(**asdict(config), progress=progress)
-
-    def _load_ssm(self, source: str, dtype, draft_vocab: bool, progress: bool):
-        # SSMs trained by boost-tuning take their embedding and head from this LLM (no copy).
-        model, tokenizer, model_dir = load_model(source, dtype=dtype, progress=progress, shared_from=self.model)
-        check_same_vocabulary(self.tokenizer, tokenizer, self.model.config, model.config, source)
-        token_ids = read_draft_vocab(model_dir, model.config.vocab_size) if draft_vocab else None
-        if token_ids is not None:  # score only the tokens the LLM emits often (models/draft_vocab.py)
-            restrict_head(model, token_ids)
-        return model
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -260,8 +259,6 @@ class LLMEngine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
-        if self.pipeline and self.drafters:
-            return self._pipelined_step(seqs)
         start = time.perf_counter()
         trees = self.draft(seqs)
         drafted = time.perf_counter()
@@ -270,32 +267,6 @@ class LLMEngine:
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted
         return seqs
-
-    def _pipelined_step(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Verify the requests drafted last step while drafting the others; returns the verified.
-
-        The two halves of the batch alternate, so the drafters and the LLM (remote actors) work
-        at the same time. A tree is drafted from the same tokens as without pipelining, so
-        outputs are the same; each request just advances every other step.
-        """
-        start = time.perf_counter()
-        now = [seq for seq in seqs if seq.request_id in self._drafted]
-        if not now:  # nothing drafted ahead (start-up): draft half the batch first
-            now = seqs[: (len(seqs) + 1) // 2]
-            self._drafted.update(zip((seq.request_id for seq in now), self.draft(now)))
-        later = [seq for seq in seqs if seq.request_id not in self._drafted]
-        trees = [self._drafted.pop(seq.request_id) for seq in now]
-        items = self.verify_items(now, trees)
-        logits = self._forwards.submit(self.verifier.forward, items)
-        try:
-            self._drafted.update(zip((seq.request_id for seq in later), self.draft(later) if later else []))
-            drafted = time.perf_counter()
-        finally:
-            wait([logits])  # between steps, only one thread ever uses the verifier
-        self.apply(now, trees, items, logits.result())
-        self.timing["draft_s"] += drafted - start
-        self.timing["verify_s"] += time.perf_counter() - drafted  # verification time not hidden behind drafting
-        return now
 
     def verify_items(self, seqs: list[Sequence], trees: list[TokenTree]) -> list[VerifyItem]:
         """The LLM's input per request: tokens committed but not yet cached (the prompt, at
@@ -383,7 +354,6 @@ class LLMEngine:
         self._release(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self._drafted.pop(seq.request_id, None)
         self.verifier.release(seq.request_id)
         for drafter in self.drafters:
             drafter.release(seq.request_id)
