@@ -28,7 +28,7 @@ from specinfer_dist.cli import main
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import Coordinator, CoordinatorClient
 from specinfer_dist.distributed.pipeline import PipelinedEngine
-from specinfer_dist.distributed.placement import actor_options, bundles, stage_device
+from specinfer_dist.distributed.placement import actor_options, bundles, coordinator_options, stage_device
 from specinfer_dist.distributed.tp import TensorParallel, shard_model
 from specinfer_dist.engine.async_engine import EngineStepError
 from specinfer_dist.models.loader import load_model
@@ -248,6 +248,25 @@ def test_draft_workers_hold_no_llm_weights(clients):
             assert ray.get(worker.llm_tensors.remote()) == {}
 
 
+def test_colocated_drafters_and_tree_auto_on_the_verifier(models, clients):
+    # tree: auto is measured by the verifier shard (a draft side given "auto" refuses to start),
+    # and the drafters run inside the coordinator: still exact, still no LLM weights beside the shard.
+    engine_config, local, hf = models
+    cluster = ClusterConfig(tp=1, gpus_per_shard=0, colocate_drafters=True, pipeline=False, step_timeout_s=60)
+    client = CoordinatorClient(Coordinator.options(**coordinator_options(cluster)).remote(replace(engine_config, tree="auto"), cluster))
+    try:
+        info = client.info()
+        assert info["colocated_drafters"] and client.actors()["draft_workers"] == []
+        assert info["mode"] == "incremental" or all(w >= 1 for w in info["spec"].widths)
+        assert ray.get(client.coordinator.llm_tensors.remote()) == {}
+        batch = prompts(3, seed=5)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        for prompt, (got, _), want in zip(batch, run_all(client, batch, [params] * 3), reference(local, batch, params)):
+            assert_greedy_equal(hf, prompt, got, want)
+    finally:
+        client.shutdown()
+
+
 def test_gpu_placement_bundles_and_devices():
     cluster = ClusterConfig(tp=2, draft_workers=2, gpus_per_shard=1, gpus_per_draft_worker=0.5)
     shards, drafts = bundles(cluster)
@@ -259,6 +278,9 @@ def test_gpu_placement_bundles_and_devices():
     assert stage_device(simulated, 1) == "cpu"  # a simulated GPU computes on the CPU
     assert actor_options(simulated, None, 0, 1, 0.5)["resources"] == {SIM_GPU: 0.5}
     assert bundles(replace(cluster, gpus_per_draft_worker=0))[1] == [{"CPU": 1}] * 2
+    colocated = replace(cluster, colocate_drafters=True)
+    assert bundles(colocated)[1] == [] and coordinator_options(colocated)["num_gpus"] == 0.5
+    assert "num_gpus" not in coordinator_options(cluster)
 
 
 # ---- tensor parallelism, without Ray ------------------------------------------------------

@@ -5,7 +5,9 @@ The Coordinator runs the same LLMEngine + AsyncLLMEngine as the single-process p
 ``from_parts`` with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
 RemoteDrafter per drafter the draft workers host. With ``cluster.pipeline`` it is a
 PipelinedEngine: a verification is always in flight while the other half of the batch is
-drafted (pipeline.py). Start-up order: the shards load (and measure ``tree: auto`` on their
+drafted (pipeline.py). With ``cluster.colocate_drafters`` the drafters run inside this
+actor (on its GPU share, beside verifier rank 0 on one GPU): no Ray round trip per draft, at the
+price of drafting and the engine loop sharing one process. Start-up order: the shards load (and measure ``tree: auto`` on their
 own device), then the draft workers get the resolved tree and SSMs.
 """
 
@@ -21,11 +23,12 @@ from ray.exceptions import RayTaskError
 from ray.util.placement_group import remove_placement_group
 
 from specinfer_dist.config import ClusterConfig, EngineConfig
-from specinfer_dist.distributed.draft_worker import DraftPool, DraftWorker
+from specinfer_dist.distributed.draft_worker import DraftPool, DraftWorker, Drafting
 from specinfer_dist.distributed.placement import (
     COORDINATOR_CPUS,
     actor_options,
     connect,
+    coordinator_options,
     reserve,
     resolve_gpus,
     stage_device,
@@ -52,25 +55,30 @@ class Coordinator:
         engine, cluster = self.config
         cluster = resolve_gpus(cluster)
         self.groups = reserve(cluster)
-        shard_group, draft_group = self.groups
         shard_engine = replace(engine, device=stage_device(cluster, cluster.gpus_per_shard))
-        self.verifier = ShardGroupVerifier(shard_engine, cluster, shard_group)
+        self.verifier = ShardGroupVerifier(shard_engine, cluster, self.groups[0])
         drafting = replace(self._resolve_tree(engine), device=stage_device(cluster, cluster.gpus_per_draft_worker))
-        threads = max(1, int(cluster.cpus_per_draft_worker))
-        self.workers = [
-            DraftWorker.options(
-                **actor_options(cluster, draft_group, i, cluster.cpus_per_draft_worker, cluster.gpus_per_draft_worker)
-            ).remote(drafting, threads)
-            for i in range(cluster.draft_workers)
-        ]
-        parts = ray.get(self.workers[0].describe.remote())
-        ray.get([worker.ready.remote() for worker in self.workers])
-        specs = parts.pop("drafters")
+        self.workers, self.colocated = [], None
+        if cluster.colocate_drafters:  # in this process: drafting is a call, not a Ray round trip
+            self.colocated = Drafting.build(drafting)
+            parts, drafters = dict(self.colocated.parts), self.colocated.drafters
+        else:
+            threads = max(1, int(cluster.cpus_per_draft_worker))
+            self.workers = [
+                DraftWorker.options(
+                    **actor_options(cluster, self.groups[1], i, cluster.cpus_per_draft_worker, cluster.gpus_per_draft_worker)
+                ).remote(drafting, threads)
+                for i in range(cluster.draft_workers)
+            ]
+            parts = ray.get(self.workers[0].describe.remote())
+            ray.get([worker.ready.remote() for worker in self.workers])
+            specs = parts.pop("drafters")
+            drafters = DraftPool(self.workers, len(specs)).drafters(specs)
         engine_class = PipelinedEngine if cluster.pipeline else LLMEngine
         llm = engine_class.from_parts(
             **parts,
             verifier=self.verifier,
-            drafters=DraftPool(self.workers, len(specs)).drafters(specs),
+            drafters=drafters,
             verify=engine.verify,
             max_num_seqs=engine.max_num_seqs,
             speculation_max_batch=engine.speculation_max_batch,
@@ -111,7 +119,11 @@ class Coordinator:
     def info(self) -> dict[str, Any]:
         engine = self.served.engine
         return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify,
-                "pipeline": isinstance(engine, PipelinedEngine)}
+                "pipeline": isinstance(engine, PipelinedEngine), "colocated_drafters": self.colocated is not None}
+
+    def llm_tensors(self) -> dict[str, str]:
+        """The LLM parameters the co-located drafters made this process hold (name -> device)."""
+        return self.colocated.llm_tensors() if self.colocated else {}
 
     def kv_usage(self) -> float | None:
         return self.served.kv_usage()
@@ -147,7 +159,7 @@ class CoordinatorClient:
         """Start a Coordinator and its actors (joining or starting Ray first, see placement.connect)."""
         cluster = cluster or ClusterConfig()
         connect(cluster)
-        return cls(Coordinator.remote(engine, cluster))
+        return cls(Coordinator.options(**coordinator_options(cluster)).remote(engine, cluster))
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False

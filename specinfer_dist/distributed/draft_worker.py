@@ -9,6 +9,9 @@ sticking to one worker (which keeps that request's SSM KV cache), and gets every
 trees in one round trip per worker. The engine sees one ``RemoteDrafter`` per hosted drafter
 and merges their trees as usual.
 
+With ``cluster.colocate_drafters`` the same ``Drafting`` is built inside the coordinator
+instead (no Ray hop per step; see coordinator.py).
+
 Ray restarts a worker that dies. Until it answers again its requests move to the other
 workers (whose caches then start from the prompt), or get no draft at all: the root-only
 tree, which verification turns into one ordinary decoding step. Output stays exact.
@@ -17,7 +20,7 @@ tree, which verification turns into one ordinary decoding step. Output stays exa
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import ray
@@ -34,28 +37,40 @@ from specinfer_dist.tree.token_tree import TokenTree
 MAX_RESTARTS = 3  # a worker that keeps dying only costs speed, never correctness
 
 
+@dataclass
+class Drafting:
+    """Drafters built in this process, the engine parts that come with them, and the LLM they
+    were built against (on the meta device but for the tensors its SSMs share)."""
+
+    drafters: list[Drafter]
+    parts: dict[str, Any]  # LLMEngine.from_parts arguments: tokenizer, model_config, eos_ids, spec, mode
+    llm: Any
+
+    @classmethod
+    def build(cls, engine: EngineConfig) -> "Drafting":
+        # A whole local engine resolves SSMs, tree and mode exactly as the single-process path.
+        # Its LLM never runs here (no KV pool; tree: auto must come resolved, see Coordinator).
+        local = LLMEngine(**asdict(replace(engine, kv_blocks=None)), llm_weights=False)
+        parts = {"tokenizer": local.tokenizer, "model_config": local.model.config, "eos_ids": local.eos_ids,
+                 "spec": local.spec, "mode": local.mode}
+        return cls(local.drafters, parts, local.model)
+
+    def llm_tensors(self) -> dict[str, str]:
+        """The LLM parameters this process holds in memory (name -> device)."""
+        return {name: str(p.device) for name, p in self.llm.named_parameters() if not p.is_meta}
+
+
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0)
 class DraftWorker:
     def __init__(self, engine: EngineConfig, threads: int) -> None:
         torch.set_num_threads(threads)
-        # A whole local engine resolves SSMs, tree and mode exactly as the single-process path.
-        # Its LLM stays on the meta device but for what the SSMs share; it never verifies here,
-        # so it gets no KV pool.
         try:
-            local = LLMEngine(**asdict(replace(engine, kv_blocks=None)), llm_weights=False)
+            built = Drafting.build(engine)
         except SpecInferError as err:  # e.g. a bad SSM path: describe() reports it as it is
             self.error: SpecInferError | None = err
             return
         self.error = None
-        self.llm = local.model
-        self.drafters = local.drafters
-        self.parts = {
-            "tokenizer": local.tokenizer,
-            "model_config": local.model.config,
-            "eos_ids": local.eos_ids,
-            "spec": local.spec,
-            "mode": local.mode,
-        }
+        self.built, self.drafters, self.parts = built, built.drafters, built.parts
 
     def describe(self) -> dict[str, Any]:
         """LLMEngine.from_parts arguments, and each hosted drafter's (name, spec)."""
@@ -67,8 +82,8 @@ class DraftWorker:
         return os.getpid()
 
     def llm_tensors(self) -> dict[str, str]:
-        """The LLM parameters this process holds in memory (name -> device), for tests and operators."""
-        return {name: str(p.device) for name, p in self.llm.named_parameters() if not p.is_meta}
+        """The LLM parameters this worker holds in memory (name -> device), for tests and operators."""
+        return self.built.llm_tensors()
 
     def propose(self, requests: list[DraftRequest], max_depths: list[int], released: list[int]) -> list[list[TokenTree]]:
         """Forget ``released`` requests, then every drafter's trees for ``requests``."""

@@ -61,8 +61,20 @@ def bundles(cluster: ClusterConfig) -> tuple[list[dict[str, float]], list[dict[s
     draft = {"CPU": cluster.cpus_per_draft_worker, cluster.gpu_resource: cluster.gpus_per_draft_worker}
     return (
         [{k: v for k, v in shard.items() if v}] * cluster.tp,
-        [{k: v for k, v in draft.items() if v}] * cluster.draft_workers,
+        [] if cluster.colocate_drafters else [{k: v for k, v in draft.items() if v}] * cluster.draft_workers,
     )
+
+
+def coordinator_options(cluster: ClusterConfig) -> dict[str, Any]:
+    """``.options()`` for the Coordinator: it holds the drafters' GPU share when it hosts them.
+    On one GPU, ``gpus_per_shard + gpus_per_draft_worker <= 1`` puts them beside verifier rank 0."""
+    gpus = cluster.gpus_per_draft_worker if cluster.colocate_drafters else 0
+    options: dict[str, Any] = {"num_cpus": COORDINATOR_CPUS}
+    if gpus and cluster.gpu_resource == "GPU":
+        options["num_gpus"] = gpus
+    elif gpus:
+        options["resources"] = {cluster.gpu_resource: gpus}
+    return options
 
 
 def stage_device(cluster: ClusterConfig, gpus: float | None) -> str:
@@ -70,17 +82,20 @@ def stage_device(cluster: ClusterConfig, gpus: float | None) -> str:
     return "cuda" if gpus and cluster.gpu_resource == "GPU" else "cpu"
 
 
-def reserve(cluster: ClusterConfig) -> tuple[PlacementGroup, PlacementGroup]:
-    """Placement groups for the verifier shards and the draft workers, or a clear error."""
+def reserve(cluster: ClusterConfig) -> list[PlacementGroup]:
+    """Placement groups for the verifier shards and (unless co-located) the draft workers, or a
+    clear error."""
     shard, draft = bundles(cluster)
-    groups = (placement_group(shard, strategy="STRICT_PACK"), placement_group(draft, strategy="SPREAD"))
-    ready, _ = ray.wait([g.ready() for g in groups], num_returns=2, timeout=RESERVE_TIMEOUT_S)
-    if len(ready) < 2:
+    groups = [placement_group(shard, strategy="STRICT_PACK")]
+    if draft:
+        groups.append(placement_group(draft, strategy="SPREAD"))
+    ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=RESERVE_TIMEOUT_S)
+    if len(ready) < len(groups):
         for group in groups:
             remove_placement_group(group)
         raise InvalidConfigError(
             f"the Ray cluster cannot place {cluster.tp} verifier shard(s) of {shard[0]} on one node and "
-            f"{cluster.draft_workers} draft worker(s) of {draft[0]} "
+            f"{len(draft)} draft worker(s) of {draft[0] if draft else {}} "
             f"(it has {_resources(cluster)} in all, some perhaps in use)"
         )
     return groups
