@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import transformers
-from exactness import assert_greedy_equal
+from exactness import assert_greedy_equal, hf_greedy
 from helpers import make_tiny_checkpoint
 from test_engine_exact import noisy_copy
 
@@ -263,6 +263,31 @@ def test_colocated_drafters_and_tree_auto_on_the_verifier(models, clients):
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         for prompt, (got, _), want in zip(batch, run_all(client, batch, [params] * 3), reference(local, batch, params)):
             assert_greedy_equal(hf, prompt, got, want)
+    finally:
+        client.shutdown()
+
+
+@pytest.mark.slow
+def test_default_llm_tp3_greedy_equals_transformers(clients):
+    # SmolLM2-135M: 9 heads, 3 KV heads -> TP=3. Its shipped SSMs share the embedding (= the tied
+    # head): the draft worker holds exactly that tensor of the LLM, and drafting happens.
+    from specinfer_dist.models.default import default_llm_dir
+
+    llm_dir = default_llm_dir(progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
+    cluster = ClusterConfig(tp=3, draft_workers=1, gpus_per_shard=0, step_timeout_s=300)
+    client = CoordinatorClient(Coordinator.remote(EngineConfig(tree="1,1,3,1,1,1,1,1"), cluster))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        batch = [tokenizer(text).input_ids for text in ("The capital of France is", "def fibonacci(n):", "Once upon a time")]
+        results = run_all(client, batch, [params] * len(batch))
+        for prompt, (got, _) in zip(batch, results):
+            assert_greedy_equal(hf, prompt, got, hf_greedy(hf, prompt, 24))
+        steps = sum(deltas[-1].stats.steps for _, deltas in results)
+        assert sum(len(got) for got, _ in results) / steps > 1  # tokens per step: the SSMs' drafts were accepted
+        [worker] = client.actors()["draft_workers"]
+        assert ray.get(worker.llm_tensors.remote()) == {"model.embed_tokens.weight": "cpu"}
     finally:
         client.shutdown()
 
