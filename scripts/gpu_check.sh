@@ -123,7 +123,7 @@ local = {}
 
 def exactness(dtype):
     def run():
-        engine = LLMEngine(str(model_dir), ssms=ssms, tree=tree, dtype=dtype, device=device)
+        engine = LLMEngine.load(str(model_dir), ssms=ssms, tree=tree, dtype=dtype, device=device)
         outs = engine.generate(ids, greedy)
         local[dtype] = [o.token_ids for o in outs]
         steps = sum(o.stats.steps for o in outs)
@@ -140,7 +140,7 @@ def exactness(dtype):
 
 
 def mss():
-    engine = LLMEngine(str(model_dir), ssms=ssms, tree=tree, device=device)
+    engine = LLMEngine.load(str(model_dir), ssms=ssms, tree=tree, device=device)
     outs = engine.generate(ids, SamplingParams(temperature=0.8, top_p=0.95, seed=0, max_tokens=32, ignore_eos=True))
     steps = sum(o.stats.steps for o in outs)
     return {"tokens": [len(o.token_ids) for o in outs], "tokens_per_step": sum(len(o.token_ids) for o in outs) / steps,

@@ -31,6 +31,7 @@ from specinfer_dist.distributed.pipeline import PipelinedEngine
 from specinfer_dist.distributed.placement import actor_options, bundles, coordinator_options, stage_device
 from specinfer_dist.distributed.tp import TensorParallel, shard_model
 from specinfer_dist.engine.async_engine import EngineStepError
+from specinfer_dist.engine.builder import build_parts
 from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
@@ -44,7 +45,7 @@ def models(tmp_path_factory):
     llm = make_tiny_checkpoint(tmp, "llama", seed=1)
     ssm = noisy_copy(llm, tmp / "ssm", noise=0.3)
     hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
-    local = LLMEngine(str(llm), ssms=[str(ssm)], tree=TREE)
+    local = LLMEngine.load(str(llm), ssms=[str(ssm)], tree=TREE)
     return EngineConfig(llm=str(llm), ssms=[str(ssm)], tree=TREE), local, hf
 
 
@@ -96,14 +97,13 @@ class EagerVerifier(LocalVerifier):
 
 
 def test_greedy_identical_across_runtimes(models, clients):
-    _, local, hf = models
+    config, local, hf = models
     batch = prompts(6)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 5, 31, 12, 1, 24)]
     want = reference(local, batch, params)
-    pipelined = PipelinedEngine.from_parts(
-        tokenizer=local.tokenizer, model_config=local.model.config, eos_ids=local.eos_ids, verifier=EagerVerifier(local.model),
-        drafters=local.drafters, spec=local.spec, mode=local.mode, verify=local.verify, max_num_seqs=16,
-    )
+    parts = build_parts(config)
+    parts.verifier = EagerVerifier(parts.verifier.runner.model)
+    pipelined = PipelinedEngine(**vars(parts))
     runs = {"local pipelined": [o.token_ids for o in pipelined.generate(batch, params)]}
     for tp, client in clients.items():
         results = run_all(client, batch, params)
@@ -179,7 +179,7 @@ def restarted_pid(worker, timeout_s: float = 120) -> int:
 def test_cli_ray_gives_the_local_json(models, clients, capsys):
     engine_config = models[0]
     args = ["generate", "--prompt", "hello world", "--llm", engine_config.llm, "--ssm", engine_config.ssms[0],
-            "--tree", TREE, "--max-tokens", "12", "--ignore-eos", "--json"]
+            "--tree", TREE, "--max-tokens", "12", "--ignore-eos", "--json", "--temperature", "0"]
     assert main(args) == 0
     local = json.loads(capsys.readouterr().out)
     # Ray is already up in this process, so --ray joins it (a fresh process would start its own).

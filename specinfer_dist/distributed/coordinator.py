@@ -2,13 +2,13 @@
 continuous-batching engine, and a client with AsyncLLMEngine's surface.
 
 The Coordinator runs the same LLMEngine + AsyncLLMEngine as the single-process path, built
-``from_parts`` with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
+from parts with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
 RemoteDrafter per drafter the draft workers host. With ``cluster.pipeline`` it is a
 PipelinedEngine: a verification is always in flight while the other half of the batch is
-drafted (pipeline.py). With ``cluster.colocate_drafters`` the drafters run inside this
-actor (on its GPU share, beside verifier rank 0 on one GPU): no Ray round trip per draft, at the
-price of drafting and the engine loop sharing one process. Start-up order: the shards load (and measure ``tree: auto`` on their
-own device), then the draft workers get the resolved tree and SSMs.
+drafted (pipeline.py). With ``cluster.colocate_drafters`` the drafters run inside this actor
+(on its GPU share, beside verifier rank 0 on one GPU): no Ray round trip per draft, at the
+price of drafting and the engine loop sharing one process. Start-up order: the shards load
+(and measure ``tree: auto`` on their own device), then the drafters get the resolved tree.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class Coordinator:
             specs = parts.pop("drafters")
             drafters = DraftPool(self.workers, len(specs)).drafters(specs)
         engine_class = PipelinedEngine if cluster.pipeline else LLMEngine
-        llm = engine_class.from_parts(
+        llm = engine_class(
             **parts,
             verifier=self.verifier,
             drafters=drafters,
@@ -93,7 +93,7 @@ class Coordinator:
         if engine.tree != "auto" or not sources or engine.mode == "incremental":
             return engine
         key = [engine.llm, *sources, f"draft_vocab={engine.draft_vocab}"]
-        widths, chosen = self.verifier.tune(sources, key, engine.draft_vocab, engine.tree_budget)
+        widths, chosen = self.verifier.tune(key)
         if widths is None:
             return replace(engine, mode="incremental")
         return replace(engine, tree=",".join(map(str, widths)), ssms=[sources[i] for i in chosen])
@@ -119,7 +119,8 @@ class Coordinator:
     def info(self) -> dict[str, Any]:
         engine = self.served.engine
         return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify,
-                "pipeline": isinstance(engine, PipelinedEngine), "colocated_drafters": self.colocated is not None}
+                "pipeline": isinstance(engine, PipelinedEngine), "colocated_drafters": self.colocated is not None,
+                "sampling_defaults": engine.sampling_defaults}
 
     def llm_tensors(self) -> dict[str, str]:
         """The LLM parameters the co-located drafters made this process hold (name -> device)."""
@@ -204,7 +205,8 @@ class CoordinatorClient:
         return _call(self.coordinator.kv_usage)
 
     def info(self) -> dict[str, Any]:
-        """The engine's mode, tree spec, sampled-request verifier and pipelining flag."""
+        """The engine's mode, tree spec, sampled-request verifier, pipelining and co-location flags, and
+        sampling defaults."""
         return _call(self.coordinator.info)
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:

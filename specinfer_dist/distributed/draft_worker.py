@@ -1,9 +1,9 @@
 """Drafting on Ray: workers hosting the drafters, and the engine's stand-ins for them.
 
-A ``DraftWorker`` builds its drafters exactly as a single-process LLMEngine does, on its own
-GPU (``gpus_per_draft_worker``) or CPU, but its LLM reads no weights except the tensors its
-SSMs share (embedding, head): the LLM never runs here, and the tree arrives resolved (``tree:
-auto`` is measured on the verifier, verifier_shard.py). Several
+A ``DraftWorker`` builds its drafters with the same builder as a single-process LLMEngine
+(engine/builder.py), on its own GPU share (``gpus_per_draft_worker``) or CPU, and no verifier:
+its LLM reads no weights except the tensors its SSMs share (embedding, head), and the tree
+arrives resolved (``tree: auto`` is measured on the verifier, verifier_shard.py). Several
 workers give data parallelism: ``DraftPool`` spreads a step's requests over them, each request
 sticking to one worker (which keeps that request's SSM KV cache), and gets every drafter's
 trees in one round trip per worker. The engine sees one ``RemoteDrafter`` per hosted drafter
@@ -20,7 +20,7 @@ tree, which verification turns into one ordinary decoding step. Output stays exa
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -29,7 +29,12 @@ from ray.exceptions import RayActorError
 
 from specinfer_dist.config import EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
-from specinfer_dist.engine.engine import LLMEngine
+from specinfer_dist.engine.builder import (
+    load_ssms,
+    load_target,
+    make_drafters,
+    plan_drafting,
+)
 from specinfer_dist.errors import SpecInferError
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
@@ -43,17 +48,18 @@ class Drafting:
     were built against (on the meta device but for the tensors its SSMs share)."""
 
     drafters: list[Drafter]
-    parts: dict[str, Any]  # LLMEngine.from_parts arguments: tokenizer, model_config, eos_ids, spec, mode
+    parts: dict[str, Any]  # LLMEngine arguments: tokenizer, model_config, eos_ids, sampling_defaults, spec, mode
     llm: Any
 
     @classmethod
     def build(cls, engine: EngineConfig) -> "Drafting":
-        # A whole local engine resolves SSMs, tree and mode exactly as the single-process path.
-        # Its LLM never runs here (no KV pool; tree: auto must come resolved, see Coordinator).
-        local = LLMEngine(**asdict(replace(engine, kv_blocks=None)), llm_weights=False)
-        parts = {"tokenizer": local.tokenizer, "model_config": local.model.config, "eos_ids": local.eos_ids,
-                 "spec": local.spec, "mode": local.mode}
-        return cls(local.drafters, parts, local.model)
+        # The LLM never runs here: it reads only the tensors SSMs share (and its vocabulary checks
+        # them); tree: auto must arrive resolved (plan_drafting refuses to measure a meta LLM).
+        target = load_target(engine, weights=False)
+        plan = plan_drafting(engine, target, load_ssms(engine, target) if engine.mode != "incremental" else [])
+        parts = {"tokenizer": target.tokenizer, "model_config": target.model.config, "eos_ids": target.eos_ids,
+                 "sampling_defaults": target.sampling_defaults, "spec": plan.spec, "mode": plan.mode}
+        return cls(make_drafters(engine, plan), parts, target.model)
 
     def llm_tensors(self) -> dict[str, str]:
         """The LLM parameters this process holds in memory (name -> device)."""
@@ -73,7 +79,7 @@ class DraftWorker:
         self.built, self.drafters, self.parts = built, built.drafters, built.parts
 
     def describe(self) -> dict[str, Any]:
-        """LLMEngine.from_parts arguments, and each hosted drafter's (name, spec)."""
+        """LLMEngine arguments, and each hosted drafter's (name, spec)."""
         if self.error:
             raise self.error
         return {**self.parts, "drafters": [(d.name, d.spec) for d in self.drafters]}

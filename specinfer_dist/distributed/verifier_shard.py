@@ -34,7 +34,8 @@ from ray.util.placement_group import PlacementGroup
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed.placement import actor_options
 from specinfer_dist.distributed.tp import TensorParallel
-from specinfer_dist.models.loader import load_model, load_ssm
+from specinfer_dist.engine.builder import load_ssms, load_target
+from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.device import default_dtype, resolve_device
 from specinfer_dist.runtime.memory import kv_capacity_for
 from specinfer_dist.runtime.block_pool import KVCapacity
@@ -50,13 +51,8 @@ class ShardGroupError(RuntimeError):
 class ShardSpec:
     """What every rank needs to build itself (small and picklable)."""
 
-    llm: str
-    dtype: str | None  # None: the device's default (runtime/device.py)
-    device: str  # auto | cpu | cuda
+    engine: EngineConfig  # llm, dtype, device (cpu | cuda, from the placement), KV pool options
     world_size: int
-    kv_blocks: int | None
-    kv_block_size: int
-    kv_memory_fraction: float | None
     threads: int
     timeout_s: float
 
@@ -78,7 +74,8 @@ class VerifierShard:
     def join(self, init_method: str | None) -> KVCapacity | None:
         """Join the group (every rank must be called at once), load this rank's shard, and say
         how big a KV pool fits here (runtime/memory.py); ``allocate`` then makes the pool."""
-        device = resolve_device(self.spec.device)  # Ray made this rank's GPU the only one visible
+        engine = self.spec.engine
+        device = resolve_device(engine.device)  # Ray made this rank's GPU the only one visible
         if self.spec.world_size > 1:
             dist.init_process_group(
                 "nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=self.rank,
@@ -86,28 +83,21 @@ class VerifierShard:
             )
         # Only this rank's slices are read, in the target dtype, straight onto its device.
         sharding = TensorParallel(self.rank, self.spec.world_size)
-        self.dtype = self.spec.dtype or default_dtype(device)
-        model, self.tokenizer, _ = load_model(
-            self.spec.llm, dtype=self.dtype, device=device, progress=False, sharding=sharding
-        )
-        self.model = model
-        return kv_capacity_for(model, self.spec.kv_blocks, self.spec.kv_block_size, self.spec.kv_memory_fraction)
+        dtype = engine.dtype or default_dtype(device)
+        self.model = load_model(engine.llm, dtype=dtype, device=device, progress=False, sharding=sharding)[0]
+        return kv_capacity_for(self.model, engine.kv_blocks, engine.kv_block_size, engine.kv_memory_fraction)
 
     def allocate(self, capacity: KVCapacity | None) -> None:
         self.verifier = LocalVerifier(self.model, capacity)
 
-    def tune(self, sources: list[str], key: list[str], draft_vocab: bool, budget: int) -> tuple[list[int] | None, list[int]]:
+    def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
         """``tree: auto`` measured on this rank's device (every rank at once): the tree widths
         (None: don't speculate) and the chosen SSMs' indices. The SSMs are loaded for the
         measurement only, sharing tensors with an unsharded LLM that reads just those."""
-        llm = self.model
-        lender = load_model(self.spec.llm, dtype=self.dtype, progress=False, weights=False)[0]
-        ssms = [
-            load_ssm(source, lender, self.tokenizer, dtype=self.dtype, device=self.verifier.runner.device,
-                     draft_vocab=draft_vocab, progress=False)
-            for source in sources
-        ]
-        spec, chosen = auto_tree(llm, self.tokenizer, ssms, [*key, f"tp={self.spec.world_size}"], budget)
+        engine = self.spec.engine
+        lender = load_target(engine, weights=False)
+        ssms = load_ssms(engine, lender)
+        spec, chosen = auto_tree(self.model, lender.tokenizer, ssms, [*key, f"tp={self.spec.world_size}"], engine.tree_budget)
         del ssms, lender
         if self.verifier.runner.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -138,10 +128,7 @@ class ShardGroupVerifier:
     """
 
     def __init__(self, engine: EngineConfig, cluster: ClusterConfig, pg: PlacementGroup) -> None:
-        self.spec = ShardSpec(
-            engine.llm, engine.dtype, engine.device, cluster.tp, engine.kv_blocks, engine.kv_block_size,
-            engine.kv_memory_fraction, max(1, int(cluster.cpus_per_shard)), cluster.step_timeout_s,
-        )
+        self.spec = ShardSpec(engine, cluster.tp, max(1, int(cluster.cpus_per_shard)), cluster.step_timeout_s)
         self.kv_capacity: KVCapacity | None = None
         self._kv_usage: float | None = None
         self._built = False
@@ -191,10 +178,10 @@ class ShardGroupVerifier:
         """Rank 0's KV pool usage after the last collected forward (None without a pool)."""
         return self._kv_usage
 
-    def tune(self, sources: list[str], key: list[str], draft_vocab: bool, budget: int) -> tuple[list[int] | None, list[int]]:
+    def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
         """VerifierShard.tune on every rank at once; rank 0's answer."""
         with self._failing():
-            refs = [shard.tune.remote(sources, key, draft_vocab, budget) for shard in self.shards]
+            refs = [shard.tune.remote(key) for shard in self.shards]
             return ray.get(refs)[0]  # no step timeout: the first measurement may take minutes
 
     @contextlib.contextmanager

@@ -25,7 +25,6 @@ from torch import nn
 from specinfer_dist.errors import InvalidConfigError, ModelLoadError
 from specinfer_dist.models.cache import cache_lock
 from specinfer_dist.models.default import default_llm_dir
-from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.gguf import convert_gguf, gguf_cache_dir, reason
 from specinfer_dist.models.transformer import RotaryEmbedding, Transformer
 
@@ -253,20 +252,6 @@ def load_model(
     except Exception as e:
         raise ModelLoadError(f"could not load model from {source}: tokenizer: {reason(e)}") from e
     return model, tokenizer, model_dir
-
-
-def load_ssm(
-    source: str, llm: Transformer, llm_tokenizer: Any, *, dtype: str | torch.dtype, device: str | torch.device,
-    draft_vocab: bool = True, progress: bool = True,
-) -> Transformer:
-    """An SSM of ``llm``: tensors it shares come from ``llm`` (no copy), its vocabulary must be
-    the LLM's, and with ``draft_vocab`` its head scores only its draft_vocab.json tokens."""
-    model, tokenizer, model_dir = load_model(source, dtype=dtype, device=device, progress=progress, shared_from=llm)
-    check_same_vocabulary(llm_tokenizer, tokenizer, llm.config, model.config, source)
-    token_ids = read_draft_vocab(model_dir, model.config.vocab_size) if draft_vocab else None
-    if token_ids is not None:  # score only the tokens the LLM emits often (models/draft_vocab.py)
-        restrict_head(model, token_ids)
-    return model
 
 
 def _share_tensors(model: Transformer, llm: Transformer, names: list[str], source: str, device: torch.device) -> None:

@@ -7,10 +7,8 @@ import platform
 
 import torch
 
+from specinfer_dist.config import DEVICES
 from specinfer_dist.errors import InvalidConfigError
-
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
