@@ -52,7 +52,7 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clients(models):
     """A TP=1 runtime without pipelining and a TP=2 one (a real gloo group) with it."""
-    ray.init(address="local", num_cpus=12, resources={SIM_GPU: 4}, include_dashboard=False)
+    ray.init(address="local", num_cpus=16, resources={SIM_GPU: 4}, include_dashboard=False)
     engine_config = models[0]
     base = ClusterConfig(gpu_resource=SIM_GPU, step_timeout_s=60)
     # TP=2 also places its draft worker on half a (simulated) GPU.
