@@ -35,11 +35,13 @@ from typing import Any
 
 import torch
 import transformers
+from accelerate import init_empty_weights
+from torch import nn
 
 from specinfer_dist.drafters.base import Drafter, DraftRequest, draft_generator
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.models.loader import parse_dtype
-from specinfer_dist.models.transformer import RotaryEmbedding, Transformer
+from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.device import default_dtype, machine, resolve_device
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.runtime.verifier import LocalVerifier
@@ -101,9 +103,12 @@ class SyntheticDrafter(Drafter):
 def random_llm(shape: str, device: torch.device, dtype: torch.dtype) -> Transformer:
     """A random Llama of ``shape`` built in ``dtype`` directly on ``device`` (see module docstring)."""
     config = transformers.LlamaConfig(vocab_size=VOCAB, max_position_embeddings=4096, **SHAPES[shape])
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
-    model.to_empty(device=device)
+    with init_empty_weights(include_buffers=False):  # buffers (RoPE) computed on the CPU, in fp32
+        model = Transformer(config)
+    for name, p in list(model.named_parameters()):
+        module_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(torch.empty(p.shape, dtype=dtype, device=device)))
+    model.to(device)  # the buffers
     gen = torch.Generator(device=device).manual_seed(0)
     hidden = config.hidden_size
     for name, p in model.named_parameters():
@@ -117,7 +122,6 @@ def random_llm(shape: str, device: torch.device, dtype: torch.dtype) -> Transfor
             p.zero_()
     perm = torch.randperm(VOCAB, generator=gen, device=device)
     model.lm_head.weight.copy_(model.model.embed_tokens.weight[perm] / math.sqrt(hidden))
-    model.model.rotary_emb = RotaryEmbedding(config).to(device)  # fp32, computed (not left empty)
     return model.eval().requires_grad_(False)
 
 

@@ -2,86 +2,105 @@
 
 Each rank keeps 1/world of the attention heads and of the MLP's intermediate features:
 q/k/v and gate/up are column-parallel (a slice of their output rows); o_proj and down_proj
-are row-parallel (a slice of their input columns) and all-reduce their partial sums. Query
-and KV heads are split in the same proportion, so every GQA group stays on one rank. The
-model code never sees ranks: attention reads head counts from weight shapes and KV caches
-are sized by ``model.num_kv_heads``.
+are row-parallel (a slice of their input columns) and all-reduce their partial sums. Fused
+projections (Phi-3's qkv_proj = [q; k; v] and gate_up_proj = [gate; up]) are sliced part by
+part, so each rank holds [q_r; k_r; v_r] and [gate_r; up_r]. Query and KV heads are split in
+the same proportion, so every GQA group stays on one rank. Per-head q/k norms (Qwen3, Gemma 3)
+have one head_dim weight shared by all heads: replicated. Soft-capping is per element and
+needs nothing. The model code never sees ranks: attention reads its head counts from
+``num_heads``/``num_kv_heads``, which this module divides, and KV caches are sized by
+``model.num_kv_heads``.
 
 The LM head is split by vocabulary and its logits all-gathered: the head is the largest
 single matrix of a small LLM (SmolLM2: 49152 x 576), while the gathered logits are only the
 tree's rows. Every rank thus returns the full logits, exactly like the unsharded model. The
 embedding and the norms stay whole on every rank.
 
-Invariant: ``tp_slice`` is the one description of "which dim, which slice" per parameter
+Invariant: ``tp_slice`` is the one description of "which dim, which slices" per parameter
 name. ``shard_model`` cuts in-memory tensors with it and the loader reads exactly those
-slices from safetensors (models/loader.py), so a model built on the meta device, sharded,
-then filled from the checkpoint equals a loaded-then-sharded one.
+slices from safetensors (``TensorParallel``, models/loader.py), so a model built on the meta
+device, sharded, then filled from the checkpoint equals a loaded-then-sharded one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.models.layers import head_dim
 from specinfer_dist.models.linear import linear
 from specinfer_dist.models.transformer import Transformer
 
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")  # weight and bias: dim 0
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")  # dim 0
 ROW_PARALLEL = ("o_proj", "down_proj")  # weight: dim 1; bias whole (added once, after the all-reduce)
 VOCAB_PARALLEL = ("lm_head",)  # weight: dim 0 in ceil(vocab / world) rows, the last rank zero-padded
 
 
 @dataclass(frozen=True)
 class TPSlice:
-    """Rows/columns ``[start, stop)`` of dim ``dim`` of the full tensor, zero-padded to ``length``."""
+    """Ranges ``pieces`` of dim ``dim`` of the full tensor, concatenated in order, then
+    zero-padded to ``length`` along that dim."""
 
     dim: int
-    start: int
-    stop: int
+    pieces: tuple[tuple[int, int], ...]
     length: int
 
-    def index(self, ndim: int) -> tuple[slice, ...]:
-        """The index that reads this slice (e.g. from a safetensors ``get_slice``)."""
-        return tuple(slice(self.start, self.stop) if d == self.dim else slice(None) for d in range(ndim))
+    def indices(self, ndim: int) -> list[tuple[slice, ...]]:
+        """One index per piece (e.g. for a safetensors ``get_slice``)."""
+        return [tuple(slice(a, b) if d == self.dim else slice(None) for d in range(ndim)) for a, b in self.pieces]
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
         """This slice of the full ``tensor`` in its own storage (so the full one can be freed)."""
-        part = tensor.narrow(self.dim, self.start, self.stop - self.start)
-        pad = self.length - (self.stop - self.start)
-        if pad:  # F.pad counts dims from the last one, two entries each
-            part = F.pad(part, [0, 0] * (tensor.dim() - 1 - self.dim) + [0, pad])
+        part = torch.cat([tensor.narrow(self.dim, a, b - a) for a, b in self.pieces], dim=self.dim)
+        pad = self.length - part.shape[self.dim]
+        if pad:
+            shape = list(part.shape)
+            shape[self.dim] = pad
+            part = torch.cat([part, part.new_zeros(shape)], dim=self.dim)
         return part.detach().clone()
 
 
-def tp_slice(name: str, shape: Sequence[int], rank: int, world_size: int) -> TPSlice | None:
+def _column_parts(module: str, rows: int, config: Any) -> tuple[int, ...]:
+    """Sizes of the independently split parts of a column-parallel projection's output rows."""
+    if module == "qkv_proj":
+        hd = head_dim(config)
+        return (config.num_attention_heads * hd, config.num_key_value_heads * hd, config.num_key_value_heads * hd)
+    if module == "gate_up_proj":
+        return (config.intermediate_size,) * 2
+    return (rows,)
+
+
+def tp_slice(name: str, shape: Sequence[int], rank: int, world_size: int, config: Any) -> TPSlice | None:
     """Which part of parameter ``name`` (full ``shape``) rank ``rank`` keeps; None: all of it."""
     if world_size == 1:
         return None
     *_, module, kind = name.split(".")
     if module in COLUMN_PARALLEL:
-        dim = 0
-    elif module in ROW_PARALLEL and kind == "weight":
-        dim = 1
-    elif module in VOCAB_PARALLEL and kind == "weight":
+        pieces, start = [], 0
+        for size in _column_parts(module, shape[0], config):
+            per_rank = size // world_size
+            pieces.append((start + rank * per_rank, start + (rank + 1) * per_rank))
+            start += size
+        return TPSlice(0, tuple(pieces), sum(b - a for a, b in pieces))
+    if module in ROW_PARALLEL and kind == "weight":
+        per_rank = shape[1] // world_size
+        return TPSlice(1, ((rank * per_rank, (rank + 1) * per_rank),), per_rank)
+    if module in VOCAB_PARALLEL and kind == "weight":
         per_rank = -(-shape[0] // world_size)
         start = min(rank * per_rank, shape[0])
-        return TPSlice(0, start, min(start + per_rank, shape[0]), per_rank)
-    else:
-        return None
-    per_rank = shape[dim] // world_size
-    return TPSlice(dim, rank * per_rank, (rank + 1) * per_rank, per_rank)
+        return TPSlice(0, ((start, min(start + per_rank, shape[0])),), per_rank)
+    return None
 
 
 def check_divisible(model: Transformer, world_size: int) -> None:
     config = model.config
-    heads = config.num_attention_heads
-    sizes = {"attention heads": heads, "KV heads": config.num_key_value_heads, "intermediate size": config.intermediate_size}
+    sizes = {"attention heads": config.num_attention_heads, "KV heads": config.num_key_value_heads,
+             "intermediate size": config.intermediate_size}
     bad = [f"{name} ({n})" for name, n in sizes.items() if n % world_size]
     if bad:
         raise InvalidConfigError(f"tensor parallelism {world_size} must divide the model's {' and '.join(bad)}")
@@ -101,13 +120,13 @@ def shard_model(model: Transformer, rank: int, world_size: int, group: dist.Proc
         mlp.down_proj = RowParallelLinear(mlp.down_proj, group)
     model.lm_head = VocabParallelHead(model.lm_head, world_size, group)  # unties a tied head
     for name, param in list(model.named_parameters()):
-        cut = tp_slice(name, param.shape, rank, world_size)
+        cut = tp_slice(name, param.shape, rank, world_size, model.config)
         if cut is not None:
             module_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module_name), attr, nn.Parameter(cut.take(param), requires_grad=False))
-    for layer in model.model.layers:
-        for proj in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj")), layer.mlp.gate_proj, layer.mlp.up_proj):
-            proj.out_features = proj.weight.shape[0]
+            module = model.get_submodule(module_name)
+            setattr(module, attr, nn.Parameter(cut.take(param), requires_grad=False))
+            if isinstance(module, nn.Linear):
+                module.out_features = module.weight.shape[0]
     return model
 
 
@@ -123,9 +142,9 @@ class TensorParallel:
     def apply(self, model: Transformer) -> None:
         shard_model(model, self.rank, self.world_size, self.group)
 
-    def index(self, name: str, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
-        cut = tp_slice(name, shape, self.rank, self.world_size)
-        return None if cut is None else cut.index(len(shape))
+    def index(self, name: str, shape: tuple[int, ...], config: Any) -> tuple[int, list[tuple[slice, ...]]] | None:
+        cut = tp_slice(name, shape, self.rank, self.world_size, config)
+        return None if cut is None else (cut.dim, cut.indices(len(shape)))
 
 
 class RowParallelLinear(nn.Module):

@@ -7,7 +7,7 @@ Loading never holds a full copy of the checkpoint: the model is built on the met
 optionally restructured into a tensor-parallel shard, and each parameter is then read from
 safetensors (only this rank's slice, ``Sharding.index``) in the target dtype straight onto
 the target device. Peak host memory is about one tensor above what the process keeps.
-Non-persistent buffers (RoPE frequencies) are recomputed in fp32, never cast.
+Buffers (RoPE frequencies, embedding scales) are computed by the constructors, never cast.
 """
 
 from __future__ import annotations
@@ -20,13 +20,15 @@ from typing import Any, Protocol
 import safetensors
 import torch
 import transformers
+from accelerate import init_empty_weights
 from torch import nn
 
 from specinfer_dist.errors import InvalidConfigError, ModelLoadError
+from specinfer_dist.models.architectures import check_supported
 from specinfer_dist.models.cache import cache_lock
 from specinfer_dist.models.default import default_llm_dir
 from specinfer_dist.models.gguf import convert_gguf, gguf_cache_dir, reason
-from specinfer_dist.models.transformer import RotaryEmbedding, Transformer
+from specinfer_dist.models.transformer import Transformer
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # config.json field of an SSM checkpoint that omits tensors it takes from its LLM (e.g. the
@@ -98,8 +100,9 @@ class Sharding(Protocol):
         """Restructure ``model`` (on the meta device) into this rank's shard."""
         ...
 
-    def index(self, name: str, shape: tuple[int, ...]) -> tuple[slice, ...] | None:
-        """The part of parameter ``name`` (full stored ``shape``) to read; None: all of it."""
+    def index(self, name: str, shape: tuple[int, ...], config: Any) -> tuple[int, list[tuple[slice, ...]]] | None:
+        """The parts of parameter ``name`` (full stored ``shape``) to read, concatenated along
+        the returned dim; None: all of it."""
         ...
 
 
@@ -145,25 +148,36 @@ def _check_shapes(expected: dict[str, tuple[int, ...]], index: dict[str, _Stored
 
 
 @torch.no_grad()
-def _read_into(param: torch.Tensor, stored: _Stored, index: tuple[slice, ...] | None) -> None:
-    """Copy a stored tensor (or its ``index`` slice) into ``param``, converting the dtype on the
-    way. The file is opened per tensor, so at most one tensor's pages of its memory map are
-    resident; a slice shorter than ``param`` (the padded last vocabulary shard) leaves zeros."""
+def _read_into(param: torch.Tensor, stored: _Stored, index: tuple[int, list[tuple[slice, ...]]] | None) -> None:
+    """Copy a stored tensor (or the parts ``index`` names, one after another along its dim) into
+    ``param``, converting the dtype on the way. The file is opened per tensor, so at most one
+    tensor's pages of its memory map are resident; parts shorter than ``param`` (the padded last
+    vocabulary shard) leave zeros behind them."""
     with safetensors.safe_open(stored.file, framework="pt") as st:
-        part = st.get_slice(stored.key)[index] if index is not None else st.get_tensor(stored.key)
-    if part.shape != param.shape:
-        param.zero_()
-    param[tuple(slice(0, n) for n in part.shape)].copy_(part)
+        if index is None:
+            param.copy_(st.get_tensor(stored.key))
+            return
+        dim, parts = index
+        at = 0
+        for part in (st.get_slice(stored.key)[i] for i in parts):
+            param.narrow(dim, at, part.shape[dim]).copy_(part)
+            at += part.shape[dim]
+    if at < param.shape[dim]:
+        param.narrow(dim, at, param.shape[dim] - at).zero_()
 
 
 def _build(
     config: Any, model_dir: Path, dtype: torch.dtype, device: torch.device, shared: list[str],
     sharding: Sharding | None, weights: bool,
 ) -> Transformer:
-    """The model built on the meta device, sharded, then each of its tensors read straight
-    from safetensors in ``dtype`` onto ``device``: no full copy of the checkpoint exists."""
-    with torch.device("meta"):
-        model = Transformer(config).to(dtype)
+    """The model built with its parameters on the meta device, sharded, then each parameter read
+    straight from safetensors in ``dtype`` onto ``device``: no full copy of the checkpoint
+    exists. Buffers (RoPE frequencies, embedding scales: non-persistent, not in checkpoints)
+    are computed by the constructors on the CPU, as they are, in fp32, then moved."""
+    with init_empty_weights(include_buffers=False):
+        model = Transformer(config)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)  # still meta; in place, so tied parameters stay tied
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in shared}
     index = _checkpoint_index(model_dir)
     # Tied checkpoints usually omit lm_head.weight; it is the embedding matrix.
@@ -176,6 +190,10 @@ def _build(
     model.checkpoint = _Checkpoint(index, sharding)
     if weights:
         materialize(model, [k for k, _ in model.named_parameters(remove_duplicate=False) if k not in shared], device)
+        for module in model.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
     return model
 
 
@@ -192,15 +210,12 @@ def materialize(model: Transformer, names: list[str], device: torch.device | str
         old = model.get_parameter(name)
         real = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device), requires_grad=False)
         stored = checkpoint.index[name]
-        _read_into(real, stored, checkpoint.sharding.index(name, stored.shape) if checkpoint.sharding else None)
+        _read_into(real, stored, checkpoint.sharding.index(name, stored.shape, model.config) if checkpoint.sharding else None)
         if tie and name in ("lm_head.weight", "model.embed_tokens.weight"):
             model.lm_head.weight = model.model.embed_tokens.weight = real
         else:
             module_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(module_name), attr, real)
-    if model.model.rotary_emb.inv_freq.device != device:
-        # A non-persistent buffer, not in the checkpoint: RoPE frequencies are recomputed, in fp32.
-        model.model.rotary_emb = RotaryEmbedding(model.config).to(device)
 
 
 def load_model(
@@ -229,11 +244,10 @@ def load_model(
         config = transformers.AutoConfig.from_pretrained(model_dir)
     except Exception as e:
         raise ModelLoadError(f"could not load model from {source}: config: {reason(e)}") from e
-    if config.model_type not in Transformer.SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            f"could not load model from {source}: unsupported model type {config.model_type!r}; "
-            f"supported: {', '.join(Transformer.SUPPORTED_ARCHITECTURES)}"
-        )
+    try:
+        check_supported(config)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"could not load model from {source}: {e}") from None
     shared = list(getattr(config, SHARED_FROM_LLM_KEY, None) or [])
     if shared and shared_from is None:
         raise ModelLoadError(
