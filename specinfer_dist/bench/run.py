@@ -23,7 +23,7 @@ from specinfer_dist.engine.builder import load_target
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.default import ssm_sources
-from specinfer_dist.models.loader import load_model, parse_dtype
+from specinfer_dist.models.loader import load_model
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.device import machine
 from specinfer_dist.runtime.sampling_params import SamplingParams
@@ -134,8 +134,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     if unknown:
         raise InvalidConfigError(f"unknown bench mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     rows = load_prompts(config.prompts or BENCH_PROMPTS)
-    dtype = parse_dtype(config.engine.dtype)
     target = load_target(config.engine, progress)  # every engine mode shares these weights
+    dtype = target.model.model.norm.weight.dtype  # the configured dtype, or the device's default
     base = LLMEngine.from_config(config.engine.replace(mode="incremental"), target=target)
     prompt_ids = [base.encode(r["prompt"], chat=bool(r.get("chat"))) for r in rows]
     greedy = [SamplingParams(max_tokens=config.max_tokens, temperature=0)] * len(rows)

@@ -6,12 +6,22 @@ share of every request's KV cache in a ``LocalVerifier``, the same class the sin
 engine uses. ``ShardGroupVerifier`` sends each forward to all ranks at once (the same
 request-sized inputs; the ranks exchange activations among themselves) and returns rank 0's
 logits. Commits and releases queue up and ride along with the next forward: one round trip
-per step. Weights never pass through the coordinator: every shard loads from its own disk.
+per step. Weights never pass through the coordinator: every shard reads only its own slices
+(tp.py) from its own disk, straight onto its device.
+
+``--tree auto`` is measured here, on the verifier's own device (``tune``): every rank runs
+the same calibration in lockstep (the LLM's forwards are collectives), rank 0's choice is
+used, and it is cached per device name and tensor-parallel size. Draft workers never run the LLM.
+
+``submit`` returns the ranks' object refs at once and ``collect`` waits for them, so the
+coordinator can keep a forward in flight while it works (pipeline.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,10 +33,14 @@ from ray.util.placement_group import PlacementGroup
 
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed.placement import actor_options
-from specinfer_dist.distributed.tp import shard_model
+from specinfer_dist.distributed.tp import TensorParallel
+from specinfer_dist.engine.builder import load_ssms, load_target
 from specinfer_dist.models.loader import load_model
+from specinfer_dist.runtime.device import default_dtype, resolve_device
+from specinfer_dist.runtime.memory import kv_capacity_for
 from specinfer_dist.runtime.block_pool import KVCapacity
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
+from specinfer_dist.tuning.tune import auto_tree
 
 
 class ShardGroupError(RuntimeError):
@@ -37,10 +51,8 @@ class ShardGroupError(RuntimeError):
 class ShardSpec:
     """What every rank needs to build itself (small and picklable)."""
 
-    llm: str
-    dtype: str
+    engine: EngineConfig  # llm, dtype, device (cpu | cuda, from the placement), KV pool options
     world_size: int
-    kv_capacity: KVCapacity | None
     threads: int
     timeout_s: float
 
@@ -59,29 +71,52 @@ class VerifierShard:
             port = sock.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def join(self, init_method: str | None) -> None:
-        """Load the LLM, join the group (every rank must be called at once), keep this rank's shard."""
-        model, _, _ = load_model(self.spec.llm, dtype=self.spec.dtype, progress=False)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def join(self, init_method: str | None) -> KVCapacity | None:
+        """Join the group (every rank must be called at once), load this rank's shard, and say
+        how big a KV pool fits here (runtime/memory.py); ``allocate`` then makes the pool."""
+        engine = self.spec.engine
+        device = resolve_device(engine.device)  # Ray made this rank's GPU the only one visible
         if self.spec.world_size > 1:
             dist.init_process_group(
                 "nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=self.rank,
                 world_size=self.spec.world_size, timeout=timedelta(seconds=self.spec.timeout_s),
             )
-            shard_model(model, self.rank, self.spec.world_size)
-        self.verifier = LocalVerifier(model.to(device), self.spec.kv_capacity)
+        # Only this rank's slices are read, in the target dtype, straight onto its device.
+        sharding = TensorParallel(self.rank, self.spec.world_size)
+        dtype = engine.dtype or default_dtype(device)
+        self.model = load_model(engine.llm, dtype=dtype, device=device, progress=False, sharding=sharding)[0]
+        return kv_capacity_for(self.model, engine.kv_blocks, engine.kv_block_size, engine.kv_memory_fraction)
+
+    def allocate(self, capacity: KVCapacity | None) -> None:
+        self.verifier = LocalVerifier(self.model, capacity)
+
+    def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
+        """``tree: auto`` measured on this rank's device (every rank at once): the tree widths
+        (None: don't speculate) and the chosen SSMs' indices. The SSMs are loaded for the
+        measurement only, sharing tensors with an unsharded LLM that reads just those."""
+        engine = self.spec.engine
+        lender = load_target(engine, weights=False)
+        ssms = load_ssms(engine, lender)
+        spec, chosen = auto_tree(self.model, lender.tokenizer, ssms, [*key, f"tp={self.spec.world_size}"], engine.tree_budget)
+        del ssms, lender
+        if self.verifier.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return (list(spec.widths) if spec else None), chosen
 
     def step(
         self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem]
-    ) -> list[torch.Tensor] | None:
-        """Apply the queued commits and releases, then one forward; rank 0 returns the logits."""
+    ) -> tuple[list[torch.Tensor], float | None] | None:
+        """Apply the queued commits and releases, then one forward; rank 0 returns the logits
+        and its KV pool's usage."""
         for request_id, keep in commits:
             self.verifier.commit(request_id, keep)
         for request_id in releases:
             self.verifier.release(request_id)
         logits = self.verifier.forward(items)
+        if self.rank:
+            return None
         # Copies: each request's logits are a view of one batch tensor, and pickling a view ships all of it.
-        return [x.to("cpu", copy=True) for x in logits] if self.rank == 0 else None
+        return [x.to("cpu", copy=True) for x in logits], self.verifier.kv_usage()
 
 
 class ShardGroupVerifier:
@@ -93,11 +128,10 @@ class ShardGroupVerifier:
     """
 
     def __init__(self, engine: EngineConfig, cluster: ClusterConfig, pg: PlacementGroup) -> None:
-        self.kv_capacity = None if engine.kv_blocks is None else KVCapacity(engine.kv_blocks, engine.kv_block_size)
-        self.spec = ShardSpec(
-            engine.llm, engine.dtype, cluster.tp, self.kv_capacity, max(1, int(cluster.cpus_per_shard)),
-            cluster.step_timeout_s,
-        )
+        self.spec = ShardSpec(engine, cluster.tp, max(1, int(cluster.cpus_per_shard)), cluster.step_timeout_s)
+        self.kv_capacity: KVCapacity | None = None
+        self._kv_usage: float | None = None
+        self._built = False
         self.cluster, self.pg = cluster, pg
         self.shards: list[ray.actor.ActorHandle] = []
         self._commits: list[tuple[int, list[int]]] = []
@@ -115,16 +149,45 @@ class ShardGroupVerifier:
         ]
         timeout = self.spec.timeout_s
         init_method = ray.get(self.shards[0].rendezvous.remote(), timeout=timeout) if len(self.shards) > 1 else None
-        ray.get([shard.join.remote(init_method) for shard in self.shards], timeout=timeout)
+        fits = ray.get([shard.join.remote(init_method) for shard in self.shards], timeout=timeout)
+        if not self._built:  # every rank, and every rebuilt group, keeps the first group's pool size
+            self.kv_capacity = None if None in fits else min(fits, key=lambda c: c.num_blocks)
+            self._built = True
+        ray.get([shard.allocate.remote(self.kv_capacity) for shard in self.shards], timeout=timeout)
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
-        try:
+        return self.collect(self.submit(items))
+
+    def submit(self, items: list[VerifyItem]) -> list[ray.ObjectRef]:
+        """Send one forward (with the queued commits and releases) to every rank; returns at once."""
+        with self._failing():
             if not self.shards:  # the last group failed (or its rebuild did)
                 self.build()
             refs = [shard.step.remote(self._commits, self._releases, items) for shard in self.shards]
             self._commits, self._releases = [], []
+            return refs
+
+    def collect(self, refs: list[ray.ObjectRef]) -> list[torch.Tensor]:
+        """Rank 0's logits of a submitted forward."""
+        with self._failing():
             # Raises as soon as any rank fails, not after the slowest (a survivor may be stuck in a collective).
-            return ray.get(refs, timeout=self.spec.timeout_s)[0]
+            logits, self._kv_usage = ray.get(refs, timeout=self.spec.timeout_s)[0]
+            return logits
+
+    def kv_usage(self) -> float | None:
+        """Rank 0's KV pool usage after the last collected forward (None without a pool)."""
+        return self._kv_usage
+
+    def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
+        """VerifierShard.tune on every rank at once; rank 0's answer."""
+        with self._failing():
+            refs = [shard.tune.remote(key) for shard in self.shards]
+            return ray.get(refs)[0]  # no step timeout: the first measurement may take minutes
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        try:
+            yield
         except RayError as err:  # includes GetTimeoutError
             self.shutdown()
             self._commits, self._releases = [], []  # their caches are gone with the group

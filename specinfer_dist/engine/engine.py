@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Iterable
 from typing import Sequence as Seq
 
@@ -68,7 +67,6 @@ class LLMEngine:
         max_num_seqs: int = 16,
         speculation_max_batch: int | None = None,
         sampling_defaults: dict[str, Any] | None = None,
-        pipeline: bool = False,
         max_num_batched_tokens: int | None = None,
         max_queued_seqs: int | None = None,
         max_seqs_per_request: int | None = None,
@@ -100,10 +98,6 @@ class LLMEngine:
         self.max_seqs_per_request = max_seqs_per_request
         self._ids = itertools.count()
         self.timing = {"draft_s": 0.0, "verify_s": 0.0}
-        # Pipelining (remote stages): trees drafted in one step are verified in the next.
-        self.pipeline = pipeline
-        self._drafted: dict[int, TokenTree] = {}
-        self._forwards = ThreadPoolExecutor(1, thread_name_prefix="verify")  # no thread until used
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress: bool = False, target: Target | None = None) -> "LLMEngine":
@@ -240,8 +234,6 @@ class LLMEngine:
         if not seqs:
             return []
         whole, chunks = self.scheduler.split(seqs, self.max_num_batched_tokens, self._drafting())
-        if self.pipeline and self.drafters:
-            return self._pipelined_step(whole, chunks)
         start = time.perf_counter()
         whole, trees, failed = self._drop_failed(whole, self.draft(whole))
         drafted = time.perf_counter()
@@ -256,42 +248,6 @@ class LLMEngine:
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted
         return failed + whole + [seq for seq, _ in chunks if seq.finished]
-
-    def _pipelined_step(self, seqs: list[Sequence], chunks: list[tuple[Sequence, int]]) -> list[Sequence]:
-        """Verify the requests drafted last step while drafting the others; returns the verified.
-
-        The two halves of the batch alternate, so the drafters and the LLM (remote actors) work
-        at the same time. A tree is drafted from the same tokens as without pipelining, so
-        outputs are the same; each request just advances every other step. Prompt chunks ride
-        along with the verified half.
-        """
-        start = time.perf_counter()
-        now = [seq for seq in seqs if seq.request_id in self._drafted]
-        if not now:  # nothing drafted ahead (start-up): draft half the batch first
-            now = seqs[: (len(seqs) + 1) // 2]
-            self._drafted.update(zip((seq.request_id for seq in now), self.draft(now)))
-        later = [seq for seq in seqs if seq.request_id not in self._drafted]
-        now, trees, failed = self._drop_failed(now, [self._drafted.pop(seq.request_id) for seq in now])
-        items = self.verify_items(now, trees) + self.chunk_items(chunks)
-        logits = self._forwards.submit(self.verifier.forward, items) if items else None
-        try:
-            ahead = self.draft(later) if later else []
-            drafted = time.perf_counter()
-        finally:
-            if logits is not None:
-                wait([logits])  # between steps, only one thread ever uses the verifier
-        later, ahead, failed_ahead = self._drop_failed(later, ahead)
-        self._drafted.update(zip((seq.request_id for seq in later), ahead))
-        try:
-            results = logits.result() if logits is not None else []
-        except Exception as err:
-            self._fail_step([*now, *(seq for seq, _ in chunks)], err)
-            raise
-        self.apply(now, trees, items, results)
-        self.commit_chunks(chunks)
-        self.timing["draft_s"] += drafted - start
-        self.timing["verify_s"] += time.perf_counter() - drafted  # verification time not hidden behind drafting
-        return failed + failed_ahead + now + [seq for seq, _ in chunks if seq.finished]
 
     def verify_items(self, seqs: list[Sequence], trees: list[TokenTree]) -> list[VerifyItem]:
         """The LLM's input per request: tokens committed but not yet cached (the prompt, or its
@@ -462,7 +418,6 @@ class LLMEngine:
             self._fail(seq, "running the LLM forward of its step", err, log=False)
 
     def _release(self, seq: Sequence) -> None:
-        self._drafted.pop(seq.request_id, None)
         self.verifier.release(seq.request_id)
         for drafter in self.drafters:
             drafter.release(seq.request_id)
