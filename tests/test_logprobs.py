@@ -71,7 +71,9 @@ def test_sampled_requests_report_the_raw_distribution(models):
 def test_off_by_default_and_zero_gives_only_the_token(models):
     llm, _, _ = models
     engine = LLMEngine.load(llm, ssms=["none"], mode="incremental")
-    [off, zero] = engine.generate(PROMPTS[:2], [SamplingParams(max_tokens=3), SamplingParams(max_tokens=3, logprobs=0)])
+    [off, zero] = engine.generate(
+        PROMPTS[:2], [SamplingParams(max_tokens=3, ignore_eos=True), SamplingParams(max_tokens=3, logprobs=0, ignore_eos=True)]
+    )
     assert off.logprobs is None and "logprobs" not in off.to_dict()
     assert len(zero.logprobs) == 3 and all(lp.top == [] and lp.logprob <= 0 for lp in zero.logprobs)
     for bad in (-1, 21, 2.5, True):
