@@ -37,6 +37,7 @@ def _engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ssm", dest="ssms", action="append", help="SSM source; repeat for several")
     parser.add_argument("--drafter", dest="drafters", action="append",
                         help="model-free drafter: ngram or ngram:<widths>; repeat for several")
+    parser.add_argument("--feature-drafter", help="EAGLE-3 head directory (the format vLLM and SGLang load)")
     parser.add_argument("--tree", help="auto (default: tuned on this machine once, cached) or children per node "
                         "at each depth, e.g. 1,1,3,1,1,1,1,1")
     parser.add_argument("--tree-budget", type=int, help="most drafted tokens per step (default 64)")

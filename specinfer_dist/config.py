@@ -45,6 +45,7 @@ class EngineConfig(_Section):
     speculation_max_batch: int | None = None  # more requests running: no drafting (None: always draft)
     kv_blocks: int | None = None  # LLM KV pool size in blocks; None: caches grow on demand
     kv_block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
+    feature_drafter: str | None = None  # an EAGLE-3 head dir (vLLM/SGLang format): drafts from the LLM's hidden states
 
 
 @dataclass

@@ -27,6 +27,7 @@ class _Expansion:
     item: RunItem
     node_row: list[int] = field(default_factory=list)
     frontier: list[int] = field(default_factory=lambda: [0])
+    outputs: torch.Tensor | None = None  # feature drafters: every pending row's output so far
 
 
 class SSMDrafter(Drafter):
@@ -55,14 +56,14 @@ class SSMDrafter(Drafter):
                 self.caches[request.request_id] = self.runner.new_cache()
                 self.generators[request.request_id] = draft_generator(request.params, self.name)
             cache = self.caches[request.request_id]
-            chain = request.tokens[cache.length :]
+            chain = self._chain(request, cache)
             states.append(
                 _Expansion(
                     request=request,
                     cache=cache,
-                    tree=TokenTree.from_root(chain[-1]),
+                    tree=TokenTree.from_root(request.tokens[-1]),
                     chain_len=len(chain),
-                    max_depth=min(max_depth, self.spec.depth),
+                    max_depth=min(max_depth, self.spec.depth) if chain else 0,
                     item=RunItem(cache, chain, chain_parents(len(chain)), [len(chain) - 1]),
                     node_row=[len(chain) - 1],
                 )
@@ -70,7 +71,7 @@ class SSMDrafter(Drafter):
         active = [s for s in states if s.max_depth > 0]
         depth = 0
         while active:
-            logits = self.runner.forward([s.item for s in active])
+            logits = self._forward(active)
             still = []
             for state, node_logits in zip(active, logits):
                 children = self._children(state.request, node_logits, self.spec.widths[depth])
@@ -85,6 +86,15 @@ class SSMDrafter(Drafter):
             if state.cache.pending:
                 state.cache.commit(range(state.chain_len))
         return [state.tree for state in states]
+
+    def _chain(self, request: DraftRequest, cache: KVCache) -> list[int]:
+        """Tokens fed before the tree: those committed since the last step, ending with the root
+        (empty: nothing to draft from this step)."""
+        return request.tokens[cache.length :]
+
+    def _forward(self, states: list[_Expansion]) -> list[torch.Tensor]:
+        """Logits of every state's ``item.logit_rows``, one forward for all."""
+        return self.runner.forward([s.item for s in states])
 
     def _children(
         self, request: DraftRequest, logits: torch.Tensor, k: int

@@ -20,6 +20,7 @@ from transformers import GenerationConfig
 
 from specinfer_dist.config import DEFAULT_BLOCK_SIZE, EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
+from specinfer_dist.drafters.feature import FeatureDrafter
 from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.drafters.ssm import SSMDrafter
 from specinfer_dist.engine.outputs import RequestOutput
@@ -28,6 +29,7 @@ from specinfer_dist.engine.sequence import FinishReason, Sequence
 from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
 from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
+from specinfer_dist.models.eagle3 import load_eagle3
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.runtime.block_pool import KVCapacity
 from specinfer_dist.runtime.model_runner import chain_parents
@@ -56,7 +58,8 @@ class LLMEngine:
     ``draft_vocab`` is False (models/draft_vocab.py). With more than ``speculation_max_batch``
     requests running, a step decodes without drafting. ``kv_blocks`` bounds the LLM's KV memory
     to a pool of that many blocks of ``kv_block_size`` tokens (requests then wait or are
-    preempted); None lets caches grow.
+    preempted); None lets caches grow. ``feature_drafter`` is an EAGLE-3 head directory
+    (drafters/feature.py) drafting from the LLM's hidden states, merged with the other drafters.
     """
 
     def __init__(
@@ -75,11 +78,12 @@ class LLMEngine:
         speculation_max_batch: int | None = None,
         kv_blocks: int | None = None,
         kv_block_size: int = DEFAULT_BLOCK_SIZE,
+        feature_drafter: str | None = None,
         progress: bool = False,
     ) -> None:
         self.model, self.tokenizer, model_dir = load_model(llm, dtype=dtype, progress=progress)
         sources = ssm_sources(llm, ssms)
-        mode = mode or ("tree" if sources or drafters else "incremental")
+        mode = mode or ("tree" if sources or drafters or feature_drafter else "incremental")
         if draft_temperature is not None and not draft_temperature > 0:
             raise InvalidConfigError(f"draft_temperature must be positive, got {draft_temperature!r}")
         ssm_models = []
@@ -100,6 +104,9 @@ class LLMEngine:
         if mode != "incremental":
             all_drafters = [SSMDrafter(m, spec, f"ssm{i}", draft_temperature) for i, m in enumerate(ssm_models)]
             all_drafters.extend(model_free_drafter(name, spec) for name in drafters)
+            if feature_drafter:
+                head = load_eagle3(feature_drafter, self.model, self.model.lm_head.weight.dtype)
+                all_drafters.append(FeatureDrafter(head, spec, "feature", draft_temperature))
         self._init_parts(
             tokenizer=self.tokenizer,
             model_config=self.model.config,
@@ -154,6 +161,13 @@ class LLMEngine:
         self.eos_ids = eos_ids
         self.verifier = verifier
         self.drafters = drafters if mode != "incremental" else []
+        # Feature drafters read the hidden states the verifier captures in its forward.
+        self.feature_drafters = [d for d in self.drafters if isinstance(d, FeatureDrafter)]
+        if len(self.feature_drafters) > 1:
+            raise InvalidConfigError("at most one feature drafter")
+        self.aux_layers = self.feature_drafters[0].aux_layers if self.feature_drafters else []
+        if self.feature_drafters and (pipeline or not hasattr(verifier, "forward_hidden")):
+            raise InvalidConfigError("feature drafters need the in-process verifier (not the Ray runtime yet)")
         self.spec = spec
         self.mode = mode
         self.verify = verify
@@ -266,7 +280,11 @@ class LLMEngine:
         trees = self.draft(seqs)
         drafted = time.perf_counter()
         items = self.verify_items(seqs, trees)
-        self.apply(seqs, trees, items, self.verifier.forward(items))
+        if self.feature_drafters:
+            logits, hidden = self.verifier.forward_hidden(items, self.aux_layers)
+            self.apply(seqs, trees, items, logits, hidden)
+        else:
+            self.apply(seqs, trees, items, self.verifier.forward(items))
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted
         return seqs
@@ -309,14 +327,22 @@ class LLMEngine:
         return items
 
     def apply(
-        self, seqs: list[Sequence], trees: list[TokenTree], items: list[VerifyItem], logits: list[torch.Tensor]
+        self,
+        seqs: list[Sequence],
+        trees: list[TokenTree],
+        items: list[VerifyItem],
+        logits: list[torch.Tensor],
+        hidden: list[torch.Tensor] | None = None,
     ) -> None:
-        """Verify each tree against the LLM's logits, commit the accepted path, end finished requests."""
-        for seq, tree, item, node_logits in zip(seqs, trees, items, logits):
+        """Verify each tree against the LLM's logits, commit the accepted path, end finished
+        requests; feature drafters get the committed rows' ``hidden`` states."""
+        for i, (seq, tree, item, node_logits) in enumerate(zip(seqs, trees, items, logits)):
             accepted, bonus = self._verify(seq, tree, node_logits)
             chain_len = len(item.tokens) - len(tree)
             keep = [*range(chain_len), *(chain_len + n for n in [0, *accepted])]
             self.verifier.commit(seq.request_id, keep)
+            for drafter in self.feature_drafters:
+                drafter.observe(seq.request_id, seq.num_cached, hidden[i][keep])
             seq.num_cached += len(keep)
             seq.stats.steps += 1
             seq.stats.drafted_tokens += tree.num_drafted

@@ -40,9 +40,8 @@ class ModelRunner:
     def new_cache(self) -> KVCache:
         return KVCache(self.model.num_layers, self.model.num_kv_heads, self.model.head_dim, self.dtype, self.device)
 
-    @torch.inference_mode()
-    def forward(self, items: list[RunItem]) -> list[torch.Tensor]:
-        """Logits [len(item.logit_rows), vocab] for every item, from one forward pass."""
+    def prepare(self, items: list[RunItem]) -> tuple[torch.Tensor, torch.Tensor, list[Segment], torch.Tensor]:
+        """Reserve cache rows and flatten ``items`` into (ids, positions, segments, logit rows)."""
         ids, positions, segments, rows = [], [], [], []
         start = 0
         for item in items:
@@ -55,11 +54,22 @@ class ModelRunner:
             segments.append(Segment(start, start + n, item.cache, mask.to(self.device)))
             rows.extend(start + r for r in item.logit_rows)
             start += n
-        logits = self.model(
-            torch.tensor(ids, device=self.device),
-            torch.tensor(positions, device=self.device),
-            segments,
-            torch.tensor(rows, device=self.device),
-        )
+        as_tensor = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
+        return as_tensor(ids), as_tensor(positions), segments, as_tensor(rows)
+
+    @torch.inference_mode()
+    def forward(self, items: list[RunItem]) -> list[torch.Tensor]:
+        """Logits [len(item.logit_rows), vocab] for every item, from one forward pass."""
+        return self._split_logits(self.model(*self.prepare(items)), items)
+
+    @torch.inference_mode()
+    def forward_hidden(self, items: list[RunItem], aux_layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Logits as ``forward``, plus every row's hidden states entering ``aux_layers``
+        ([len(item.tokens), k * hidden] per item, left on the device for a feature drafter)."""
+        logits, aux = self.model(*self.prepare(items), aux_layers=aux_layers)
+        return self._split_logits(logits, items), list(aux.split([len(item.tokens) for item in items]))
+
+    @staticmethod
+    def _split_logits(logits: torch.Tensor, items: list[RunItem]) -> list[torch.Tensor]:
         # On the host: verification is sequential per request, and its RNG lives on the CPU.
         return list(logits.float().cpu().split([len(item.logit_rows) for item in items]))
