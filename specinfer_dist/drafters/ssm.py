@@ -10,6 +10,7 @@ from specinfer_dist.drafters.base import Drafter, DraftRequest, draft_generator
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.kv_cache import KVCache
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.tree.dynamic import best_nodes, prune_tree
 from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
@@ -25,9 +26,10 @@ class _Expansion:
     chain_len: int  # committed tokens fed this step (the root is the last of them)
     max_depth: int
     item: RunItem
-    node_row: list[int] = field(default_factory=list)
+    node_row: dict[int, int] = field(default_factory=dict)  # fed tree node -> its pending row
     frontier: list[int] = field(default_factory=lambda: [0])
     outputs: torch.Tensor | None = None  # feature drafters: every pending row's output so far
+    scores: list[float] = field(default_factory=lambda: [0.0])  # dynamic trees: path log-prob per node
 
 
 class SSMDrafter(Drafter):
@@ -65,7 +67,7 @@ class SSMDrafter(Drafter):
                     chain_len=len(chain),
                     max_depth=min(max_depth, self.spec.depth) if chain else 0,
                     item=RunItem(cache, chain, chain_parents(len(chain)), [len(chain) - 1]),
-                    node_row=[len(chain) - 1],
+                    node_row={0: len(chain) - 1},
                 )
             )
         active = [s for s in states if s.max_depth > 0]
@@ -75,9 +77,13 @@ class SSMDrafter(Drafter):
             still = []
             for state, node_logits in zip(active, logits):
                 children = self._children(state.request, node_logits, self.spec.widths[depth])
-                state.frontier = [
+                new = [
                     state.tree.add(parent, token, q) for parent, kids in zip(state.frontier, children) for token, q in kids
                 ]
+                if self.spec.dynamic:  # EAGLE-2: only the most probable new nodes grow further
+                    self._score(state, node_logits, new)
+                    new = best_nodes(new, state.scores, self.spec.widths[0])
+                state.frontier = new
                 if depth + 1 < state.max_depth:
                     self._feed_frontier(state)
                     still.append(state)
@@ -85,7 +91,20 @@ class SSMDrafter(Drafter):
         for state in states:
             if state.cache.pending:
                 state.cache.commit(range(state.chain_len))
+            if self.spec.dynamic and state.request.params.greedy:  # sampled draws are never dropped by value
+                state.tree = prune_tree(state.tree, state.scores, self.spec.token_budget)
         return [state.tree for state in states]
+
+    @staticmethod
+    def _score(state: _Expansion, logits: torch.Tensor, new: list[int]) -> None:
+        """Path log-probability of each new node: its parent's plus log q of its token
+        (q: the distribution that drew it, else the drafter's softmax)."""
+        log_q = logits.log_softmax(dim=-1)
+        rows = {node: row for row, node in enumerate(state.frontier)}
+        for node in new:
+            parent, token, q = state.tree.parents[node], state.tree.tokens[node], state.tree.probs[node]
+            step = q[token].log().item() if q is not None else log_q[rows[parent], token].item()
+            state.scores.append(state.scores[parent] + step)
 
     def _chain(self, request: DraftRequest, cache: KVCache) -> list[int]:
         """Tokens fed before the tree: those committed since the last step, ending with the root
@@ -115,7 +134,7 @@ class SSMDrafter(Drafter):
         parents = state.item.parents
         first_row = len(parents)
         parents = parents + [state.node_row[state.tree.parents[n]] for n in state.frontier]
-        state.node_row.extend(range(first_row, first_row + len(state.frontier)))
+        state.node_row.update(zip(state.frontier, range(first_row, first_row + len(state.frontier))))
         tokens = [state.tree.tokens[n] for n in state.frontier]
         state.item = RunItem(state.cache, tokens, parents, list(range(len(tokens))))
 
