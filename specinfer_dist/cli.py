@@ -116,6 +116,7 @@ def _bench(args: argparse.Namespace) -> int:
         llm=args.llm or "default", ssms=args.ssms, tree=args.tree or BenchConfig.tree,
         modes=args.modes.split(","), prompts=args.prompts, max_tokens=args.max_tokens,
         temperature=args.temperature, sweep=args.sweep, dtype=args.dtype or "float32", out=args.out,
+        feature_drafter=args.feature_drafter or BenchConfig.feature_drafter, tree_budget=args.tree_budget or 64,
     )
     result = run_bench(config)
     print(format_summary(result))
@@ -164,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--llm")
     bench.add_argument("--ssm", dest="ssms", action="append")
     bench.add_argument("--tree")
+    bench.add_argument("--tree-budget", type=int, help="most drafted tokens per step, also dynamic trees' N (default 64)")
+    bench.add_argument("--feature-drafter", help="EAGLE-3 head for the feature modes (default: the shipped one)")
     bench.add_argument("--dtype", choices=("float32", "bfloat16"))
     bench.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from: {','.join(BENCH_MODES)}")
     bench.add_argument("--temperature", type=float, default=1.0, help="for the sampled -mss/-naive modes")

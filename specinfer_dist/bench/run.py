@@ -41,6 +41,13 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "sequence-mss": {"mode": "sequence", "verify": "mss"},
     "tree-naive": {"mode": "tree", "verify": "naive"},
     "tree-mss": {"mode": "tree", "verify": "mss"},
+    # Feature drafter (EAGLE-3 head, BenchConfig.feature_drafter): alone, merged, dynamic trees.
+    "feature": {"mode": "tree", "ssms": ["none"], "feature": True},
+    "feature-merged": {"mode": "tree", "drafters": ["ngram"], "feature": True},  # + the SSMs + prompt lookup
+    "feature-dynamic": {"mode": "tree", "ssms": ["none"], "feature": True, "tree": "dynamic"},
+    "dynamic": {"mode": "tree", "tree": "dynamic"},  # the SSMs, EAGLE-2 dynamic tree
+    "feature-merged-dynamic": {"mode": "tree", "drafters": ["ngram"], "feature": True, "tree": "dynamic"},
+    "feature-mss": {"mode": "tree", "ssms": ["none"], "feature": True, "verify": "mss"},
 }
 MODES = (*ENGINE_MODES, "hf", "hf-assisted")  # hf-assisted: HF generate(assistant_model=our first SSM)
 DEFAULT_MODES = "incremental,sequence,tree,ngram,merged,hf"
@@ -59,6 +66,8 @@ class BenchConfig:
     sweep: bool = False  # also time LLM forwards for 1..128 tree tokens at a few context lengths
     dtype: str = "float32"
     out: str = "bench-out"
+    feature_drafter: str = "default"  # EAGLE-3 head for the feature modes; "default": the shipped one
+    tree_budget: int = 64  # also the dynamic tree's N
 
 
 def _run_engine(engine: LLMEngine, prompt_ids: list[list[int]], params: list[SamplingParams]) -> dict[str, Any]:
@@ -149,7 +158,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)
             raw[mode].update(peak.as_dict())
             continue
-        settings = {"ssms": config.ssms, "tree": config.tree, **ENGINE_MODES[mode]}
+        settings = {"ssms": config.ssms, "tree": config.tree, "tree_budget": config.tree_budget, **ENGINE_MODES[mode]}
+        if settings.pop("feature", False):
+            settings["feature_drafter"] = config.feature_drafter
         is_sampled = "verify" in settings
         with PeakMemory() as peak:
             engine = base if mode == "incremental" else LLMEngine(config.llm, dtype=dtype, progress=progress, **settings)

@@ -27,7 +27,7 @@ from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence
 from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
-from specinfer_dist.models.default import ssm_sources
+from specinfer_dist.models.default import feature_drafter_source, ssm_sources
 from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.eagle3 import load_eagle3
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
@@ -58,8 +58,9 @@ class LLMEngine:
     ``draft_vocab`` is False (models/draft_vocab.py). With more than ``speculation_max_batch``
     requests running, a step decodes without drafting. ``kv_blocks`` bounds the LLM's KV memory
     to a pool of that many blocks of ``kv_block_size`` tokens (requests then wait or are
-    preempted); None lets caches grow. ``feature_drafter`` is an EAGLE-3 head directory
-    (drafters/feature.py) drafting from the LLM's hidden states, merged with the other drafters.
+    preempted); None lets caches grow. ``feature_drafter`` is an EAGLE-3 head directory ("default":
+    the one shipped for the default LLM) drafting from the LLM's hidden states (drafters/feature.py),
+    merged with the other drafters.
     """
 
     def __init__(
@@ -105,7 +106,7 @@ class LLMEngine:
             all_drafters = [SSMDrafter(m, spec, f"ssm{i}", draft_temperature) for i, m in enumerate(ssm_models)]
             all_drafters.extend(model_free_drafter(name, spec) for name in drafters)
             if feature_drafter:
-                head = load_eagle3(feature_drafter, self.model, self.model.lm_head.weight.dtype)
+                head = load_eagle3(feature_drafter_source(llm, feature_drafter), self.model, self.model.lm_head.weight.dtype)
                 all_drafters.append(FeatureDrafter(head, spec, "feature", draft_temperature))
         self._init_parts(
             tokenizer=self.tokenizer,
