@@ -42,9 +42,12 @@ def test_train_resume_load_and_generate_exactly(llm_dir, tmp_path):
     losses = [loss for _, _, loss in first["loss_curve"]]
     assert losses[-1] < losses[0]
     # Resuming with a larger token target continues from the checkpoint rather than starting over.
-    more = train_feature_drafter(FeatureTrainConfig(**{**cfg.__dict__, "tokens": 1200}), corpus=CORPUS, progress=False)
+    # The LLM itself as the "SSM" to compare with agrees with itself everywhere.
+    more = train_feature_drafter(FeatureTrainConfig(**{**cfg.__dict__, "tokens": 1200, "compare_ssms": [str(llm_dir)]}),
+                                 corpus=CORPUS, progress=False)
     assert more["steps"] > first["steps"] and more["trained_tokens"] >= 1200
     assert len(more["heldout"]["top1_by_depth"]) == 2
+    assert more["heldout"]["ssms"]["ssm0"]["top1"] == 1.0
     config = json.loads((tmp_path / "head" / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"] and config["draft_vocab_size"] == 64
     assert config["specinfer_shared_from_llm"] == ["embed_tokens.weight", "lm_head.weight"]

@@ -31,11 +31,12 @@ import transformers
 from torch import nn
 from tqdm import tqdm
 
-from specinfer_dist.engine.engine import eos_ids
+from specinfer_dist.engine.engine import LLMEngine, eos_ids
 from specinfer_dist.models.draft_vocab import frequent_tokens
 from specinfer_dist.models.eagle3 import Eagle3Head, default_aux_layers, eagle3_config, save_eagle3
 from specinfer_dist.models.loader import resolve_model_dir
 from specinfer_dist.models.transformer import Segment
+from specinfer_dist.runtime.model_runner import RunItem, chain_parents
 from specinfer_dist.training import prompts as P
 from specinfer_dist.training.data import DataConfig, _check_params, build_prompts, generate, load_hf
 from specinfer_dist.training.train import TrainConfig, batch_order, lr_at
@@ -68,6 +69,7 @@ class FeatureTrainConfig:
     threads: int | None = None
     save_dtype: str = "bfloat16"
     device: str | None = None  # None: cuda when present
+    compare_ssms: list[str] | None = None  # SSM sources scored on the same held-out rows (None: the default's)
 
 
 class _TrainKV:
@@ -223,6 +225,29 @@ def evaluate(head: Eagle3Head, llm, seqs: list[torch.Tensor], steps: int, device
     return {f"top{k}_by_depth": [h / max(1, c) for h, c in zip(v, counts)] for k, v in hits.items()}
 
 
+@torch.no_grad()
+def ssm_agreement(llm_source: str, ssms: list[str], llm, seqs: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The same held-out rows scored for SSMs, loaded by the engine as it drafts with them (draft
+    vocabulary included); an SSM sees the true tokens, so its agreement is the same at every depth."""
+    engine = LLMEngine(llm_source, ssms=ssms, tree="1", mode="tree", dtype="float32")
+    out = {}
+    for drafter in engine.drafters:
+        runner = drafter.runner
+        hits, count = [0, 0], 0
+        for seq in seqs:
+            n = len(seq)
+            if n < 2:
+                continue
+            truth = llm(input_ids=seq[None].to(device)).logits[0, 1:n].argmax(-1).cpu()
+            item = RunItem(runner.new_cache(), seq.tolist(), chain_parents(n), list(range(1, n)))
+            top = runner.forward([item])[0].topk(3, dim=-1).indices
+            hits[0] += int((top[:, 0] == truth).sum())
+            hits[1] += int((top == truth[:, None]).any(-1).sum())
+            count += n - 1
+        out[drafter.name] = {"top1": hits[0] / max(1, count), "top3": hits[1] / max(1, count)}
+    return out
+
+
 def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Build the data, train (resuming from the work dir), write ``out`` (EAGLE-3 format) and a report."""
     if cfg.threads:
@@ -285,6 +310,9 @@ def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, pr
     train_s = time.perf_counter() - t_train
     head.eval()
     metrics = evaluate(head, llm, held_seqs, cfg.ttt_steps, device)
+    ssms = cfg.compare_ssms if cfg.compare_ssms is not None else (["default"] if cfg.llm == "default" else [])
+    if ssms:
+        metrics["ssms"] = ssm_agreement(cfg.llm, ssms, llm, held_seqs, device)
     save_eagle3(head, cfg.out, shared=SHARED, dtype=getattr(torch, cfg.save_dtype))
     report = {
         "llm": cfg.llm, "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
