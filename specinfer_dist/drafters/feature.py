@@ -33,7 +33,7 @@ class FeatureDrafter(SSMDrafter):
     def __init__(
         self, head: Eagle3Head, spec: TreeSpec, name: str = "feature", draft_temperature: float | None = None
     ) -> None:
-        super().__init__(head, spec, name, draft_temperature)  # type: ignore[arg-type]  # a ModelRunner runs it
+        super().__init__(head, spec, name, draft_temperature)  # type: ignore[arg-type]  # the runner takes heads too
         self.head = head
         self.aux_layers = list(head.aux_layers)
         self.features: dict[int, torch.Tensor] = {}  # request -> fused features not yet in its cache

@@ -40,6 +40,9 @@ class SSMDrafter(Drafter):
     The SSM keeps a KV cache of the committed tokens per request. Each step first feeds the
     tokens committed since the last step (they end with the tree's root), then one forward
     per depth over the new frontier; afterwards only the committed rows stay in its cache.
+    With a dynamic spec (tree/dynamic.py) only the k most probable new nodes of a depth form
+    the next frontier, and greedy trees keep their token_budget most probable nodes.
+    Subclasses change what is fed (``_chain``) and how a depth is computed (``_forward``).
     """
 
     def __init__(

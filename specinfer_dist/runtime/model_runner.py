@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specinfer_dist.models.eagle3 import Eagle3Head
 from specinfer_dist.models.transformer import Segment, Transformer
 from specinfer_dist.runtime.kv_cache import KVCache
 from specinfer_dist.tree.token_tree import ancestor_mask, depths
@@ -32,7 +33,9 @@ def chain_parents(n: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer) -> None:
+    """Runs an LLM or SSM (``forward``), or gives an EAGLE-3 head its flattened inputs (``prepare``)."""
+
+    def __init__(self, model: Transformer | Eagle3Head) -> None:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -54,8 +57,8 @@ class ModelRunner:
             segments.append(Segment(start, start + n, item.cache, mask.to(self.device)))
             rows.extend(start + r for r in item.logit_rows)
             start += n
-        as_tensor = lambda values: torch.tensor(values, device=self.device)  # noqa: E731
-        return as_tensor(ids), as_tensor(positions), segments, as_tensor(rows)
+        device = self.device
+        return torch.tensor(ids, device=device), torch.tensor(positions, device=device), segments, torch.tensor(rows, device=device)
 
     @torch.inference_mode()
     def forward(self, items: list[RunItem]) -> list[torch.Tensor]:
