@@ -2,7 +2,7 @@
 continuous-batching engine, and a client with AsyncLLMEngine's surface.
 
 The Coordinator runs the same LLMEngine + AsyncLLMEngine as the single-process path, built
-``from_parts`` with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
+from parts with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
 RemoteDrafter per drafter the draft workers host. With ``cluster.pipeline`` the engine
 verifies one half of the batch while the other half is drafted.
 """
@@ -58,7 +58,7 @@ class Coordinator:
         parts = ray.get(self.workers[0].describe.remote())
         ray.get([worker.ready.remote() for worker in self.workers])
         specs = parts.pop("drafters")
-        llm = LLMEngine.from_parts(
+        llm = LLMEngine(
             **parts,
             verifier=self.verifier,
             drafters=DraftPool(self.workers, len(specs)).drafters(specs),
@@ -90,7 +90,8 @@ class Coordinator:
 
     def info(self) -> dict[str, Any]:
         engine = self.served.engine
-        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify, "pipeline": engine.pipeline}
+        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify, "pipeline": engine.pipeline,
+                "sampling_defaults": engine.sampling_defaults}
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
         """The current verifier shards (rank order) and draft workers (for operators and tests)."""
@@ -164,7 +165,7 @@ class CoordinatorClient:
         return _call(self.coordinator.num_running)
 
     def info(self) -> dict[str, Any]:
-        """The engine's mode, tree spec, sampled-request verifier and pipelining flag."""
+        """The engine's mode, tree spec, sampled-request verifier, pipelining flag and sampling defaults."""
         return _call(self.coordinator.info)
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
