@@ -86,7 +86,7 @@ def test_greedy_dynamic_tree_equals_transformers(models, use_ssm, feature, ngram
     from specinfer_dist import LLMEngine, SamplingParams
 
     llm, head, ssm, hf = models
-    engine = LLMEngine(llm, ssms=[ssm] if use_ssm else [], drafters=["ngram"] if ngram else [],
+    engine = LLMEngine.load(llm, ssms=[ssm] if use_ssm else [], drafters=["ngram"] if ngram else [],
                        feature_drafter=head if feature else None, tree="dynamic:3,4", tree_budget=12)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(4, 24, (int(n),), generator=gen).tolist() for n in torch.randint(2, 20, (4,), generator=gen)]
@@ -110,7 +110,7 @@ def test_mss_with_dynamic_tree_matches_llm_distribution(tmp_path):
     llm = make_tiny_checkpoint(tmp_path, "llama", seed=1, **common)
     hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
     head = make_eagle3_head(tmp_path, llm, draft_ids=[2, 4, 5, 6, 7], logit_scale=3.0)
-    engine = LLMEngine(str(llm), ssms=[noisy_copy(llm, tmp_path / "near", 0.5, 3)], feature_drafter=str(head),
+    engine = LLMEngine.load(str(llm), ssms=[noisy_copy(llm, tmp_path / "near", 0.5, 3)], feature_drafter=str(head),
                        tree="dynamic:2,3", tree_budget=6, max_num_seqs=2048)
     counts, tokens_per_step = sample(engine, temperature=1.0)
     p_value = g_test(counts, exact_distribution(hf, PROMPT, NEW_TOKENS, 1.0))

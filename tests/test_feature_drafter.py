@@ -35,7 +35,7 @@ def models(tmp_path_factory):
 
 def test_drafter_receives_the_llms_hidden_states_of_committed_tokens(models):
     llm, head, _, hf = models
-    engine = LLMEngine(llm, ssms=[], feature_drafter=head, tree="2,1")
+    engine = LLMEngine.load(llm, ssms=[], feature_drafter=head, tree="2,1")
     [drafter] = engine.drafters
     seen = []
     observe = drafter.observe
@@ -55,7 +55,7 @@ def test_drafter_receives_the_llms_hidden_states_of_committed_tokens(models):
 def test_first_depth_matches_a_single_pass_over_the_whole_sequence(models):
     """Drafting after several steps (cache + chains) gives what one pass over all rows gives."""
     llm, head, _, hf = models
-    engine = LLMEngine(llm, ssms=[], feature_drafter=head, tree="3")
+    engine = LLMEngine.load(llm, ssms=[], feature_drafter=head, tree="3")
     [drafter] = engine.drafters
     prompt = [4, 9, 7, 5, 12, 6, 8]
     seq = engine.add_request(prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
@@ -80,7 +80,7 @@ def test_first_depth_matches_a_single_pass_over_the_whole_sequence(models):
 ])
 def test_greedy_equals_transformers(models, mode, tree, ssm, ngram):
     llm, head, ssm_dir, hf = models
-    engine = LLMEngine(llm, ssms=[ssm_dir] if ssm else [], drafters=["ngram"] if ngram else [],
+    engine = LLMEngine.load(llm, ssms=[ssm_dir] if ssm else [], drafters=["ngram"] if ngram else [],
                        feature_drafter=head, tree=tree, mode=mode)
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(4, 24, (int(n),), generator=gen).tolist() for n in torch.randint(2, 20, (5,), generator=gen)]
@@ -107,7 +107,7 @@ def mss_models(tmp_path_factory):
 @pytest.mark.parametrize("tree,with_ssm,temperature,top_p", [("2,2", False, 1.0, 1.0), ("2,1", True, 0.8, 0.9)])
 def test_mss_with_feature_drafter_matches_llm_distribution(mss_models, tree, with_ssm, temperature, top_p):
     llm, head, near, hf = mss_models
-    engine = LLMEngine(llm, ssms=[near] if with_ssm else [], drafters=["ngram"] if with_ssm else [],
+    engine = LLMEngine.load(llm, ssms=[near] if with_ssm else [], drafters=["ngram"] if with_ssm else [],
                        feature_drafter=head, tree=tree, max_num_seqs=2048)
     counts, tokens_per_step = sample(engine, temperature=temperature, top_p=top_p)
     p_value = g_test(counts, exact_distribution(hf, PROMPT, NEW_TOKENS, temperature, 0, top_p))
@@ -122,7 +122,7 @@ class FeatureTopKButClaimsDrawn(FeatureDrafter):
 
 def test_negative_control_wrong_feature_proposal_is_rejected(mss_models):
     llm, head, _, hf = mss_models
-    engine = LLMEngine(llm, ssms=[], feature_drafter=head, tree="2,1", max_num_seqs=2048)
+    engine = LLMEngine.load(llm, ssms=[], feature_drafter=head, tree="2,1", max_num_seqs=2048)
     [drafter] = engine.drafters
     engine.drafters = engine.feature_drafters = [FeatureTopKButClaimsDrawn(drafter.head, drafter.spec)]
     counts, _ = sample(engine, temperature=1.0)

@@ -55,7 +55,7 @@ def test_train_resume_load_and_generate_exactly(llm_dir, tmp_path):
     llm = load_model(str(llm_dir))[0]
     head = load_eagle3(tmp_path / "head", llm)
     assert head.embed_tokens.weight is llm.model.embed_tokens.weight
-    engine = LLMEngine(str(llm_dir), ssms=[], feature_drafter=str(tmp_path / "head"), tree="2,1,1")
+    engine = LLMEngine.load(str(llm_dir), ssms=[], feature_drafter=str(tmp_path / "head"), tree="2,1,1")
     hf = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
     prompt = [40, 41, 42, 43, 44, 45]
     [out] = engine.generate(prompt, SamplingParams(max_tokens=16, temperature=0))

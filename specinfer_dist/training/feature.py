@@ -31,7 +31,8 @@ import transformers
 from torch import nn
 from tqdm import tqdm
 
-from specinfer_dist.engine.engine import LLMEngine, eos_ids
+from specinfer_dist.engine.builder import eos_ids
+from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.models.draft_vocab import frequent_tokens
 from specinfer_dist.models.eagle3 import Eagle3Head, default_aux_layers, eagle3_config, save_eagle3
 from specinfer_dist.models.loader import resolve_model_dir
@@ -229,7 +230,7 @@ def evaluate(head: Eagle3Head, llm, seqs: list[torch.Tensor], steps: int, device
 def ssm_agreement(llm_source: str, ssms: list[str], llm, seqs: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
     """The same held-out rows scored for SSMs, loaded by the engine as it drafts with them (draft
     vocabulary included); an SSM sees the true tokens, so its agreement is the same at every depth."""
-    engine = LLMEngine(llm_source, ssms=ssms, tree="1", mode="tree", dtype="float32")
+    engine = LLMEngine.load(llm_source, ssms=ssms, tree="1", mode="tree", dtype="float32")
     out = {}
     for drafter in engine.drafters:
         runner = drafter.runner
