@@ -41,7 +41,9 @@ from transformers import LlamaConfig, PretrainedConfig
 
 from specinfer_dist.errors import ModelLoadError
 from specinfer_dist.models.linear import Linear
-from specinfer_dist.models.transformer import MLP, Attention, RMSNorm, RotaryEmbedding, Segment, Transformer
+from specinfer_dist.models.architectures import family
+from specinfer_dist.models.layers import MLP, RMSNorm, RotaryEmbedding
+from specinfer_dist.models.transformer import Attention, Segment, Transformer
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 # Other names published heads use for the same layout.
@@ -108,7 +110,7 @@ class Eagle3Layer(nn.Module):
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
         hidden = config.hidden_size
-        self.self_attn = Attention(config, 0)
+        self.self_attn = Attention(config, 0, family(config))
         for name in ("q_proj", "k_proj", "v_proj"):
             out = getattr(self.self_attn, name).out_features
             setattr(self.self_attn, name, Linear(2 * hidden, out, bias=False))
