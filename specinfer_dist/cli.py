@@ -33,7 +33,7 @@ from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.errors import InvalidConfigError, SpecInferError
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.serve.cli import add_serve_parser
-from specinfer_dist.training.cli import add_boost_tune_parser
+from specinfer_dist.training.cli import add_boost_tune_parser, add_train_feature_parser
 from specinfer_dist.tuning.tune import tune_tree
 
 
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(run=_tune_tree)
 
     add_boost_tune_parser(sub)
+    add_train_feature_parser(sub)
     add_serve_parser(sub)
     add_bench_serve_parser(sub)
     return parser

@@ -73,8 +73,8 @@ class EngineConfig(_Section):
         None, "SSM source; repeat for several ('none': no SSM). Default: the shipped SSMs for the default LLM, "
         "none otherwise", flag="--ssm")
     drafters: list[str] = option([], "model-free drafter: ngram or ngram:<widths>; repeat for several", flag="--drafter")
-    tree: str = option("auto", "auto (tuned on this machine once, cached) or children per node at each depth, "
-                       "e.g. 1,1,3,1,1,1,1,1")
+    tree: str = option("auto", "auto (tuned on this machine once, cached), children per node at each depth, "
+                       "e.g. 1,1,3,1,1,1,1,1, or dynamic[:K,DEPTH] (EAGLE-2: the best tree-budget nodes)")
     tree_budget: int = option(DEFAULT_TOKEN_BUDGET, "most drafted tokens per request per step")
     mode: str | None = option(None, "incremental | sequence | tree (default: tree with a drafter)", choices=MODES)
     verify: str = option("mss", "verifier for sampled requests", choices=VERIFY_METHODS)
@@ -101,6 +101,10 @@ class EngineConfig(_Section):
     generation_config: str = option(
         "auto", "auto: requests that leave temperature/top_p/top_k unset get the model's generation_config.json "
         "values; none: the OpenAI defaults", choices=GENERATION_CONFIGS)
+    # An EAGLE-3 head (models/eagle3.py) merged with the other drafters; it reads the LLM's hidden states.
+    feature_drafter: str | None = option(
+        None, "EAGLE-3 head directory (the format vLLM and SGLang load), or 'default': the head shipped "
+        "for the default LLM")
 
     def __post_init__(self) -> None:
         _check(isinstance(self.llm, str) and bool(self.llm), f"llm must be a model source, got {self.llm!r}")
@@ -126,6 +130,8 @@ class EngineConfig(_Section):
         _check(t is None or (isinstance(t, (int, float)) and 0 < t < float("inf")),
                f"draft_temperature must be positive, got {t!r}")
         _check(isinstance(self.draft_vocab, bool), f"draft_vocab must be true or false, got {self.draft_vocab!r}")
+        _check(self.feature_drafter is None or (isinstance(self.feature_drafter, str) and bool(self.feature_drafter)),
+               f"feature_drafter must be a directory or 'default', got {self.feature_drafter!r}")
         _check(isinstance(self.tree, str), f"tree must be 'auto' or widths like 1,1,3,1, got {self.tree!r}")
         if self.tree != "auto":
             TreeSpec.parse(self.tree, self.tree_budget)  # raises with the reason

@@ -47,6 +47,13 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "sequence-mss": {"mode": "sequence", "verify": "mss"},
     "tree-naive": {"mode": "tree", "verify": "naive"},
     "tree-mss": {"mode": "tree", "verify": "mss"},
+    # Feature drafter (EAGLE-3 head, --feature-drafter, default: the shipped one): alone, merged, dynamic.
+    "feature": {"mode": "tree", "ssms": ["none"], "feature": True},
+    "feature-merged": {"mode": "tree", "drafters": ["ngram"], "feature": True},  # + the SSMs + prompt lookup
+    "feature-dynamic": {"mode": "tree", "ssms": ["none"], "feature": True, "tree": "dynamic"},
+    "dynamic": {"mode": "tree", "tree": "dynamic"},  # the SSMs, EAGLE-2 dynamic tree
+    "feature-merged-dynamic": {"mode": "tree", "drafters": ["ngram"], "feature": True, "tree": "dynamic"},
+    "feature-mss": {"mode": "tree", "ssms": ["none"], "feature": True, "verify": "mss"},
 }
 MODES = (*ENGINE_MODES, "hf", "hf-assisted")  # hf-assisted: HF generate(assistant_model=our first SSM)
 DEFAULT_MODES = "incremental,sequence,tree,tree-specinfer,ngram,merged,hf"
@@ -153,7 +160,10 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)
             raw[mode].update(peak.as_dict())
             continue
-        settings = ENGINE_MODES[mode]
+        settings = dict(ENGINE_MODES[mode])
+        # Feature modes use the engine options' head (default: the shipped one); the others none.
+        feature = settings.pop("feature", False)
+        settings["feature_drafter"] = (config.engine.feature_drafter or "default") if feature else None
         is_sampled = "verify" in settings
         with PeakMemory() as peak:
             engine = base if mode == "incremental" else LLMEngine.from_config(

@@ -10,6 +10,7 @@ from specinfer_dist.drafters.base import Drafter, DraftRequest, draft_generator
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.kv_cache import KVCache
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.tree.dynamic import best_nodes, prune_tree
 from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
@@ -25,8 +26,10 @@ class _Expansion:
     chain_len: int  # committed tokens fed this step (the root is the last of them)
     max_depth: int
     item: RunItem
-    node_row: list[int] = field(default_factory=list)
+    node_row: dict[int, int] = field(default_factory=dict)  # fed tree node -> its pending row
     frontier: list[int] = field(default_factory=lambda: [0])
+    outputs: torch.Tensor | None = None  # feature drafters: every pending row's output so far
+    scores: list[float] = field(default_factory=lambda: [0.0])  # dynamic trees: path log-prob per node
 
 
 class SSMDrafter(Drafter):
@@ -37,6 +40,9 @@ class SSMDrafter(Drafter):
     The SSM keeps a KV cache of the committed tokens per request. Each step first feeds the
     tokens committed since the last step (they end with the tree's root), then one forward
     per depth over the new frontier; afterwards only the committed rows stay in its cache.
+    With a dynamic spec (tree/dynamic.py) only the k most probable new nodes of a depth form
+    the next frontier, and greedy trees keep their token_budget most probable nodes.
+    Subclasses change what is fed (``_chain``) and how a depth is computed (``_forward``).
     """
 
     def __init__(
@@ -55,28 +61,32 @@ class SSMDrafter(Drafter):
                 self.caches[request.request_id] = self.runner.new_cache()
                 self.generators[request.request_id] = draft_generator(request.params, self.name)
             cache = self.caches[request.request_id]
-            chain = request.tokens[cache.length :]
+            chain = self._chain(request, cache)
             states.append(
                 _Expansion(
                     request=request,
                     cache=cache,
-                    tree=TokenTree.from_root(chain[-1]),
+                    tree=TokenTree.from_root(request.tokens[-1]),
                     chain_len=len(chain),
-                    max_depth=min(max_depth, self.spec.depth),
+                    max_depth=min(max_depth, self.spec.depth) if chain else 0,
                     item=RunItem(cache, chain, chain_parents(len(chain)), [len(chain) - 1]),
-                    node_row=[len(chain) - 1],
+                    node_row={0: len(chain) - 1},
                 )
             )
         active = [s for s in states if s.max_depth > 0]
         depth = 0
         while active:
-            logits = self.runner.forward([s.item for s in active])
+            logits = self._forward(active)
             still = []
             for state, node_logits in zip(active, logits):
                 children = self._children(state.request, node_logits, self.spec.widths[depth])
-                state.frontier = [
+                new = [
                     state.tree.add(parent, token, q) for parent, kids in zip(state.frontier, children) for token, q in kids
                 ]
+                if self.spec.dynamic:  # EAGLE-2: only the most probable new nodes grow further
+                    self._score(state, node_logits, new)
+                    new = best_nodes(new, state.scores, self.spec.widths[0])
+                state.frontier = new
                 if depth + 1 < state.max_depth:
                     self._feed_frontier(state)
                     still.append(state)
@@ -84,7 +94,29 @@ class SSMDrafter(Drafter):
         for state in states:
             if state.cache.pending:
                 state.cache.commit(range(state.chain_len))
+            if self.spec.dynamic and state.request.params.greedy:  # sampled draws are never dropped by value
+                state.tree = prune_tree(state.tree, state.scores, self.spec.token_budget)
         return [state.tree for state in states]
+
+    @staticmethod
+    def _score(state: _Expansion, logits: torch.Tensor, new: list[int]) -> None:
+        """Path log-probability of each new node: its parent's plus log q of its token
+        (q: the distribution that drew it, else the drafter's softmax)."""
+        log_q = logits.log_softmax(dim=-1)
+        rows = {node: row for row, node in enumerate(state.frontier)}
+        for node in new:
+            parent, token, q = state.tree.parents[node], state.tree.tokens[node], state.tree.probs[node]
+            step = q[token].log().item() if q is not None else log_q[rows[parent], token].item()
+            state.scores.append(state.scores[parent] + step)
+
+    def _chain(self, request: DraftRequest, cache: KVCache) -> list[int]:
+        """Tokens fed before the tree: those committed since the last step, ending with the root
+        (empty: nothing to draft from this step)."""
+        return request.tokens[cache.length :]
+
+    def _forward(self, states: list[_Expansion]) -> list[torch.Tensor]:
+        """Logits of every state's ``item.logit_rows``, one forward for all."""
+        return self.runner.forward([s.item for s in states])
 
     def _children(
         self, request: DraftRequest, logits: torch.Tensor, k: int
@@ -105,7 +137,7 @@ class SSMDrafter(Drafter):
         parents = state.item.parents
         first_row = len(parents)
         parents = parents + [state.node_row[state.tree.parents[n]] for n in state.frontier]
-        state.node_row.extend(range(first_row, first_row + len(state.frontier)))
+        state.node_row.update(zip(state.frontier, range(first_row, first_row + len(state.frontier))))
         tokens = [state.tree.tokens[n] for n in state.frontier]
         state.item = RunItem(state.cache, tokens, parents, list(range(len(tokens))))
 

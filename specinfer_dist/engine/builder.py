@@ -17,11 +17,13 @@ from transformers import GenerationConfig
 
 from specinfer_dist.config import EngineConfig
 from specinfer_dist.drafters.base import Drafter
+from specinfer_dist.drafters.feature import FeatureDrafter
 from specinfer_dist.drafters.ngram import NgramDrafter
 from specinfer_dist.drafters.ssm import SSMDrafter
 from specinfer_dist.errors import InvalidConfigError
-from specinfer_dist.models.default import ssm_sources
+from specinfer_dist.models.default import feature_drafter_source, ssm_sources
 from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
+from specinfer_dist.models.eagle3 import Eagle3Head, load_eagle3
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.device import default_dtype, resolve_device
@@ -101,10 +103,19 @@ def load_ssms(config: EngineConfig, target: Target, progress: bool = False) -> l
     return ssms
 
 
+def load_feature_head(config: EngineConfig, target: Target) -> Eagle3Head | None:
+    """The configured EAGLE-3 head on the LLM's device, sharing what it omits from the LLM."""
+    if config.feature_drafter is None:
+        return None
+    source = feature_drafter_source(config.llm, config.feature_drafter)
+    return load_eagle3(source, target.model, next(target.model.parameters()).dtype)
+
+
 def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer], progress: bool = False) -> DraftPlan:
     """Mode and tree for these drafters. ``tree="auto"`` measures this machine once (cached)
-    and may keep only some SSMs, or none (then decoding is incremental)."""
-    has_drafters = bool(ssms or config.drafters)
+    and may keep only some SSMs, or none (then decoding is incremental); it does not yet
+    measure a feature drafter, which drafts with the chosen shape."""
+    has_drafters = bool(ssms or config.drafters or config.feature_drafter)
     mode = config.mode or ("tree" if has_drafters else "incremental")
     if mode != "incremental" and not has_drafters:
         raise InvalidConfigError(f"mode {mode!r} needs at least one SSM or drafter")
@@ -124,13 +135,19 @@ def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer],
     return DraftPlan(mode, spec.as_sequence() if mode == "sequence" else spec, ssms)
 
 
-def make_drafters(config: EngineConfig, plan: DraftPlan) -> list[Drafter]:
+def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Head | None = None) -> list[Drafter]:
+    """The drafters; a feature drafter needs its loaded head (it reads the LLM's hidden states,
+    so it runs next to the verifier, never in a separate draft worker)."""
     if plan.mode == "incremental":
         return []
     drafters: list[Drafter] = [
         SSMDrafter(model, plan.spec, f"ssm{i}", config.draft_temperature) for i, model in enumerate(plan.ssms)
     ]
     drafters.extend(model_free_drafter(name, plan.spec) for name in config.drafters)
+    if config.feature_drafter is not None:
+        if feature_head is None:
+            raise InvalidConfigError("feature drafters run in the process of the LLM (not the Ray runtime yet)")
+        drafters.append(FeatureDrafter(feature_head, plan.spec, "feature", config.draft_temperature))
     return drafters
 
 
@@ -148,6 +165,7 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
     Engines built from one ``target`` share its weights (each has its own KV caches)."""
     target = target or load_target(config, progress)
     ssms = load_ssms(config, target, progress) if config.mode != "incremental" else []
+    head = load_feature_head(config, target) if config.mode != "incremental" else None
     plan = plan_drafting(config, target, ssms, progress)
     capacity = kv_capacity_for(target.model, config.kv_blocks, config.kv_block_size, config.kv_memory_fraction)
     return EngineParts(
@@ -156,7 +174,7 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
         eos_ids=target.eos_ids,
         sampling_defaults=target.sampling_defaults,
         verifier=LocalVerifier(target.model, capacity),
-        drafters=make_drafters(config, plan),
+        drafters=make_drafters(config, plan, head),
         spec=plan.spec,
         mode=plan.mode,
         verify=config.verify,

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from specinfer_dist.config import MODES, VERIFY_METHODS, EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
+from specinfer_dist.drafters.feature import FeatureDrafter
 from specinfer_dist.engine.builder import Target, build_parts
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.scheduler import Scheduler
@@ -50,7 +51,8 @@ class LLMEngine:
     them from ``EngineConfig`` options (engine/builder.py). With more than
     ``speculation_max_batch`` requests running, a step decodes without drafting. Requests that
     leave temperature/top_p/top_k unset get ``sampling_defaults`` (the model's
-    generation_config.json), else OpenAI's.
+    generation_config.json), else OpenAI's. A feature drafter among the drafters (drafters/feature.py)
+    gets the hidden states the verifier's forward captures for the tokens it commits.
     """
 
     def __init__(
@@ -87,6 +89,13 @@ class LLMEngine:
         self.sampling_defaults = dict(sampling_defaults or {})
         self.verifier = verifier
         self.drafters = drafters if mode != "incremental" else []
+        # Feature drafters read the hidden states the verifier captures in its forward.
+        self.feature_drafters = [d for d in self.drafters if isinstance(d, FeatureDrafter)]
+        if len(self.feature_drafters) > 1:
+            raise InvalidConfigError("at most one feature drafter")
+        self.aux_layers = self.feature_drafters[0].aux_layers if self.feature_drafters else []
+        if self.feature_drafters and (pipeline or not hasattr(verifier, "forward_hidden")):
+            raise InvalidConfigError("feature drafters need the in-process verifier (not the Ray runtime yet)")
         self.spec = spec
         self.mode = mode
         self.verify = verify
@@ -239,12 +248,17 @@ class LLMEngine:
         drafted = time.perf_counter()
         items = self.verify_items(whole, trees) + self.chunk_items(chunks)
         try:
-            logits = self.verifier.forward(items) if items else []
+            if not items:
+                logits, hidden = [], None
+            elif self.feature_drafters:  # they read the hidden states this forward computes anyway
+                logits, hidden = self.verifier.forward_hidden(items, self.aux_layers)
+            else:
+                logits, hidden = self.verifier.forward(items), None
         except Exception as err:
             self._fail_step([*whole, *(seq for seq, _ in chunks)], err)
             raise
-        self.apply(whole, trees, items, logits)
-        self.commit_chunks(chunks)
+        self.apply(whole, trees, items, logits, hidden)
+        self.commit_chunks(chunks, None if hidden is None else hidden[len(whole):])
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted
         return failed + whole + [seq for seq, _ in chunks if seq.finished]
@@ -267,27 +281,37 @@ class LLMEngine:
             for seq, n in chunks
         ]
 
-    def commit_chunks(self, chunks: list[tuple[Sequence, int]]) -> None:
-        """Cache the prompt chunks the forward ran."""
-        for seq, n in chunks:
+    def commit_chunks(self, chunks: list[tuple[Sequence, int]], hidden: list[torch.Tensor] | None = None) -> None:
+        """Cache the prompt chunks the forward ran (feature drafters get their ``hidden`` states)."""
+        for i, (seq, n) in enumerate(chunks):
             try:
                 self.verifier.commit(seq.request_id, list(range(n)))
+                for drafter in self.feature_drafters:
+                    drafter.observe(seq.request_id, seq.num_cached, hidden[i])
                 seq.num_cached += n
             except Exception as err:  # noqa: BLE001 - one request's failure is its own
                 self._fail(seq, "caching a prompt chunk", err)
 
     def apply(
-        self, seqs: list[Sequence], trees: list[TokenTree], items: list[VerifyItem], logits: list[torch.Tensor]
+        self,
+        seqs: list[Sequence],
+        trees: list[TokenTree],
+        items: list[VerifyItem],
+        logits: list[torch.Tensor],
+        hidden: list[torch.Tensor] | None = None,
     ) -> None:
         """Verify each tree against the LLM's logits, commit the accepted path, end finished
-        requests; a request whose own verification or commit raises ends alone, with its error."""
-        for seq, tree, item, node_logits in zip(seqs, trees, items, logits):
+        requests; a request whose own verification or commit raises ends alone, with its error.
+        Feature drafters get the committed rows' ``hidden`` states."""
+        for i, (seq, tree, item, node_logits) in enumerate(zip(seqs, trees, items, logits)):
             try:
-                self._apply_one(seq, tree, item, node_logits)
+                self._apply_one(seq, tree, item, node_logits, None if hidden is None else hidden[i])
             except Exception as err:  # noqa: BLE001 - one request's failure is its own
                 self._fail(seq, "verifying its step", err)
 
-    def _apply_one(self, seq: Sequence, tree: TokenTree, item: VerifyItem, node_logits: torch.Tensor) -> None:
+    def _apply_one(
+        self, seq: Sequence, tree: TokenTree, item: VerifyItem, node_logits: torch.Tensor, hidden: torch.Tensor | None
+    ) -> None:
         params = seq.params
         accepted, bonus = verify_tree(
             tree, node_logits, seq.generator, temperature=params.temperature, top_k=params.top_k,
@@ -296,6 +320,8 @@ class LLMEngine:
         chain_len = len(item.tokens) - len(tree)
         keep = [*range(chain_len), *(chain_len + n for n in [0, *accepted])]
         self.verifier.commit(seq.request_id, keep)
+        for drafter in self.feature_drafters:
+            drafter.observe(seq.request_id, seq.num_cached, hidden[keep])
         seq.num_cached += len(keep)
         tokens = [tree.tokens[n] for n in accepted] + [bonus]
         appended = self._append(seq, tokens)

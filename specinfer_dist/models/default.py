@@ -115,3 +115,12 @@ def ssm_sources(llm: str | None, ssms: Sequence[str] | None) -> list[str]:
     if ssms is None:
         ssms = ["default"] if llm in (None, "default") else []
     return [str(d) for s in ssms if s != "none" for d in (default_ssm_dirs() if s == "default" else [s])]
+
+
+def feature_drafter_source(llm: str | None, source: str | None) -> str | None:
+    """An EAGLE-3 head directory: "default" is the one shipped for the default LLM."""
+    if source != "default":
+        return source
+    if llm not in (None, "default"):
+        raise ModelLoadError("feature drafter 'default' is the head shipped for the default LLM; pass a directory")
+    return str(SHIPPED_SSMS / "eagle3")

@@ -226,16 +226,23 @@ class Transformer(nn.Module):
         positions: torch.Tensor,
         segments: Sequence[Segment],
         logit_rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        aux_layers: Sequence[int] = (),
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Logits ([len(logit_rows) or tokens, vocab]) for a flat run of new tokens.
 
         Only ``logit_rows`` get the vocabulary projection: a prompt's earlier tokens need none.
+        With ``aux_layers`` (feature drafters, models/eagle3.py) it returns (logits, aux): the
+        residual stream entering each of those layers, concatenated, for every token [tokens, k * hidden].
         """
         x = self.model.embed_tokens(input_ids)
         rope = {key: emb(positions, x.dtype) for key, emb in self.model.rotary_emb.items()}
-        for layer in self.model.layers:
+        captured = {}
+        for i, layer in enumerate(self.model.layers):
+            if i in aux_layers:
+                captured[i] = x
             x = layer(x, rope, positions, segments)
         if logit_rows is not None:
             x = x[logit_rows]
         logits = self.lm_head(self.model.norm(x))
-        return logits if self.final_softcap is None else softcap(logits, self.final_softcap)
+        logits = logits if self.final_softcap is None else softcap(logits, self.final_softcap)
+        return (logits, torch.cat([captured[i] for i in aux_layers], dim=-1)) if aux_layers else logits

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from specinfer_dist.models.eagle3 import Eagle3Head
 from specinfer_dist.models.transformer import Segment, Transformer
 from specinfer_dist.runtime.kv_cache import KVCache
 from specinfer_dist.tree.token_tree import ancestor_mask, depths
@@ -32,7 +33,9 @@ def chain_parents(n: int) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer) -> None:
+    """Runs an LLM or SSM (``forward``), or gives an EAGLE-3 head its flattened inputs (``prepare``)."""
+
+    def __init__(self, model: Transformer | Eagle3Head) -> None:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
@@ -40,9 +43,8 @@ class ModelRunner:
     def new_cache(self) -> KVCache:
         return KVCache(self.model.num_layers, self.model.num_kv_heads, self.model.head_dim, self.dtype, self.device)
 
-    @torch.inference_mode()
-    def forward(self, items: list[RunItem]) -> list[torch.Tensor]:
-        """Logits [len(item.logit_rows), vocab] for every item, from one forward pass."""
+    def prepare(self, items: list[RunItem]) -> tuple[torch.Tensor, torch.Tensor, list[Segment], torch.Tensor]:
+        """Reserve cache rows and flatten ``items`` into (ids, positions, segments, logit rows)."""
         ids, positions, segments, rows = [], [], [], []
         start = 0
         for item in items:
@@ -55,11 +57,22 @@ class ModelRunner:
             segments.append(Segment(start, start + n, item.cache, mask.to(self.device)))
             rows.extend(start + r for r in item.logit_rows)
             start += n
-        logits = self.model(
-            torch.tensor(ids, device=self.device),
-            torch.tensor(positions, device=self.device),
-            segments,
-            torch.tensor(rows, dtype=torch.long, device=self.device),  # may be empty (prompt chunks only)
-        )
+        device = self.device
+        return torch.tensor(ids, device=device), torch.tensor(positions, device=device), segments, torch.tensor(rows, dtype=torch.long, device=device)  # may be empty (prompt chunks only)
+
+    @torch.inference_mode()
+    def forward(self, items: list[RunItem]) -> list[torch.Tensor]:
+        """Logits [len(item.logit_rows), vocab] for every item, from one forward pass."""
+        return self._split_logits(self.model(*self.prepare(items)), items)
+
+    @torch.inference_mode()
+    def forward_hidden(self, items: list[RunItem], aux_layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Logits as ``forward``, plus every row's hidden states entering ``aux_layers``
+        ([len(item.tokens), k * hidden] per item, left on the device for a feature drafter)."""
+        logits, aux = self.model(*self.prepare(items), aux_layers=aux_layers)
+        return self._split_logits(logits, items), list(aux.split([len(item.tokens) for item in items]))
+
+    @staticmethod
+    def _split_logits(logits: torch.Tensor, items: list[RunItem]) -> list[torch.Tensor]:
         # On the host: verification is sequential per request, and its RNG lives on the CPU.
         return list(logits.float().cpu().split([len(item.logit_rows) for item in items]))

@@ -53,12 +53,20 @@ class LocalVerifier:
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
         """Logits for each item's ``logit_rows``; the items' tokens stay pending in the caches."""
+        return self.runner.forward(self._run_items(items))
+
+    def forward_hidden(self, items: list[VerifyItem], aux_layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``forward`` that also returns every item row's hidden states entering ``aux_layers``
+        (feature drafters read them; the same forward, no extra LLM pass)."""
+        return self.runner.forward_hidden(self._run_items(items), aux_layers)
+
+    def _run_items(self, items: list[VerifyItem]) -> list[RunItem]:
         run = []
         for item in items:
             if item.request_id not in self.caches:
                 self.caches[item.request_id] = self._new_cache()
             run.append(RunItem(self.caches[item.request_id], item.tokens, item.parents, item.logit_rows))
-        return self.runner.forward(run)
+        return run
 
     def _new_cache(self) -> KVCacheBase:
         return self.runner.new_cache() if self.pool is None else PagedKVCache(self.pool)

@@ -1,4 +1,4 @@
-"""``specinfer-dist boost-tune``: build distillation data and boost-tune SSMs for an LLM."""
+"""``specinfer-dist boost-tune`` (SSMs) and ``train-feature-drafter`` (EAGLE-3 heads) for an LLM."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from specinfer_dist.training import feature
 from specinfer_dist.training.boost import REPORT_NAME, BoostConfig, boost_tune
 from specinfer_dist.training.data import DataConfig
+from specinfer_dist.training.feature import FeatureTrainConfig, train_feature_drafter
 from specinfer_dist.training.train import TrainConfig
 
 
@@ -52,4 +54,42 @@ def _run(args: argparse.Namespace) -> int:
     report = boost_tune(cfg)
     print(f"held-out top-1 (any SSM): {report['heldout_collective_top1']:.3f}; "
           f"report: {Path(args.out) / REPORT_NAME}", file=sys.stderr)
+    return 0
+
+
+def add_train_feature_parser(subparsers: argparse._SubParsersAction) -> None:
+    c = FeatureTrainConfig(out=Path("."))
+    p = subparsers.add_parser("train-feature-drafter",
+                              help="train an EAGLE-3 feature drafter for an LLM (saved in the vLLM/SGLang format)")
+    p.add_argument("--llm", default="default", help="'default', a HF checkpoint dir, a .gguf file or a hub id")
+    p.add_argument("--out", required=True, help="the head's directory (config.json, model.safetensors, report)")
+    p.add_argument("--work-dir", help="cached generations and the resumable checkpoint (default: OUT/.work)")
+    p.add_argument("--tokens", type=int, default=c.tokens, help="target tokens to train on")
+    p.add_argument("--prompts", type=int, default=c.prompts, help="prompts the LLM answers (5%% held out)")
+    p.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens)
+    p.add_argument("--corpus-sequences", type=int, default=c.corpus_sequences, help="teacher-forced corpus windows")
+    p.add_argument("--seq-len", type=int, default=c.seq_len)
+    p.add_argument("--batch-size", type=int, default=c.batch_size, help="sequences per step")
+    p.add_argument("--lr", type=float, default=c.lr)
+    p.add_argument("--ttt-steps", type=int, default=c.ttt_steps, help="draft depths unrolled in training")
+    p.add_argument("--draft-vocab", type=int, default=c.draft_vocab)
+    p.add_argument("--intermediate-size", type=int, help="the head's MLP width (default: the LLM's)")
+    p.add_argument("--workers", type=int, default=c.workers, help="processes for generation")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--seed", type=int, default=c.seed)
+    p.set_defaults(run=_run_feature)
+
+
+def _run_feature(args: argparse.Namespace) -> int:
+    cfg = FeatureTrainConfig(
+        out=Path(args.out), llm=args.llm, work_dir=Path(args.work_dir) if args.work_dir else None, tokens=args.tokens,
+        prompts=args.prompts, max_new_tokens=args.max_new_tokens, corpus_sequences=args.corpus_sequences,
+        seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, ttt_steps=args.ttt_steps,
+        draft_vocab=args.draft_vocab, intermediate_size=args.intermediate_size, workers=args.workers,
+        threads=args.threads, device=args.device, seed=args.seed,
+    )
+    report = train_feature_drafter(cfg)
+    top1 = ", ".join(f"{x:.3f}" for x in report["heldout"]["top1_by_depth"])
+    print(f"held-out top-1 by depth: {top1}; report: {Path(args.out) / feature.REPORT_NAME}", file=sys.stderr)
     return 0

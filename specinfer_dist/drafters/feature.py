@@ -1,0 +1,86 @@
+"""A feature drafter: an EAGLE-3 head (models/eagle3.py) that drafts from the LLM's hidden states.
+
+The verifier's forward already computes the residual stream of every token it runs; with
+``aux_layers`` it hands the three captured layers to the engine, which passes the rows it
+commits to ``observe`` (no extra LLM pass). Invariants:
+
+- The head's KV cache holds rows t = 0 .. length-1, row t = (LLM feature of token t, token t+1)
+  at position t. Features arrive for every committed token but the newest (the next root),
+  so after a step rows up to the root's predecessor can be fed: that last row predicts the
+  root's children. Before the LLM has seen a request (its first step) there is nothing to
+  draft from: the tree is the root alone.
+- Deeper nodes feed the head's own pre-norm output of their parent's row (EAGLE's
+  autoregressive drafting), with the node's token, at the parent's position + 1.
+- Children are chosen as an SSM's are (top-k greedy; k draws from q, recorded, when sampled);
+  q is over the draft vocabulary mapped to the LLM's ids, 0 elsewhere, which MSS handles.
+- Only the committed rows stay in the cache after a step (like SSMs, drafted rows are dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specinfer_dist.drafters.base import DraftRequest
+from specinfer_dist.drafters.ssm import SSMDrafter, _Expansion
+from specinfer_dist.models.eagle3 import Eagle3Head
+from specinfer_dist.runtime.kv_cache import KVCache
+from specinfer_dist.tree.spec import TreeSpec
+
+
+class FeatureDrafter(SSMDrafter):
+    """Expands trees like an SSM (same shapes, same q bookkeeping) from an EAGLE-3 head."""
+
+    def __init__(
+        self, head: Eagle3Head, spec: TreeSpec, name: str = "feature", draft_temperature: float | None = None
+    ) -> None:
+        super().__init__(head, spec, name, draft_temperature)  # type: ignore[arg-type]  # the runner takes heads too
+        self.head = head
+        self.aux_layers = list(head.aux_layers)
+        self.features: dict[int, torch.Tensor] = {}  # request -> fused features not yet in its cache
+
+    def observe(self, request_id: int, start: int, aux: torch.Tensor) -> None:
+        """The LLM's captured hidden states [k, 3 * hidden] of tokens ``start .. start+k-1`` (committed)."""
+        cache = self.caches.get(request_id)
+        pending = self.features.get(request_id)
+        expected = (cache.length if cache is not None else 0) + (len(pending) if pending is not None else 0)
+        if start > expected:
+            # A hole (features were never handed over): start over from a fresh prefix only.
+            self.release(request_id)
+            if start != 0:
+                return
+            expected = 0
+        aux = aux[expected - start :]  # a recomputed prefix (after preemption) is already here
+        if len(aux) == 0:
+            return
+        with torch.inference_mode():
+            fused = self.head.fuse(aux.to(self.runner.dtype))
+        self.features[request_id] = fused if pending is None else torch.cat((pending, fused))
+
+    def _chain(self, request: DraftRequest, cache: KVCache) -> list[int]:
+        pending = self.features.get(request.request_id)
+        # Rows cache.length .. len(tokens) - 2 must all have features (the root's row is the last).
+        if pending is None or cache.length + len(pending) < len(request.tokens) - 1:
+            return []
+        return request.tokens[cache.length + 1 :]
+
+    @torch.inference_mode()
+    def _forward(self, states: list[_Expansion]) -> list[torch.Tensor]:
+        hidden = []
+        for state in states:
+            n = len(state.item.tokens)
+            if state.outputs is None:  # the chain: the LLM's features
+                rid = state.request.request_id
+                hidden.append(self.features[rid][:n])
+                self.features[rid] = self.features[rid][n:]
+            else:  # a new depth: each node reads its parent row's output
+                hidden.append(state.outputs[state.item.parents[-n:]])
+        ids, positions, segments, rows = self.runner.prepare([s.item for s in states])
+        out = self.head.step(ids, torch.cat(hidden), positions, segments)
+        for state, chunk in zip(states, out.split([len(s.item.tokens) for s in states])):
+            state.outputs = chunk if state.outputs is None else torch.cat((state.outputs, chunk))
+        logits = self.head.target_logits(out[rows]).float().cpu()
+        return list(logits.split([len(s.item.logit_rows) for s in states]))
+
+    def release(self, request_id: int) -> None:
+        super().release(request_id)
+        self.features.pop(request_id, None)

@@ -1,0 +1,326 @@
+"""Train an EAGLE-3 feature drafter (models/eagle3.py) for any supported LLM.
+
+Data: the LLM's own continuations of prompts (generated once, cached in the work dir) and
+teacher-forced text (corpus windows). Each training step runs ONE prompt-shaped LLM forward
+over its sequences, which yields both the inputs (the residual stream entering the captured
+layers) and the targets (the LLM's next-token distribution); nothing else is stored, so the
+data costs no disk and a run resumes from its last checkpoint (weights, optimizer, step).
+
+The head is unrolled EAGLE-3 style ("training-time test"): step 0 reads the LLM's features;
+step j reads step j-1's own outputs one row back, with the true tokens (a drafted chain is
+only useful where it is right), and attends to the feature rows up to its chain's start plus
+its chain's earlier steps, exactly the rows it sees when drafting. Row t of every step
+predicts token t + 2; the loss is soft cross-entropy against the LLM's distribution over the
+draft vocabulary, weighted 0.8^j. Targets are soft (the whole draft-vocabulary
+distribution, cheap next to the LLM forward). Trained heads share the LLM's embedding and
+its head's draft-vocabulary rows (frozen) and save without them (models/eagle3.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from tqdm import tqdm
+
+from specinfer_dist.engine.builder import eos_ids
+from specinfer_dist.engine.engine import LLMEngine
+from specinfer_dist.models.draft_vocab import frequent_tokens
+from specinfer_dist.models.eagle3 import Eagle3Head, default_aux_layers, eagle3_config, save_eagle3
+from specinfer_dist.models.loader import resolve_model_dir
+from specinfer_dist.models.transformer import Segment
+from specinfer_dist.runtime.model_runner import RunItem, chain_parents
+from specinfer_dist.training import prompts as P
+from specinfer_dist.training.data import DataConfig, _check_params, build_prompts, generate, load_hf
+from specinfer_dist.training.train import TrainConfig, batch_order, lr_at
+
+SHARED = ["embed_tokens.weight", "lm_head.weight"]
+REPORT_NAME = "train_report.json"
+CKPT_NAME = "feature-ckpt.pt"
+
+
+@dataclass
+class FeatureTrainConfig:
+    out: Path
+    llm: str = "default"
+    work_dir: Path | None = None
+    prompts: int = 256  # prompts the LLM answers (its own outputs; 5% held out for evaluation)
+    max_new_tokens: int = 128
+    corpus_sequences: int = 1024  # teacher-forced corpus windows
+    seq_len: int = 192  # tokens per sequence (longer ones are cut)
+    tokens: int = 1_000_000  # training stops after this many target tokens
+    batch_size: int = 4  # sequences per step
+    lr: float = 5e-4
+    warmup: int = 20
+    ttt_steps: int = 3  # unrolled draft depths
+    draft_vocab: int = 8192
+    intermediate_size: int | None = None  # None: the LLM's
+    ckpt_every: int = 25
+    log_every: int = 10  # steps per loss-curve point
+    seed: int = 0
+    workers: int = 1  # generation processes
+    threads: int | None = None
+    save_dtype: str = "bfloat16"
+    device: str | None = None  # None: cuda when present
+    compare_ssms: list[str] | None = None  # SSM sources scored on the same held-out rows (None: the default's)
+
+
+class _TrainKV:
+    """A KV store that keeps every unrolled step's rows (with gradients) for Attention."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.k = k if self.k is None else torch.cat((self.k, k), dim=1)
+        self.v = v if self.v is None else torch.cat((self.v, v), dim=1)
+        return self.k, self.v
+
+
+def ttt_mask(rows: int, step: int, device: torch.device) -> torch.Tensor:
+    """Bool [rows, (step + 1) * rows]: row t of unrolled step j sees feature rows <= t - j and,
+    at each step i in 1..j, its own chain's row t - (j - i)."""
+    t = torch.arange(rows, device=device)
+    blocks = [torch.arange(rows, device=device)[None, :] <= (t - step)[:, None]]
+    for i in range(1, step + 1):
+        blocks.append(torch.arange(rows, device=device)[None, :] == (t - (step - i))[:, None])
+    return torch.cat(blocks, dim=1)
+
+
+def unroll(head: Eagle3Head, aux: torch.Tensor, ids: torch.Tensor, lengths: list[int], steps: int) -> list[torch.Tensor]:
+    """Draft-vocabulary logits of every unrolled step, [sum(rows), draft_vocab] each; a sequence
+    of length n has rows t = 0..n-2 (its LLM feature of token t with token t + 1, at position t)."""
+    device = aux.device
+    rows = [n - 1 for n in lengths]
+    tokens = torch.cat([ids[b, 1:n] for b, n in enumerate(lengths)])
+    positions = torch.cat([torch.arange(r, device=device) for r in rows])
+    hidden = head.fuse(torch.cat([aux[b, : n - 1] for b, n in enumerate(lengths)]))
+    stores = [_TrainKV() for _ in rows]
+    starts = [0, *torch.tensor(rows).cumsum(0).tolist()]
+    logits = []
+    for j in range(steps):
+        segments = [Segment(starts[b], starts[b + 1], stores[b], ttt_mask(r, j, device)) for b, r in enumerate(rows)]
+        out = head.step(tokens, hidden, positions, segments)
+        logits.append(head.draft_logits(out))
+        # Next step: row t reads this step's output of row t - 1 (row 0 has none: zeros, never scored).
+        hidden = torch.cat([torch.cat((out[s : s + 1] * 0, out[s : e - 1])) for s, e in zip(starts, starts[1:])])
+    return logits
+
+
+def step_targets(llm_logits: torch.Tensor, lengths: list[int], draft_ids: torch.Tensor) -> torch.Tensor:
+    """The LLM's distribution over the draft vocabulary for token t + 2, per row t: [rows, draft_vocab]."""
+    return torch.cat([llm_logits[b, 1:n, :][:, draft_ids].float().softmax(-1) for b, n in enumerate(lengths)])
+
+
+def valid_rows(lengths: list[int], step: int, device: torch.device) -> torch.Tensor:
+    """Rows of unrolled step j with a real chain (t >= j)."""
+    return torch.cat([torch.arange(n - 1, device=device) >= step for n in lengths])
+
+
+@torch.no_grad()
+def llm_forward(llm: transformers.PreTrainedModel, batch: list[torch.Tensor], layers: list[int], device: torch.device):
+    """One forward over right-padded sequences: (captured features [B, T, 3H], logits [B, T, V], ids)."""
+    width = max(len(s) for s in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(batch):
+        ids[row, : len(s)] = s
+        mask[row, : len(s)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    out = llm(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    # hidden_states[i] is the residual stream entering layer i (0 = embeddings).
+    return torch.cat([out.hidden_states[i] for i in layers], dim=-1), out.logits, ids
+
+
+def init_head(llm: transformers.PreTrainedModel, draft_ids: torch.Tensor, cfg: FeatureTrainConfig) -> Eagle3Head:
+    """A head for ``llm``: its last layer's weights as a starting point, fc reading the highest
+    captured layer, its embedding and head's draft rows shared and frozen."""
+    config = eagle3_config(llm.config, len(draft_ids), default_aux_layers(llm.config.num_hidden_layers),
+                           cfg.intermediate_size)
+    torch.manual_seed(cfg.seed)
+    head = Eagle3Head(config, config.eagle_aux_hidden_state_layer_ids)
+    head.set_draft_vocab(draft_ids)
+    last = llm.model.layers[-1]
+    hidden = llm.config.hidden_size
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[:, 2 * hidden :].copy_(torch.eye(hidden))
+        for name in ("q_proj", "k_proj", "v_proj"):
+            w = getattr(last.self_attn, name).weight
+            getattr(head.midlayer.self_attn, name).weight.copy_(torch.cat((0.5 * w, w), dim=1))
+        head.midlayer.self_attn.o_proj.weight.copy_(last.self_attn.o_proj.weight)
+        if cfg.intermediate_size in (None, llm.config.intermediate_size):
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                getattr(head.midlayer.mlp, name).weight.copy_(getattr(last.mlp, name).weight)
+        for norm in (head.midlayer.input_layernorm, head.midlayer.hidden_norm):
+            norm.weight.copy_(last.input_layernorm.weight)
+        head.midlayer.post_attention_layernorm.weight.copy_(last.post_attention_layernorm.weight)
+        head.norm.weight.copy_(llm.model.norm.weight)
+    head.embed_tokens.weight = llm.model.embed_tokens.weight  # shared, frozen
+    head.lm_head.weight = nn.Parameter(llm.lm_head.weight.detach()[draft_ids].clone(), requires_grad=False)
+    return head
+
+
+def trainable(head: Eagle3Head) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in head.named_parameters() if not any(n.startswith(s.split(".")[0]) for s in SHARED)}
+
+
+def build_sequences(cfg: FeatureTrainConfig, llm, tokenizer, llm_dir: Path, work: Path, corpus: str | None,
+                    progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, int]]:
+    """(train, held-out) sequences: the LLM's answers to prompts (cached generation) and
+    teacher-forced corpus windows; held-out = the held-out prompts' answers only."""
+    data_cfg = DataConfig(num_prompts=cfg.prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
+                          workers=cfg.workers)
+    corpus = P.fetch_corpus(progress) if corpus is None else corpus
+    _check_params(work, {**{k: v for k, v in asdict(data_cfg).items() if k != "workers"},
+                         "corpus_chars": len(corpus), "llm": str(llm_dir)})
+    eos = eos_ids(llm_dir, llm.config, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    prompts = build_prompts(tokenizer, llm, llm_dir, data_cfg, corpus, work, eos, pad_id, progress)
+    sampled = [i % 2 == 1 for i in range(len(prompts))]
+    conts = generate(llm, llm_dir, [p.ids for p in prompts], sampled, data_cfg, eos, pad_id, cfg.max_new_tokens,
+                     work / "continuations", "LLM continuations", progress)
+    train, held = [], []
+    for p, c in zip(prompts, conts):
+        if c:
+            (held if p.heldout else train).append(torch.tensor(p.ids + c)[: cfg.seq_len])
+    rng = random.Random(cfg.seed)
+    text_ids = tokenizer(corpus[: 40 * cfg.seq_len * cfg.corpus_sequences], add_special_tokens=False).input_ids
+    starts = list(range(0, max(0, len(text_ids) - cfg.seq_len), cfg.seq_len))
+    windows = [torch.tensor(text_ids[s : s + cfg.seq_len]) for s in rng.sample(starts, min(len(starts), cfg.corpus_sequences))]
+    info = {"generated_sequences": len(train), "heldout_sequences": len(held), "corpus_windows": len(windows),
+            "generated_tokens": sum(len(s) for s in train), "corpus_tokens": sum(len(s) for s in windows)}
+    return train + windows, held, info
+
+
+@torch.no_grad()
+def evaluate(head: Eagle3Head, llm, seqs: list[torch.Tensor], steps: int, device: torch.device,
+             batch_size: int = 8) -> dict[str, list[float]]:
+    """Held-out agreement per draft depth: how often the LLM's argmax (full vocabulary) is the
+    head's top-1 / in its top-3, given the true tokens before it."""
+    hits = {1: [0] * steps, 3: [0] * steps}
+    counts = [0] * steps
+    draft_ids = head.draft_ids
+    for s in range(0, len(seqs), batch_size):
+        batch = [q for q in seqs[s : s + batch_size] if len(q) > 1]
+        if not batch:
+            continue
+        aux, logits, ids = llm_forward(llm, [q.to(device) for q in batch], head.aux_layers, device)
+        lengths = [len(q) for q in batch]
+        truth = torch.cat([logits[b, 1:n].argmax(-1) for b, n in enumerate(lengths)])
+        for j, step_logits in enumerate(unroll(head, aux, ids, lengths, steps)):
+            ok = valid_rows(lengths, j, device)
+            top = draft_ids[step_logits.topk(3, dim=-1).indices]
+            counts[j] += int(ok.sum())
+            hits[1][j] += int((ok & (top[:, 0] == truth)).sum())
+            hits[3][j] += int((ok & (top == truth[:, None]).any(-1)).sum())
+    return {f"top{k}_by_depth": [h / max(1, c) for h, c in zip(v, counts)] for k, v in hits.items()}
+
+
+@torch.no_grad()
+def ssm_agreement(llm_source: str, ssms: list[str], llm, seqs: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
+    """The same held-out rows scored for SSMs, loaded by the engine as it drafts with them (draft
+    vocabulary included); an SSM sees the true tokens, so its agreement is the same at every depth."""
+    engine = LLMEngine.load(llm_source, ssms=ssms, tree="1", mode="tree", dtype="float32")
+    out = {}
+    for drafter in engine.drafters:
+        runner = drafter.runner
+        hits, count = [0, 0], 0
+        for seq in seqs:
+            n = len(seq)
+            if n < 2:
+                continue
+            truth = llm(input_ids=seq[None].to(device)).logits[0, 1:n].argmax(-1).cpu()
+            item = RunItem(runner.new_cache(), seq.tolist(), chain_parents(n), list(range(1, n)))
+            top = runner.forward([item])[0].topk(3, dim=-1).indices
+            hits[0] += int((top[:, 0] == truth).sum())
+            hits[1] += int((top == truth[:, None]).any(-1).sum())
+            count += n - 1
+        out[drafter.name] = {"top1": hits[0] / max(1, count), "top3": hits[1] / max(1, count)}
+    return out
+
+
+def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build the data, train (resuming from the work dir), write ``out`` (EAGLE-3 format) and a report."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    start = time.perf_counter()
+    llm_dir = resolve_model_dir(cfg.llm, progress=progress)
+    work = Path(cfg.work_dir) if cfg.work_dir else Path(cfg.out) / ".work"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
+    llm = load_hf(llm_dir).requires_grad_(False)
+    train_seqs, held_seqs, data_info = build_sequences(cfg, llm, tokenizer, llm_dir, work / "data", corpus, progress)
+    llm.to(device)
+    eos = eos_ids(llm_dir, llm.config, tokenizer)
+    draft_ids = frequent_tokens(train_seqs, llm.config.vocab_size, min(cfg.draft_vocab, llm.config.vocab_size), eos)
+    head = init_head(llm, draft_ids, cfg).to(device)
+    params = trainable(head)
+    opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
+    total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
+    ckpt_path = work / CKPT_NAME
+    step, seen, curve = 0, 0, []
+    if ckpt_path.is_file():  # resume
+        ckpt = torch.load(ckpt_path, map_location=device)
+        head.load_state_dict(ckpt["head"], strict=False)
+        opt.load_state_dict(ckpt["opt"])
+        step, seen, curve = ckpt["step"], ckpt["seen"], ckpt["curve"]
+    schedule = TrainConfig(steps=total_steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, seed=cfg.seed)
+    weights = [0.8**j for j in range(cfg.ttt_steps)]
+    t_train = time.perf_counter()
+    head.train()
+    with tqdm(total=cfg.tokens, initial=seen, desc="feature drafter", unit="tok", disable=not progress) as bar:
+        while seen < cfg.tokens:
+            batch = [train_seqs[i] for i in batch_order(len(train_seqs), step, schedule)]
+            aux, llm_logits, ids = llm_forward(llm, [q.to(device) for q in batch], head.aux_layers, device)
+            lengths = [len(q) for q in batch]
+            target = step_targets(llm_logits, lengths, draft_ids.to(device))
+            for group in opt.param_groups:
+                group["lr"] = lr_at(min(step, total_steps), schedule)
+            loss = 0.0
+            for w, (k, logits) in zip(weights, enumerate(unroll(head, aux, ids, lengths, cfg.ttt_steps))):
+                ok = valid_rows(lengths, k, device)
+                ce = -(target[ok] * logits[ok].float().log_softmax(-1)).sum(-1).mean()
+                loss = loss + w * ce
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            opt.step()
+            step += 1
+            n_tok = sum(n - 1 for n in lengths)
+            seen += n_tok
+            bar.update(n_tok)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if step % cfg.log_every == 0:
+                curve.append([step, seen, round(loss.item(), 4)])
+            if step % cfg.ckpt_every == 0 or seen >= cfg.tokens:
+                work.mkdir(parents=True, exist_ok=True)
+                state = {n: p.detach() for n, p in params.items()}
+                torch.save({"head": state, "opt": opt.state_dict(), "step": step, "seen": seen, "curve": curve},
+                           ckpt_path.with_suffix(".tmp"))
+                ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+    train_s = time.perf_counter() - t_train
+    head.eval()
+    metrics = evaluate(head, llm, held_seqs, cfg.ttt_steps, device)
+    ssms = cfg.compare_ssms if cfg.compare_ssms is not None else (["default"] if cfg.llm == "default" else [])
+    if ssms:
+        metrics["ssms"] = ssm_agreement(cfg.llm, ssms, llm, held_seqs, device)
+    save_eagle3(head, cfg.out, shared=SHARED, dtype=getattr(torch, cfg.save_dtype))
+    report = {
+        "llm": cfg.llm, "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "data": data_info, "trained_tokens": seen, "steps": step, "train_s_this_run": round(train_s, 1),
+        "total_s_this_run": round(time.perf_counter() - start, 1), "device": str(device),
+        "threads": torch.get_num_threads(), "trainable_parameters": sum(p.numel() for p in params.values()),
+        "aux_layers": head.aux_layers, "draft_vocab": len(draft_ids), "heldout": metrics, "loss_curve": curve,
+    }
+    (Path(cfg.out) / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    return report
