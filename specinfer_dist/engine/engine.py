@@ -94,7 +94,7 @@ class LLMEngine:
         if len(self.feature_drafters) > 1:
             raise InvalidConfigError("at most one feature drafter")
         self.aux_layers = self.feature_drafters[0].aux_layers if self.feature_drafters else []
-        if self.feature_drafters and (pipeline or not hasattr(verifier, "forward_hidden")):
+        if self.feature_drafters and not hasattr(verifier, "forward_hidden"):
             raise InvalidConfigError("feature drafters need the in-process verifier (not the Ray runtime yet)")
         self.spec = spec
         self.mode = mode
