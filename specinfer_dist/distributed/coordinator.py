@@ -23,7 +23,8 @@ from ray.exceptions import RayTaskError
 from ray.util.placement_group import remove_placement_group
 
 from specinfer_dist.config import ClusterConfig, EngineConfig
-from specinfer_dist.distributed.draft_worker import DraftPool, DraftWorker, Drafting
+from specinfer_dist.distributed.draft_worker import Drafting, DraftPool, DraftWorker
+from specinfer_dist.distributed.pipeline import PipelinedEngine
 from specinfer_dist.distributed.placement import (
     COORDINATOR_CPUS,
     actor_options,
@@ -33,9 +34,9 @@ from specinfer_dist.distributed.placement import (
     resolve_gpus,
     stage_device,
 )
-from specinfer_dist.distributed.pipeline import PipelinedEngine
 from specinfer_dist.distributed.verifier_shard import ShardGroupVerifier
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, Counters, RequestDelta
+from specinfer_dist.engine.builder import scheduling_options
 from specinfer_dist.engine.engine import LLMEngine, Prompt
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.models.default import ssm_sources
@@ -79,12 +80,7 @@ class Coordinator:
             **parts,
             verifier=self.verifier,
             drafters=drafters,
-            verify=engine.verify,
-            max_num_seqs=engine.max_num_seqs,
-            speculation_max_batch=engine.speculation_max_batch,
-            max_num_batched_tokens=engine.max_num_batched_tokens,
-            max_queued_seqs=engine.max_queued_seqs,
-            max_seqs_per_request=engine.max_seqs_per_request,
+            **scheduling_options(engine),
         )
         self.served = AsyncLLMEngine(llm)
         return self.served.tokenizer

@@ -177,13 +177,20 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
         drafters=make_drafters(config, plan, head),
         spec=plan.spec,
         mode=plan.mode,
-        verify=config.verify,
-        max_num_seqs=config.max_num_seqs,
-        speculation_max_batch=config.speculation_max_batch,
-        max_num_batched_tokens=config.max_num_batched_tokens,
-        max_queued_seqs=config.max_queued_seqs,
-        max_seqs_per_request=config.max_seqs_per_request,
+        **scheduling_options(config),
     )
+
+
+def scheduling_options(config: EngineConfig) -> dict[str, Any]:
+    """The ``LLMEngine`` arguments taken from the config as they are, wherever its parts run."""
+    return {
+        "verify": config.verify,
+        "max_num_seqs": config.max_num_seqs,
+        "speculation_max_batch": config.speculation_max_batch,
+        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "max_queued_seqs": config.max_queued_seqs,
+        "max_seqs_per_request": config.max_seqs_per_request,
+    }
 
 
 def eos_ids(model_dir: Path, config: Any, tokenizer: Any) -> set[int]:
