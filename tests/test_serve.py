@@ -223,11 +223,9 @@ BAD_REQUESTS = [  # (path, JSON body or raw bytes, status, param)
     ("/v1/completions", b'{"prompt": "hi", "top_p": Infinity}', 400, "top_p"),
     ("/v1/completions", {"prompt": "hi", "top_k": -2}, 400, "top_k"),
     # options we do not implement are refused by name, never ignored
-    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "hi", "logprobs": 0, "stream": True}, 400, "logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2},
-     400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
@@ -430,6 +428,26 @@ def test_grpc_generate_streams_the_engine_output(server):
     assert responses[0].request_id and "".join(r.text for r in responses) == server.greedy(ids, 5).text
 
 
+def test_logprobs_are_the_engines_on_http_and_grpc(server):
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=2)
+    [want] = server.reference.generate("hello world", params)
+    out = server.client().completions.create(model="tiny", prompt="hello world", max_tokens=6, temperature=0,
+                                             logprobs=2, extra_body=IGNORE_EOS)
+    got = out.choices[0].logprobs
+    assert got.token_logprobs == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
+    assert all(len(top) == 2 for top in got.top_logprobs) and len(got.tokens) == 6
+    chat = server.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=4, temperature=0, logprobs=True, top_logprobs=1,
+                                                   extra_body=IGNORE_EOS)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 1 and c.logprob <= 0 for c in content)
+    request = pb.GenerateRequest(text="hello world", max_tokens=6, temperature=0, ignore_eos=True, top_logprobs=2)
+    [response] = server.stub().Generate(request, metadata=OPEN)
+    assert [e.token_id for e in response.logprobs] == want.token_ids
+    assert [e.logprob for e in response.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs], abs=1e-5)
+    assert all(len(e.top) == 2 for e in response.logprobs)
+
+
 def test_grpc_without_stream_answers_in_one_message_even_a_unary_call(server):
     request = pb.GenerateRequest(text="hello world", max_tokens=12, temperature=0, ignore_eos=True)
     want = server.greedy("hello world", 12)
@@ -496,7 +514,7 @@ GRPC_BAD = [  # (request, metadata, code)
     (pb.GenerateRequest(text="hi", top_p=1.5), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(text="hi", temperature=float("nan")), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(text="hi", seed=-1), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
-    (pb.GenerateRequest(text="hi", top_logprobs=2, stream=True), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(text="hi", top_logprobs=21, stream=True), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(text="hi"), SECURED, grpc.StatusCode.UNAUTHENTICATED),
     (pb.GenerateRequest(text="hi"), SECURED + (("authorization", "Bearer wrong"),), grpc.StatusCode.UNAUTHENTICATED),
 ]

@@ -1,5 +1,5 @@
 """The serving protocol without a server: what SamplingParams makes of dangerous values, and
-OpenAI's logprobs shapes from per-token entries (the engine does not report them yet; HTTP
+OpenAI's logprobs shapes from per-token entries (HTTP
 and gRPC refusals are tested end to end in test_serve.py)."""
 
 from __future__ import annotations
@@ -38,16 +38,16 @@ def test_per_choice_seeds_stay_in_range_and_top_k_minus_one_is_off():
     assert body.sampling_params(4, 0).top_k == 0  # vLLM's "off"
 
 
-def test_logprobs_are_asked_for_in_one_place_and_refused_for_now():
+def test_logprobs_are_asked_for_in_one_place():
     chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "logprobs": True,
                                                  "top_logprobs": 3})
     completion = CompletionRequest.model_validate({"prompt": "x", "logprobs": 0})
     assert (chat.top_logprobs_wanted(), completion.top_logprobs_wanted()) == (3, 0)
-    for top in (0, 3):
-        with pytest.raises(ApiError, match="logprobs is not supported yet") as err:
-            top_logprobs_requested(top)
-        assert err.value.status == 400
-    assert top_logprobs_requested(None) is None
+    assert chat.sampling_params(4, 0).logprobs == 3 and completion.sampling_params(4, 0).logprobs == 0
+    assert [top_logprobs_requested(top) for top in (None, 0, 20)] == [None, 0, 20]
+    with pytest.raises(ApiError, match="between 0 and 20") as err:
+        top_logprobs_requested(21, "top_logprobs")  # gRPC's field has no schema bound of its own
+    assert err.value.status == 400
 
 
 @dataclass
