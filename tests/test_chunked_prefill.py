@@ -137,9 +137,9 @@ def test_async_stream_with_chunked_prompt_matches_generate(models):
 def test_short_request_ttft_while_an_8k_prompt_is_prefilled():
     """Head-of-line blocking, on the default SmolLM2 (context 8192): 4-token requests sent while
     an 8000-token prompt is being prefilled in chunks. Without chunks each would wait for the
-    whole prefill (~100 s). Early in the prefill the first token comes within 3 s on the shared
-    2-core CPU; late in it (6000 tokens cached) a chunk step costs more, as each chunk attends
-    to everything cached so far, so that figure is printed, not bounded here."""
+    whole prefill (~100 s). What is checked is the order, not a time: each short request gets its
+    first token while the long prompt is still being prefilled. The times are printed (a chunk
+    step costs more late in the prompt, as each chunk attends to everything cached so far)."""
     chunk = 128
     engine = LLMEngine.load("default", ssms=["none"], mode="incremental", max_num_batched_tokens=chunk)
     served = AsyncLLMEngine(engine)
@@ -154,6 +154,8 @@ def test_short_request_ttft_while_an_8k_prompt_is_prefilled():
         await gen.__anext__()
         ttft = time.perf_counter() - sent
         await gen.aclose()
+        cached = max(c.length for c in list(engine.verifier.caches.values()))
+        assert cached < len(long_prompt) - 1, "the short request waited for the whole long prefill"
         return ttft
 
     async def main():
@@ -171,4 +173,3 @@ def test_short_request_ttft_while_an_8k_prompt_is_prefilled():
         served.shutdown()
     print(f"TTFT of a 4-token request with an 8000-token prompt in flight (chunk {chunk} tokens): "
           f"{early:.2f} s at 1000 tokens cached, {late:.2f} s at 6000")
-    assert early <= 3.0
