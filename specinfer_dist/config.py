@@ -12,6 +12,7 @@ from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET
 
 DEFAULT_BLOCK_SIZE = 16  # token rows per KV block
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # fraction of a GPU's memory the process may fill (weights + KV pool)
 
 
 class _Section:
@@ -43,8 +44,9 @@ class EngineConfig(_Section):
     dtype: str = "float32"
     max_num_seqs: int = 16
     speculation_max_batch: int | None = None  # more requests running: no drafting (None: always draft)
-    kv_blocks: int | None = None  # LLM KV pool size in blocks; None: caches grow on demand
+    kv_blocks: int | None = None  # LLM KV pool size in blocks; None: from memory (1 GiB on CPU, see gpu_memory_utilization)
     kv_block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # CUDA: the KV pool fills this fraction of device memory after the weights
 
 
 @dataclass

@@ -40,7 +40,10 @@ class ShardSpec:
     llm: str
     dtype: str
     world_size: int
-    kv_capacity: KVCapacity | None
+    kv_blocks: int | None  # None: each shard sizes its pool from its memory; the group uses the smallest
+    kv_block_size: int
+    max_num_seqs: int
+    gpu_memory_utilization: float
     threads: int
     timeout_s: float
 
@@ -59,8 +62,9 @@ class VerifierShard:
             port = sock.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def join(self, init_method: str | None) -> None:
-        """Load the LLM, join the group (every rank must be called at once), keep this rank's shard."""
+    def join(self, init_method: str | None) -> KVCapacity:
+        """Load the LLM, join the group (every rank must be called at once), keep this rank's
+        shard; returns the KV pool it could allocate."""
         model, _, _ = load_model(self.spec.llm, dtype=self.spec.dtype, progress=False)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if self.spec.world_size > 1:
@@ -69,7 +73,11 @@ class VerifierShard:
                 world_size=self.spec.world_size, timeout=timedelta(seconds=self.spec.timeout_s),
             )
             shard_model(model, self.rank, self.spec.world_size)
-        self.verifier = LocalVerifier(model.to(device), self.spec.kv_capacity)
+        spec = self.spec
+        self.verifier = LocalVerifier(
+            model.to(device), spec.kv_blocks, spec.kv_block_size, spec.max_num_seqs, spec.gpu_memory_utilization
+        )
+        return self.verifier.kv_capacity
 
     def step(
         self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem]
@@ -93,12 +101,12 @@ class ShardGroupVerifier:
     """
 
     def __init__(self, engine: EngineConfig, cluster: ClusterConfig, pg: PlacementGroup) -> None:
-        self.kv_capacity = None if engine.kv_blocks is None else KVCapacity(engine.kv_blocks, engine.kv_block_size)
         self.spec = ShardSpec(
-            engine.llm, engine.dtype, cluster.tp, self.kv_capacity, max(1, int(cluster.cpus_per_shard)),
-            cluster.step_timeout_s,
+            engine.llm, engine.dtype, cluster.tp, engine.kv_blocks, engine.kv_block_size, engine.max_num_seqs,
+            engine.gpu_memory_utilization, max(1, int(cluster.cpus_per_shard)), cluster.step_timeout_s,
         )
         self.cluster, self.pg = cluster, pg
+        self.kv_capacity: KVCapacity | None = None  # known once the shards have allocated their pools
         self.shards: list[ray.actor.ActorHandle] = []
         self._commits: list[tuple[int, list[int]]] = []
         self._releases: list[int] = []
@@ -115,7 +123,16 @@ class ShardGroupVerifier:
         ]
         timeout = self.spec.timeout_s
         init_method = ray.get(self.shards[0].rendezvous.remote(), timeout=timeout) if len(self.shards) > 1 else None
-        ray.get([shard.join.remote(init_method) for shard in self.shards], timeout=timeout)
+        capacities = ray.get([shard.join.remote(init_method) for shard in self.shards], timeout=timeout)
+        # Every shard holds at least this many blocks, so admitting by it holds for all of them.
+        smallest = min(capacities, key=lambda cap: cap.num_blocks)
+        if self.kv_capacity is None:
+            self.kv_capacity = smallest
+        elif smallest.num_blocks < self.kv_capacity.num_blocks:  # the scheduler admits by the first group's
+            raise ShardGroupError(
+                f"rebuilt shards hold {smallest.num_blocks} KV blocks, fewer than the {self.kv_capacity.num_blocks} "
+                "the scheduler admits by"
+            )
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
         try:

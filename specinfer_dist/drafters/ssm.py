@@ -8,7 +8,7 @@ import torch
 
 from specinfer_dist.drafters.base import Drafter, DraftRequest, draft_generator
 from specinfer_dist.models.transformer import Transformer
-from specinfer_dist.runtime.kv_cache import KVCache
+from specinfer_dist.runtime.kv_cache import PagedKVCache
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.spec import TreeSpec
@@ -20,7 +20,7 @@ class _Expansion:
     """One request's tree under construction and how its nodes map to pending cache rows."""
 
     request: DraftRequest
-    cache: KVCache
+    cache: PagedKVCache
     tree: TokenTree
     chain_len: int  # committed tokens fed this step (the root is the last of them)
     max_depth: int
@@ -45,7 +45,7 @@ class SSMDrafter(Drafter):
         super().__init__(name, spec)
         self.draft_temperature = draft_temperature
         self.runner = ModelRunner(model)
-        self.caches: dict[int, KVCache] = {}
+        self.caches: dict[int, PagedKVCache] = {}
         self.generators: dict[int, torch.Generator] = {}
 
     def propose(self, requests: list[DraftRequest], max_depths: list[int]) -> list[TokenTree]:
@@ -110,5 +110,7 @@ class SSMDrafter(Drafter):
         state.item = RunItem(state.cache, tokens, parents, list(range(len(tokens))))
 
     def release(self, request_id: int) -> None:
-        self.caches.pop(request_id, None)
+        cache = self.caches.pop(request_id, None)
+        if cache is not None:
+            cache.free()
         self.generators.pop(request_id, None)

@@ -29,7 +29,7 @@ from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
 from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
-from specinfer_dist.runtime.block_pool import KVCapacity
+from specinfer_dist.runtime.block_pool import DEFAULT_GPU_MEMORY_UTILIZATION
 from specinfer_dist.runtime.model_runner import chain_parents
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier, VerifyItem
@@ -54,9 +54,9 @@ class LLMEngine:
     requests are verified by multi-step speculative sampling (``verify="mss"``) or the naive
     baseline. SSMs shipped with a ``draft_vocab.json`` score only those tokens unless
     ``draft_vocab`` is False (models/draft_vocab.py). With more than ``speculation_max_batch``
-    requests running, a step decodes without drafting. ``kv_blocks`` bounds the LLM's KV memory
-    to a pool of that many blocks of ``kv_block_size`` tokens (requests then wait or are
-    preempted); None lets caches grow.
+    requests running, a step decodes without drafting. The LLM's KV memory is a pool of
+    ``kv_blocks`` blocks of ``kv_block_size`` tokens (requests wait or are preempted when it is
+    full); None sizes it from memory (``gpu_memory_utilization`` of a GPU; runtime/block_pool.py).
     """
 
     def __init__(
@@ -75,6 +75,7 @@ class LLMEngine:
         speculation_max_batch: int | None = None,
         kv_blocks: int | None = None,
         kv_block_size: int = DEFAULT_BLOCK_SIZE,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         progress: bool = False,
     ) -> None:
         self.model, self.tokenizer, model_dir = load_model(llm, dtype=dtype, progress=progress)
@@ -104,7 +105,7 @@ class LLMEngine:
             tokenizer=self.tokenizer,
             model_config=self.model.config,
             eos_ids=eos_ids(model_dir, self.model.config, self.tokenizer),
-            verifier=LocalVerifier(self.model, None if kv_blocks is None else KVCapacity(kv_blocks, kv_block_size)),
+            verifier=LocalVerifier(self.model, kv_blocks, kv_block_size, max_num_seqs, gpu_memory_utilization),
             drafters=all_drafters,
             spec=spec,
             mode=mode,

@@ -1,16 +1,16 @@
 """A plain PyTorch Llama-family decoder (Llama, Qwen2, Mistral) that runs token trees.
 
-One forward takes a flat run of new tokens from several requests. Each request brings
-its own KV store and a boolean mask over [its stored rows + its new tokens], so a whole
-token tree (or a prompt, or one token) is one pass. Parameter names equal Hugging Face's
+One forward takes a flat run of new tokens from several requests (prompt chunks, token
+trees, single tokens) with an ``AttentionMetadata`` and one KV pool tensor per layer
+(models/attention.py): each layer writes the new K/V rows into the pool and runs one
+attention call for the whole batch. Parameter names equal Hugging Face's
 ``*ForCausalLM`` state dicts, so checkpoints load without renaming. The model knows
 nothing of ranks: tensor parallelism is applied to it from outside.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,25 +19,8 @@ from transformers import PretrainedConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specinfer_dist.errors import ModelLoadError
+from specinfer_dist.models.attention import AttentionMetadata, paged_attention, write_kv
 from specinfer_dist.models.linear import Linear
-
-
-class KVStore(Protocol):
-    """What attention needs from a request's cache (see runtime/kv_cache.py)."""
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this forward's k/v ([kv_heads, n, head_dim]) and return all rows so far."""
-        ...
-
-
-@dataclass
-class Segment:
-    """One request's slice ``[start, end)`` of a flattened forward batch."""
-
-    start: int
-    end: int
-    cache: KVStore
-    mask: torch.Tensor  # bool [end - start, rows stored before + (end - start)]; True = may attend
 
 
 class RMSNorm(nn.Module):
@@ -85,8 +68,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [heads, tokens, head_dim]; cos/sin: [tokens, head_dim]
-    return x * cos + _rotate_half(x) * sin
+    # x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
 def _head_dim(config: PretrainedConfig) -> int:
@@ -110,35 +93,17 @@ class Attention(nn.Module):
         self.sliding_window = _sliding_window(config, layer)
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        segments: Sequence[Segment],
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv: torch.Tensor
     ) -> torch.Tensor:
         n = x.shape[0]
         # Head counts come from the weights, so a tensor-parallel shard with fewer heads just works.
-        q = self.q_proj(x).view(n, -1, self.head_dim).transpose(0, 1)
-        k = self.k_proj(x).view(n, -1, self.head_dim).transpose(0, 1)
-        v = self.v_proj(x).view(n, -1, self.head_dim).transpose(0, 1)
+        q = self.q_proj(x).view(n, -1, self.head_dim)
+        k = self.k_proj(x).view(n, -1, self.head_dim)
+        v = self.v_proj(x).view(n, -1, self.head_dim)
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        out = torch.empty_like(q)
-        for seg in segments:
-            keys, values = seg.cache.append(self.layer, k[:, seg.start : seg.end], v[:, seg.start : seg.end])
-            mask = seg.mask
-            if self.sliding_window is not None:
-                mask = mask & self._window_mask(positions[seg.start : seg.end], keys.shape[1], seg)
-            out[:, seg.start : seg.end] = F.scaled_dot_product_attention(
-                q[None, :, seg.start : seg.end], keys[None], values[None], attn_mask=mask, enable_gqa=True
-            )[0]
-        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
-
-    def _window_mask(self, q_pos: torch.Tensor, num_keys: int, seg: Segment) -> torch.Tensor:
-        # Stored rows hold consecutive positions 0..stored-1; the new rows' positions are q_pos.
-        stored = num_keys - q_pos.shape[0]
-        k_pos = torch.cat((torch.arange(stored, device=q_pos.device), q_pos))
-        return (q_pos[:, None] - k_pos[None, :]) < self.sliding_window
+        write_kv(kv, meta, k, v)
+        out = paged_attention(q, kv, meta, sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(n, -1))
 
 
 def _sliding_window(config: PretrainedConfig, layer: int) -> int | None:
@@ -169,8 +134,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, positions, segments):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, segments)
+    def forward(self, x, cos, sin, meta, kv):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,17 +186,19 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        segments: Sequence[Segment],
+        meta: AttentionMetadata,
+        kv: Sequence[torch.Tensor],
         logit_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits ([len(logit_rows) or tokens, vocab]) for a flat run of new tokens.
+        """Logits ([len(logit_rows) or tokens, vocab]) for a flat run of new tokens; ``kv[i]``
+        is layer i's pool, where this forward's K/V rows are written.
 
         Only ``logit_rows`` get the vocabulary projection: a prompt's earlier tokens need none.
         """
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary_emb(positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, segments)
+        for layer, layer_kv in zip(self.model.layers, kv):
+            x = layer(x, cos, sin, meta, layer_kv)
         if logit_rows is not None:
             x = x[logit_rows]
         return self.lm_head(self.model.norm(x))
