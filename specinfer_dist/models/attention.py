@@ -89,7 +89,7 @@ def paged_attention(
     batch, num_blocks = meta.block_tables.shape
     kv_heads = pool.shape[2]
     # One gather for the batch: [2, B, blocks, block_size, kv_heads, d] -> [2, B, kv_heads, keys, d]
-    kv = pool.view(2, -1, meta.block_size, kv_heads, head_dim)[:, meta.block_tables]
+    kv = pool.view(2, -1, meta.block_size * kv_heads * head_dim).index_select(1, meta.block_tables.view(-1))
     kv = kv.view(2, batch, num_blocks * meta.block_size, kv_heads, head_dim).transpose(2, 3)
     keys, values = kv[0], kv[1]
     padded = q.new_zeros(batch * meta.max_queries, heads, head_dim).index_copy_(0, meta.query_index, q)
@@ -103,4 +103,4 @@ def paged_attention(
     out = F.scaled_dot_product_attention(
         padded, keys, values, attn_mask=meta.mask(sliding_window), scale=scale, enable_gqa=gqa
     )
-    return out.transpose(1, 2).reshape(batch * meta.max_queries, heads, head_dim)[meta.query_index]
+    return out.transpose(1, 2).reshape(batch * meta.max_queries, heads, head_dim).index_select(0, meta.query_index)
