@@ -1,4 +1,8 @@
-"""Command line: ``specinfer-dist generate``."""
+"""Command line: ``specinfer-dist generate | bench | tune-tree | serve | boost-tune | bench-serve``.
+
+Every subcommand that builds an engine takes the same engine options, derived from
+``EngineConfig`` (config.py) over an optional ``--config`` YAML file.
+"""
 
 from __future__ import annotations
 
@@ -19,44 +23,23 @@ from specinfer_dist.bench.serve_load import add_bench_serve_parser
 from specinfer_dist.config import (
     ClusterConfig,
     EngineConfig,
+    add_options,
+    apply_options,
     load_cluster_config,
     load_config,
 )
-from specinfer_dist.engine.engine import MODES, VERIFIERS, LLMEngine
+from specinfer_dist.engine.builder import load_ssms, load_target
+from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.errors import InvalidConfigError, SpecInferError
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.serve.cli import add_serve_parser
 from specinfer_dist.training.cli import add_boost_tune_parser
-from specinfer_dist.tree.spec import DEFAULT_WIDTHS
 from specinfer_dist.tuning.tune import tune_tree
 
 
-def _engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML file with an 'engine:' section (flags override it)")
-    parser.add_argument("--llm", help="'default', a HF checkpoint dir, a .gguf file or a hub id")
-    parser.add_argument("--ssm", dest="ssms", action="append", help="SSM source; repeat for several")
-    parser.add_argument("--drafter", dest="drafters", action="append",
-                        help="model-free drafter: ngram or ngram:<widths>; repeat for several")
-    parser.add_argument("--tree", help="auto (default: tuned on this machine once, cached) or children per node "
-                        "at each depth, e.g. 1,1,3,1,1,1,1,1")
-    parser.add_argument("--tree-budget", type=int, help="most drafted tokens per step (default 64)")
-    parser.add_argument("--mode", choices=MODES)
-    parser.add_argument("--verify", choices=tuple(VERIFIERS), help="verifier for sampled requests (default mss)")
-    parser.add_argument("--draft-temperature", type=float, help="SSM sampling temperature (default: the request's)")
-    parser.add_argument("--full-draft-vocab", dest="draft_vocab", action="store_const", const=False,
-                        help="SSM heads score the whole vocabulary, not their draft_vocab.json")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"))
-    parser.add_argument("--speculation-max-batch", type=int,
-                        help="with more requests running, decode without drafting (default: always draft)")
-
-
 def _engine_config(args: argparse.Namespace) -> EngineConfig:
-    config = load_config(args.config) if args.config else EngineConfig()
-    for f in fields(EngineConfig):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            setattr(config, f.name, value)
-    return config
+    """The 'engine:' section of --config (if any) with the engine flags applied over it."""
+    return apply_options(load_config(args.config) if args.config else EngineConfig(), args)
 
 
 def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
@@ -66,6 +49,7 @@ def _cluster_config(args: argparse.Namespace) -> ClusterConfig:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    config = _engine_config(args)  # a bad option fails here, before any model loads
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, stop=args.stop or [], ignore_eos=args.ignore_eos,
@@ -75,7 +59,7 @@ def _generate(args: argparse.Namespace) -> int:
             CoordinatorClient,  # Ray is imported only when asked for
         )
 
-        client = CoordinatorClient.from_config(_engine_config(args), _cluster_config(args))
+        client = CoordinatorClient.from_config(config, _cluster_config(args))
         try:
             start = time.perf_counter()
             out = client.complete(args.prompt, params, chat=args.chat)
@@ -84,7 +68,7 @@ def _generate(args: argparse.Namespace) -> int:
         finally:
             client.shutdown()
     else:
-        engine = LLMEngine.from_config(_engine_config(args), progress=True)
+        engine = LLMEngine.from_config(config, progress=True)
         start = time.perf_counter()
         [out] = engine.generate(args.prompt, params, chat=args.chat)
         elapsed = time.perf_counter() - start
@@ -112,9 +96,8 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
-        llm=args.llm or "default", ssms=args.ssms, tree=args.tree or BenchConfig.tree,
-        modes=args.modes.split(","), prompts=args.prompts, max_tokens=args.max_tokens,
-        temperature=args.temperature, sweep=args.sweep, dtype=args.dtype or "float32", out=args.out,
+        engine=_engine_config(args), modes=args.modes.split(","), prompts=args.prompts, max_tokens=args.max_tokens,
+        temperature=args.temperature, sweep=args.sweep, out=args.out,
     )
     result = run_bench(config)
     print(format_summary(result))
@@ -124,15 +107,17 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _tune_tree(args: argparse.Namespace) -> int:
     config = _engine_config(args)
-    if config.tree == "auto":  # measure every SSM, not just the ones an earlier tuning kept
-        config.tree = ",".join(map(str, DEFAULT_WIDTHS))
-    engine = LLMEngine.from_config(config, progress=True)
-    if not engine.drafters:
+    target = load_target(config, progress=True)
+    ssms = load_ssms(config, target, progress=True)  # every SSM, not just the ones an earlier tuning kept
+    if not ssms:
         raise InvalidConfigError("tune-tree needs at least one SSM (--ssm)")
-    ssms = [d.runner.model for d in engine.drafters if hasattr(d, "runner")]
-    result = tune_tree(engine.model, engine.tokenizer, ssms, context=args.context, budget=engine.spec.token_budget)
+    result = tune_tree(target.model, target.tokenizer, ssms, context=args.context, budget=config.tree_budget)
     print(json.dumps(result, indent=2))
     return 0
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file with an 'engine:' section (flags override it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,11 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate a completion for one prompt")
     gen.add_argument("--prompt", required=True)
-    _engine_args(gen)
+    _config_arg(gen)
     gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default) = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0, help="0 = off")
+    gen.add_argument("--temperature", type=float, help="0 = greedy (default: the model's generation_config.json, "
+                     "else 1.0; see --generation-config)")
+    gen.add_argument("--top-p", type=float, help="default: the model's, else 1.0 (off)")
+    gen.add_argument("--top-k", type=int, help="0 = off (default: the model's, else 0)")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", help="stop string; repeat for several")
     gen.add_argument("--ignore-eos", action="store_true", help="keep generating past EOS")
@@ -157,24 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
     ray_args.add_argument("--draft-workers", type=int, help="data-parallel draft workers (default 1)")
     ray_args.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False,
                           help="do not overlap drafting and verification")
+    add_options(gen, EngineConfig)
     gen.set_defaults(run=_generate)
 
     bench = sub.add_parser("bench", help="compare decoding modes and Hugging Face side by side")
-    bench.add_argument("--llm")
-    bench.add_argument("--ssm", dest="ssms", action="append")
-    bench.add_argument("--tree")
-    bench.add_argument("--dtype", choices=("float32", "bfloat16"))
+    _config_arg(bench)
     bench.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from: {','.join(BENCH_MODES)}")
     bench.add_argument("--temperature", type=float, default=1.0, help="for the sampled -mss/-naive modes")
     bench.add_argument("--prompts", help="JSONL file with 'prompt' and optional 'chat' (default: shipped set)")
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--out", default="bench-out")
     bench.add_argument("--sweep", action="store_true", help="also time LLM forwards for 1..128 tree tokens")
+    add_options(bench, EngineConfig)
     bench.set_defaults(run=_bench)
 
     tune = sub.add_parser("tune-tree", help="measure verify/draft cost and SSM coverage; print the best tree")
-    _engine_args(tune)
+    _config_arg(tune)
     tune.add_argument("--context", type=int, default=256, help="cached tokens during the cost sweep")
+    add_options(tune, EngineConfig)
     tune.set_defaults(run=_tune_tree)
 
     add_boost_tune_parser(sub)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -9,10 +11,23 @@ from typing import Any
 import yaml
 
 from specinfer_dist.errors import InvalidConfigError
-from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET
+from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, TreeSpec
 
 DEFAULT_BLOCK_SIZE = 16  # token rows per KV block
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # fraction of a GPU's memory the process may fill (weights + KV pool)
+
+
+MODES = ("incremental", "sequence", "tree")
+VERIFY_METHODS = ("mss", "naive")  # how sampled requests are verified (greedy ones always greedily)
+DTYPES = ("float32", "bfloat16", "float16")
+GENERATION_CONFIGS = ("auto", "none")
+
+
+def option(default: Any, help: str, **cli: Any) -> Any:
+    """A config field with its command-line help; ``cli`` tweaks the derived flag (``flag``,
+    ``choices``, ``const`` for a store-const flag, ``metavar``)."""
+    factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(metadata={"help": help, **cli}, **factory)
 
 
 class _Section:
@@ -27,26 +42,118 @@ class _Section:
             raise InvalidConfigError(f"unknown {cls.SECTION} option(s): {', '.join(sorted(unknown))}")
         return cls(**data)
 
+    def replace(self, **changes: Any):
+        """A copy with these fields changed, validated like the original."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise InvalidConfigError(f"unknown {self.SECTION} option(s): {', '.join(sorted(unknown))}")
+        return dataclasses.replace(self, **changes)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidConfigError(message)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
 
 @dataclass
 class EngineConfig(_Section):
+    """Every engine option, its default and its validation: the Python API, YAML files and the
+    CLI of ``generate``, ``bench``, ``serve`` and ``tune-tree`` all read this one declaration
+    (flags are derived from it by ``add_options``). A bad value fails here, before any model
+    or Ray actor starts, with the same message from every entry point."""
+
     SECTION = "engine"
 
-    llm: str = "default"  # "default", a HF checkpoint dir, a .gguf file or a hub id
-    ssms: list[str] | None = None  # None: the default SSM for the default LLM, none otherwise
-    drafters: list[str] = field(default_factory=list)  # model-free drafters, e.g. "ngram" or "ngram:2,1,1,1"
-    tree: str = "auto"  # measured on this machine once (tuning/tune.py), or widths like "1,1,3,1,1,1,1,1"
-    tree_budget: int = DEFAULT_TOKEN_BUDGET
-    mode: str | None = None  # incremental | sequence | tree; None: tree when there is an SSM
-    verify: str = "mss"  # how sampled requests are verified: mss | naive
-    draft_temperature: float | None = None  # None: SSMs sample with each request's own transforms
-    draft_vocab: bool = True  # SSM heads score only their draft_vocab.json tokens (False: all)
-    dtype: str = "float32"
-    max_num_seqs: int = 16
-    speculation_max_batch: int | None = None  # more requests running: no drafting (None: always draft)
-    kv_blocks: int | None = None  # LLM KV pool size in blocks; None: from memory (1 GiB on CPU, see gpu_memory_utilization)
-    kv_block_size: int = DEFAULT_BLOCK_SIZE  # tokens per KV block
-    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # CUDA: the KV pool fills this fraction of device memory after the weights
+    llm: str = option("default", "'default', a HF checkpoint dir, a .gguf file or a hub id")
+    ssms: list[str] | None = option(
+        None, "SSM source; repeat for several ('none': no SSM). Default: the shipped SSMs for the default LLM, "
+        "none otherwise", flag="--ssm")
+    drafters: list[str] = option([], "model-free drafter: ngram or ngram:<widths>; repeat for several", flag="--drafter")
+    tree: str = option("auto", "auto (tuned on this machine once, cached) or children per node at each depth, "
+                       "e.g. 1,1,3,1,1,1,1,1")
+    tree_budget: int = option(DEFAULT_TOKEN_BUDGET, "most drafted tokens per request per step")
+    mode: str | None = option(None, "incremental | sequence | tree (default: tree with a drafter)", choices=MODES)
+    verify: str = option("mss", "verifier for sampled requests", choices=VERIFY_METHODS)
+    draft_temperature: float | None = option(None, "SSM sampling temperature (default: each request's own)")
+    draft_vocab: bool = option(True, "SSM heads score the whole vocabulary, not their draft_vocab.json",
+                               flag="--full-draft-vocab", const=False)
+    dtype: str = option("float32", "model dtype", choices=DTYPES)
+    max_num_seqs: int = option(16, "requests decoded together per step")
+    speculation_max_batch: int | None = option(
+        None, "with more requests running, decode without drafting (default: always draft)")
+    kv_blocks: int | None = option(
+        None, "LLM KV pool size in blocks (default: from memory: 1 GiB on a CPU, gpu_memory_utilization on a GPU)")
+    kv_block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV block")
+    gpu_memory_utilization: float = option(
+        DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA: fraction of device memory for weights + KV pool (sizes the pool)")
+    generation_config: str = option(
+        "auto", "auto: requests that leave temperature/top_p/top_k unset get the model's generation_config.json "
+        "values; none: the OpenAI defaults", choices=GENERATION_CONFIGS)
+
+    def __post_init__(self) -> None:
+        _check(isinstance(self.llm, str) and bool(self.llm), f"llm must be a model source, got {self.llm!r}")
+        for name in ("ssms", "drafters"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, list) and all(isinstance(v, str) for v in value)),
+                   f"{name} must be a list of strings, got {value!r}")
+        _check(self.mode is None or self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        _check(self.verify in VERIFY_METHODS,
+               f"verify must be one of {', '.join(VERIFY_METHODS)}, got {self.verify!r}")
+        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.generation_config in GENERATION_CONFIGS,
+               f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}, got {self.generation_config!r}")
+        for name in ("tree_budget", "max_num_seqs", "kv_block_size"):
+            _check(_positive_int(getattr(self, name)), f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("speculation_max_batch", "kv_blocks"):
+            value = getattr(self, name)
+            _check(value is None or _positive_int(value), f"{name} must be a positive integer, got {value!r}")
+        u = self.gpu_memory_utilization
+        _check(isinstance(u, (int, float)) and 0 < u <= 1, f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        t = self.draft_temperature
+        _check(t is None or (isinstance(t, (int, float)) and 0 < t < float("inf")),
+               f"draft_temperature must be positive, got {t!r}")
+        _check(isinstance(self.draft_vocab, bool), f"draft_vocab must be true or false, got {self.draft_vocab!r}")
+        _check(isinstance(self.tree, str), f"tree must be 'auto' or widths like 1,1,3,1, got {self.tree!r}")
+        if self.tree != "auto":
+            TreeSpec.parse(self.tree, self.tree_budget)  # raises with the reason
+
+    @property
+    def tree_spec(self) -> TreeSpec | None:
+        """The fixed tree shape, or None for ``auto``."""
+        return None if self.tree == "auto" else TreeSpec.parse(self.tree, self.tree_budget)
+
+
+def add_options(parser: argparse.ArgumentParser, section: type[_Section]) -> None:
+    """One flag per field of ``section`` (``--tree-budget`` for ``tree_budget``), none with a
+    default of its own: unset flags leave the config (file or dataclass default) alone."""
+    group = parser.add_argument_group(f"{section.SECTION} options (also the '{section.SECTION}:' section of --config)")
+    for f in fields(section):
+        meta = f.metadata
+        flag = meta.get("flag", "--" + f.name.replace("_", "-"))
+        kwargs: dict[str, Any] = {"dest": f.name, "help": meta["help"], "default": None}
+        kind = str(f.type)
+        if "const" in meta:
+            kwargs.update(action="store_const", const=meta["const"])
+        elif kind.startswith("bool"):
+            kwargs.update(action=argparse.BooleanOptionalAction)
+        elif kind.startswith("list"):
+            kwargs.update(action="append")
+        else:
+            kwargs.update(type=float if kind.startswith("float") else int if kind.startswith("int") else str)
+            if "choices" in meta:
+                kwargs["choices"] = meta["choices"]
+        group.add_argument(flag, **kwargs)
+
+
+def apply_options(config: _Section, args: argparse.Namespace):
+    """``config`` with every flag the user gave (see ``add_options``) applied and validated."""
+    return config.replace(**{
+        f.name: getattr(args, f.name) for f in fields(config) if getattr(args, f.name, None) is not None
+    })
 
 
 @dataclass

@@ -15,8 +15,8 @@ from specinfer_dist.engine.async_engine import AsyncLLMEngine, EngineStepError
 def engines(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("async")
     llm = str(make_tiny_checkpoint(tmp, "llama", seed=1))
-    sync = LLMEngine(llm, ssms=[llm], tree="1,2,1")
-    served = AsyncLLMEngine(LLMEngine(llm, ssms=[llm], tree="1,2,1"))
+    sync = LLMEngine.load(llm, ssms=[llm], tree="1,2,1")
+    served = AsyncLLMEngine(LLMEngine.load(llm, ssms=[llm], tree="1,2,1"))
     yield sync, served
     served.shutdown()
 

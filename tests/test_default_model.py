@@ -39,7 +39,7 @@ def hf(llm_dir):
 
 @pytest.fixture(scope="module")
 def prompt_ids(llm_dir):
-    engine = LLMEngine(str(llm_dir), mode="incremental")
+    engine = LLMEngine.load(str(llm_dir), mode="incremental")
     return [engine.encode(p, chat=(i < 2)) for i, p in enumerate(PROMPTS)]
 
 
@@ -52,7 +52,7 @@ def prompt_ids(llm_dir):
     ],
 )
 def test_default_llm_greedy_equals_transformers(llm_dir, hf, prompt_ids, ssm, tree):
-    engine = LLMEngine(str(llm_dir), ssms=[str(llm_dir) if ssm == "llm" else "default"], tree=tree)
+    engine = LLMEngine.load(str(llm_dir), ssms=[str(llm_dir) if ssm == "llm" else "default"], tree=tree)
     outs = engine.generate(prompt_ids, SamplingParams(temperature=0, max_tokens=MAX_NEW))
     for ids, out in zip(prompt_ids, outs):
         assert_greedy_equal(hf, ids, out.token_ids, hf_greedy(hf, ids, MAX_NEW))

@@ -29,6 +29,7 @@ from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import Coordinator, CoordinatorClient
 from specinfer_dist.distributed.tp import shard_model
 from specinfer_dist.engine.async_engine import EngineStepError
+from specinfer_dist.engine.builder import build_parts
 from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
@@ -42,7 +43,7 @@ def models(tmp_path_factory):
     llm = make_tiny_checkpoint(tmp, "llama", seed=1)
     ssm = noisy_copy(llm, tmp / "ssm", noise=0.3)
     hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
-    local = LLMEngine(str(llm), ssms=[str(ssm)], tree=TREE)
+    local = LLMEngine.load(str(llm), ssms=[str(ssm)], tree=TREE)
     return EngineConfig(llm=str(llm), ssms=[str(ssm)], tree=TREE), local, hf
 
 
@@ -83,14 +84,11 @@ def run_all(client, batch, params) -> list[tuple[list[int], list]]:
 
 
 def test_greedy_identical_across_runtimes(models, clients):
-    _, local, hf = models
+    config, local, hf = models
     batch = prompts(6)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 5, 31, 12, 1, 24)]
     want = reference(local, batch, params)
-    pipelined = LLMEngine.from_parts(
-        tokenizer=local.tokenizer, model_config=local.model.config, eos_ids=local.eos_ids, verifier=LocalVerifier(local.model),
-        drafters=local.drafters, spec=local.spec, mode=local.mode, verify=local.verify, max_num_seqs=16, pipeline=True,
-    )
+    pipelined = LLMEngine(**vars(build_parts(config)), pipeline=True)
     runs = {"local pipelined": [o.token_ids for o in pipelined.generate(batch, params)]}
     for tp, client in clients.items():
         results = run_all(client, batch, params)

@@ -64,8 +64,8 @@ def test_engine_drafts_from_the_subset_and_output_stays_exact(models):
     llm, ssm, vocab = models
     prompts = [[5, 40, 77, 9, 12], [100, 3, 60, 61, 62, 63]]
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    reference = [o.token_ids for o in LLMEngine(llm, mode="incremental").generate(prompts, params)]
-    engine = LLMEngine(llm, ssms=[ssm], tree="2,2,1")
+    reference = [o.token_ids for o in LLMEngine.load(llm, mode="incremental").generate(prompts, params)]
+    engine = LLMEngine.load(llm, ssms=[ssm], tree="2,2,1")
     [drafter] = engine.drafters
     assert isinstance(drafter.runner.model.lm_head, DraftVocabHead)
     assert [o.token_ids for o in engine.generate(prompts, params)] == reference
@@ -73,7 +73,7 @@ def test_engine_drafts_from_the_subset_and_output_stays_exact(models):
     [tree] = drafter.propose([DraftRequest(999, prompts[1], params)], [3])
     assert len(tree.tokens) == 1 + 2 + 4 + 4 and set(tree.tokens[1:]) <= set(vocab.tolist())
 
-    whole = LLMEngine(llm, ssms=[ssm], tree="2,2,1", draft_vocab=False)
+    whole = LLMEngine.load(llm, ssms=[ssm], tree="2,2,1", draft_vocab=False)
     head = whole.drafters[0].runner.model.lm_head
     assert isinstance(head, torch.nn.Linear) and head.out_features == whole.vocab_size
 
@@ -87,4 +87,4 @@ def test_a_broken_draft_vocabulary_is_a_load_error(models, tmp_path, body):
     broken = shutil.copytree(ssm, tmp_path / "ssm")
     (broken / DRAFT_VOCAB_FILE).write_text(body)
     with pytest.raises(ModelLoadError, match=DRAFT_VOCAB_FILE):
-        LLMEngine(llm, ssms=[str(broken)])
+        LLMEngine.load(llm, ssms=[str(broken)])

@@ -16,6 +16,7 @@ from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.runtime.model_runner import RunItem
 
 MAX_NEW = 24
+SPECINFER_TREE = "1,1,3,1,1,1,1,1"
 
 
 def noisy_copy(src, dst, noise: float, seed: int = 0):
@@ -56,7 +57,7 @@ def prompts(n: int = 6, seed: int = 0) -> list[list[int]]:
 def test_greedy_equals_transformers(models, mode, tree, which):
     llm, near, far, hf = models
     ssms = {"near": [near], "far": [far], None: []}[which]
-    engine = LLMEngine(str(llm), ssms=[str(s) for s in ssms], tree=tree, mode=mode)
+    engine = LLMEngine.load(str(llm), ssms=[str(s) for s in ssms], tree=tree or "auto", mode=mode)
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW)
     batch = prompts()
     outs = engine.generate(batch, params)
@@ -73,7 +74,7 @@ def test_greedy_equals_transformers(models, mode, tree, which):
 
 def test_two_ssms_merged_tree_is_exact(models):
     llm, near, far, hf = models
-    engine = LLMEngine(str(llm), ssms=[str(near), str(far)], tree="1,2,1,1")
+    engine = LLMEngine.load(str(llm), ssms=[str(near), str(far)], tree="1,2,1,1")
     batch = prompts(4, seed=5)
     for prompt, out in zip(batch, engine.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW))):
         assert_greedy_equal(hf, prompt, out.token_ids, hf_greedy(hf, prompt, MAX_NEW))
@@ -84,7 +85,7 @@ def test_ngram_drafter_alone_and_merged_is_exact(models):
     # Prompts that repeat themselves, so prompt lookup has something to find.
     batch = [p + p[: len(p) // 2] for p in prompts(4, seed=13)]
     for ssms, drafters in (([], ["ngram"]), ([str(near)], ["ngram:2,1,1,1"])):
-        engine = LLMEngine(str(llm), ssms=ssms, drafters=drafters, tree="1,1,1,1")
+        engine = LLMEngine.load(str(llm), ssms=ssms, drafters=drafters, tree="1,1,1,1")
         outs = engine.generate(batch, SamplingParams(temperature=0, max_tokens=MAX_NEW))
         for prompt, out in zip(batch, outs):
             assert_greedy_equal(hf, prompt, out.token_ids, hf_greedy(hf, prompt, MAX_NEW))
@@ -93,7 +94,7 @@ def test_ngram_drafter_alone_and_merged_is_exact(models):
 
 def test_batch_of_mixed_lengths_equals_each_alone(models):
     llm, near, _, _ = models
-    engine = LLMEngine(str(llm), ssms=[str(near)], max_num_seqs=4)  # 7 prompts: requests join mid-way
+    engine = LLMEngine.load(str(llm), ssms=[str(near)], tree=SPECINFER_TREE, max_num_seqs=4)  # 7 prompts: requests join mid-way
     batch = prompts(7, seed=3)
     params = [SamplingParams(temperature=0, max_tokens=m) for m in (5, 30, 12, 1, 20, 9, 16)]
     together = engine.generate(batch, params)
@@ -104,7 +105,7 @@ def test_batch_of_mixed_lengths_equals_each_alone(models):
 
 def test_speculation_pauses_while_the_batch_is_big(models):
     llm, near, _, _ = models
-    engine = LLMEngine(str(llm), ssms=[str(near)], tree="1,1,1", speculation_max_batch=2)
+    engine = LLMEngine.load(str(llm), ssms=[str(near)], tree="1,1,1", speculation_max_batch=2)
     batch = prompts(3, seed=5)
     # Two requests end after 4 tokens; the third then runs alone, and drafting resumes.
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (4, 4, 30)]
@@ -116,14 +117,14 @@ def test_speculation_pauses_while_the_batch_is_big(models):
         engine.step()
     assert steps_in_threes and steps_in_threes[-1] == 0  # nothing drafted while three ran
     assert seqs[0].stats.drafted_tokens == 0 and seqs[2].stats.drafted_tokens > 0
-    plain = LLMEngine(str(llm), mode="incremental")
+    plain = LLMEngine.load(str(llm), mode="incremental")
     for prompt, sp, seq in zip(batch, params, seqs):
         assert seq.output_ids == plain.generate(prompt, sp)[0].token_ids
 
 
 def test_kv_cache_after_speculative_steps_equals_incremental(models):
     llm, near, _, _ = models
-    engine = LLMEngine(str(llm), ssms=[str(near)], tree="1,1,3,1,1")
+    engine = LLMEngine.load(str(llm), ssms=[str(near)], tree="1,1,3,1,1")
     seq = engine.add_request(prompts(1, seed=7)[0], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
     for _ in range(4):
         engine.step()
@@ -139,20 +140,28 @@ def test_kv_cache_after_speculative_steps_equals_incremental(models):
 
 
 def test_max_tokens_is_exact(models):
-    llm, near, _, _ = models
-    engine = LLMEngine(str(llm), ssms=[str(near)])
+    llm, near, _, hf = models
+    engine = LLMEngine.load(str(llm), ssms=[str(near)], tree=SPECINFER_TREE)
     prompt = prompts(1, seed=9)[0]
+    ref = hf_greedy(hf, prompt, 10)
+    assert len(ref) == 10  # the reference did not stop at EOS
     for m in (1, 2, 3, 7, 10):
         [out] = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=m, ignore_eos=True))
         assert len(out.token_ids) == m and out.finish_reason == "length"
+        assert_greedy_equal(hf, prompt, out.token_ids, ref[:m])
+        stats = out.stats  # drafted tokens past max_tokens are not counted as accepted
+        assert stats.steps - 1 <= m - stats.accepted_tokens <= stats.steps
+        assert sum(stats.accepted_at_depth) == stats.accepted_tokens
 
 
 def test_eos_and_stop_strings_end_requests(models, tmp_path):
     llm, near, _, hf = models
     prompt = prompts(1, seed=11)[0]
     ref = hf_greedy(hf, prompt, MAX_NEW)
-    # Make a generated token that did not occur before it this model's EOS (in a copy of the checkpoint).
-    cut = max(j for j in range(1, len(ref)) if ref[j] not in ref[:j])
+    # Make a generated token that did not occur before it this model's EOS (in a copy of the
+    # checkpoint), at a position inside an accepted path: the LLM drafts for itself below with a
+    # chain of depth 8, so every draft is accepted and each step emits 9 tokens, the 9th its own.
+    cut = max(j for j in range(1, 18) if ref[j] not in ref[:j] and j % 9 != 8)  # 18: full-depth steps
     eos = ref[cut]
 
     eos_llm = tmp_path / "eos-llm"
@@ -161,11 +170,16 @@ def test_eos_and_stop_strings_end_requests(models, tmp_path):
         data = json.loads((eos_llm / name).read_text())
         data["eos_token_id"] = eos
         (eos_llm / name).write_text(json.dumps(data))
-    engine = LLMEngine(str(eos_llm), ssms=[str(near)])
+    engine = LLMEngine.load(str(eos_llm), ssms=[str(eos_llm)], tree="1,1,1,1,1,1,1,1")
     [out] = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=MAX_NEW))
     assert out.finish_reason == "stop" and out.token_ids == ref[: cut + 1]
+    # Every step emitted its whole accepted path but the last, which EOS cut short: the drafted
+    # tokens after EOS were accepted by the LLM but never emitted, so they do not count.
+    stats = out.stats
+    assert stats.accepted_tokens == cut + 1 - (stats.steps - 1) and cut % 9 != 8
+    assert sum(stats.accepted_at_depth) == stats.accepted_tokens
 
-    engine = LLMEngine(str(llm), ssms=[str(near)])
+    engine = LLMEngine.load(str(llm), ssms=[str(near)], tree=SPECINFER_TREE)
     full = engine.tokenizer.decode(ref, skip_special_tokens=True)
     stop = next(ch for ch in full[len(full) // 3 :] if ch.isascii() and ch.isprintable())
     [out] = engine.generate(prompt, SamplingParams(temperature=0, max_tokens=MAX_NEW, stop=[stop]))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
+import yaml
 from helpers import make_tiny_checkpoint
 
 from specinfer_dist import (
@@ -16,7 +20,8 @@ from specinfer_dist import (
     ModelLoadError,
     SamplingParams,
 )
-from specinfer_dist.cli import main
+from specinfer_dist.cli import build_parser, main
+from specinfer_dist.config import EngineConfig, load_config
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,7 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(ckpts):
-    return LLMEngine(ckpts["llm"], ssms=[ckpts["ssm"]])
+    return LLMEngine.load(ckpts["llm"], ssms=[ckpts["ssm"]], tree="1,1,3,1,1,1,1,1")
 
 
 @pytest.mark.parametrize("prompt", ["", [[]], [""], [1, -1], [1, 10_000], [1, "a"]])
@@ -69,33 +74,33 @@ def test_params_list_must_match_prompts(engine):
 @pytest.mark.parametrize("tree", ["0,1", "1,-2", "x", "", "4,4,4"])
 def test_bad_tree(ckpts, tree):
     with pytest.raises(InvalidConfigError):
-        LLMEngine(ckpts["llm"], ssms=[ckpts["ssm"]], tree=tree)
+        LLMEngine.load(ckpts["llm"], ssms=[ckpts["ssm"]], tree=tree)
 
 
 def test_big_tree_allowed_when_budget_raised(ckpts):
-    engine = LLMEngine(ckpts["llm"], ssms=[ckpts["ssm"]], tree="4,4,4", tree_budget=84)
+    engine = LLMEngine.load(ckpts["llm"], ssms=[ckpts["ssm"]], tree="4,4,4", tree_budget=84)
     assert engine.spec.num_tokens == 84
 
 
 def test_bad_mode_and_missing_ssm(ckpts):
     with pytest.raises(InvalidConfigError):
-        LLMEngine(ckpts["llm"], mode="beam")
+        LLMEngine.load(ckpts["llm"], mode="beam")
     with pytest.raises(InvalidConfigError, match="needs at least one SSM"):
-        LLMEngine(ckpts["llm"], mode="tree")
+        LLMEngine.load(ckpts["llm"], mode="tree")
     with pytest.raises(InvalidConfigError, match="speculation_max_batch"):
-        LLMEngine(ckpts["llm"], ssms=[ckpts["ssm"]], tree="1", speculation_max_batch=0)
+        LLMEngine.load(ckpts["llm"], ssms=[ckpts["ssm"]], tree="1", speculation_max_batch=0)
 
 
 def test_model_sources(ckpts):
     tmp = ckpts["tmp"]
     with pytest.raises(ModelLoadError):
-        LLMEngine(str(tmp / "does-not-exist"))
+        LLMEngine.load(str(tmp / "does-not-exist"))
     corrupt = make_tiny_checkpoint(tmp, "llama", seed=4)
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError):
-        LLMEngine(str(corrupt))
+        LLMEngine.load(str(corrupt))
     with pytest.raises(ModelLoadError, match="vocab"):
-        LLMEngine(ckpts["llm"], ssms=[ckpts["other_vocab"]])
+        LLMEngine.load(ckpts["llm"], ssms=[ckpts["other_vocab"]])
 
 
 def run_cli(args, capsys):
@@ -146,3 +151,35 @@ def test_installed_cli_reports_bad_model_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "error:" in proc.stderr
+
+
+@pytest.mark.parametrize("option,value,flag", [
+    ("tree", "1,x", "1,x"), ("tree_budget", 0, "0"), ("max_num_seqs", 0, "0"), ("speculation_max_batch", -1, "-1"),
+    ("tree", "4,4,4", "4,4,4"),  # over the default budget of 64
+])
+def test_bad_option_fails_first_with_one_message_everywhere(tmp_path, capsys, option, value, flag):
+    """EngineConfig validates before anything loads (the LLM path here does not even exist),
+    and the Python API, a YAML file and every subcommand's flag report the same message."""
+    llm = str(tmp_path / "no-such-model")
+    with pytest.raises(InvalidConfigError) as api:
+        LLMEngine.load(llm, **{option: value})
+    message = str(api.value)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"engine": {"llm": llm, option: value}}))
+    with pytest.raises(InvalidConfigError, match=re.escape(message)):
+        load_config(path)
+    name = "--" + option.replace("_", "-")
+    for command in (["generate", "--prompt", "hi"], ["bench"], ["tune-tree"], ["serve"]):
+        for args in ([name, flag], ["--config", str(path)]):
+            assert main([*command, "--llm", llm, *args]) == 2, command
+            assert f"specinfer-dist: error: {message}" in capsys.readouterr().err, (command, args)
+
+
+def test_every_engine_command_lists_the_same_engine_options():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    expected = {"--" + f.name.replace("_", "-") for f in fields(EngineConfig)} - {"--ssms", "--drafters", "--draft-vocab"}
+    expected |= {"--ssm", "--drafter", "--full-draft-vocab"}
+    for command in ("generate", "bench", "serve", "tune-tree"):
+        flags = {s for a in subparsers[command]._actions for s in a.option_strings}
+        assert expected <= flags, (command, expected - flags)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import grimp
+
 import specinfer_dist
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -102,7 +102,7 @@ CASES = [
 
 @pytest.mark.parametrize("ssms,drafters,tree,temperature,top_k,top_p", CASES)
 def test_tree_mss_matches_llm_distribution(ckpts, ssms, drafters, tree, temperature, top_k, top_p):
-    engine = LLMEngine(
+    engine = LLMEngine.load(
         ckpts["llm"], ssms=[ckpts[s] for s in ssms], drafters=drafters, tree=tree, max_num_seqs=2048
     )
     counts, tokens_per_step = sample(engine, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -122,7 +122,7 @@ class TopKButClaimsDrawn(SSMDrafter):
 
 
 def test_negative_control_wrong_proposal_is_rejected(ckpts):
-    engine = LLMEngine(ckpts["llm"], ssms=[ckpts["near"]], tree="2,1", max_num_seqs=2048)
+    engine = LLMEngine.load(ckpts["llm"], ssms=[ckpts["near"]], tree="2,1", max_num_seqs=2048)
     engine.drafters = [TopKButClaimsDrawn(d.runner.model, d.spec) for d in engine.drafters]
     counts, _ = sample(engine, temperature=1.0)
     exact = exact_distribution(ckpts["hf"], PROMPT, NEW_TOKENS, 1.0)
@@ -131,10 +131,48 @@ def test_negative_control_wrong_proposal_is_rejected(ckpts):
     assert p_value < ALPHA
 
 
+class RecordsQWithoutTopKTopP(SSMDrafter):
+    """Subtly wrong: draws children from the request's processed q, but records q before
+    top-k/top-p (the same temperature), so MSS corrects against the wrong distribution."""
+
+    def _children(self, request, logits, k):
+        params = request.params
+        drawn_from = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
+        recorded = sampling_probs(logits, params.temperature)
+        draws = torch.multinomial(drawn_from, k, replacement=True, generator=self.generators[request.request_id])
+        return [[(t, recorded[row]) for t in tokens] for row, tokens in enumerate(draws.tolist())]
+
+
+def test_subtle_negative_control_q_without_top_k_top_p_is_rejected(ckpts):
+    engine = LLMEngine.load(ckpts["llm"], ssms=[ckpts["near"]], tree="2,1", max_num_seqs=2048)
+    engine.drafters = [RecordsQWithoutTopKTopP(d.runner.model, d.spec) for d in engine.drafters]
+    counts, _ = sample(engine, temperature=1.0, top_k=3, top_p=0.8)
+    p_value = g_test(counts, exact_distribution(ckpts["hf"], PROMPT, NEW_TOKENS, 1.0, 3, 0.8))
+    print(f"subtle negative control: G-test p={p_value:.3g}")
+    assert p_value < ALPHA
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [
+    (1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 5, 1.0), (0.5, 0, 0.9), (1.0, 10, 0.75), (0.8, 1, 1.0), (2.0, 40, 0.3),
+])
+def test_sampling_probs_match_transformers_processors(temperature, top_k, top_p):
+    """The G-tests' expected distribution comes from sampling_probs: check it against HF's own
+    temperature -> top-k -> top-p warpers (the order generate() applies them)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 100, generator=gen, dtype=torch.float64) * 3
+    processors = transformers.LogitsProcessorList([transformers.TemperatureLogitsWarper(temperature)])
+    if top_k:
+        processors.append(transformers.TopKLogitsWarper(top_k))
+    if top_p < 1:
+        processors.append(transformers.TopPLogitsWarper(top_p))
+    want = processors(None, logits.clone()).softmax(dim=-1)
+    torch.testing.assert_close(sampling_probs(logits, temperature, top_k, top_p), want, rtol=1e-9, atol=1e-12)
+
+
 def test_naive_sampling_is_exact_and_mss_accepts_more(ckpts):
     results = {}
     for verify in ("mss", "naive"):
-        engine = LLMEngine(ckpts["llm"], ssms=[ckpts["near"]], tree="2,2", verify=verify, max_num_seqs=2048)
+        engine = LLMEngine.load(ckpts["llm"], ssms=[ckpts["near"]], tree="2,2", verify=verify, max_num_seqs=2048)
         results[verify] = sample(engine, temperature=1.0)
     exact = exact_distribution(ckpts["hf"], PROMPT, NEW_TOKENS, 1.0)
     assert g_test(results["naive"][0], exact) > ALPHA
@@ -143,7 +181,7 @@ def test_naive_sampling_is_exact_and_mss_accepts_more(ckpts):
 
 
 def test_same_seed_same_output_whatever_the_batch(ckpts):
-    engine = LLMEngine(ckpts["llm"], ssms=[ckpts["near"]], tree="2,2")
+    engine = LLMEngine.load(ckpts["llm"], ssms=[ckpts["near"]], tree="2,2")
     params = SamplingParams(max_tokens=12, temperature=0.9, seed=1234, ignore_eos=True)
     [alone] = engine.generate(PROMPT, params)
     others = [SamplingParams(max_tokens=m, temperature=1.0, seed=m) for m in (3, 20, 7)]
@@ -154,7 +192,7 @@ def test_same_seed_same_output_whatever_the_batch(ckpts):
 
 
 def test_temperature_zero_is_greedy(ckpts):
-    engine = LLMEngine(ckpts["llm"], ssms=[ckpts["near"]], tree="2,2")
+    engine = LLMEngine.load(ckpts["llm"], ssms=[ckpts["near"]], tree="2,2")
     [out] = engine.generate(PROMPT, SamplingParams(max_tokens=10, temperature=0, top_p=0.5, seed=3, ignore_eos=True))
     greedy = ckpts["hf"].generate(torch.tensor([PROMPT]), max_new_tokens=10, do_sample=False, eos_token_id=None)
     assert out.token_ids == greedy[0, len(PROMPT):].tolist()

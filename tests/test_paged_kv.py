@@ -110,9 +110,9 @@ def test_small_pool_completes_every_request_with_unconstrained_output(models, mo
     ssms = [near] if mode == "tree" else []
     batch = prompts(6, seed=3)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (30, 12, 24, 5, 20, 16)]
-    free = LLMEngine(llm, ssms=ssms, tree=TREE, mode=mode).generate(batch, params)
+    free = LLMEngine.load(llm, ssms=ssms, tree=TREE, mode=mode).generate(batch, params)
     # 24 blocks of 4 tokens: the largest request needs 17 at most, the six 40 to start, 66 to end.
-    engine = LLMEngine(llm, ssms=ssms, tree=TREE, mode=mode, kv_blocks=24, kv_block_size=BLOCK)
+    engine = LLMEngine.load(llm, ssms=ssms, tree=TREE, mode=mode, kv_blocks=24, kv_block_size=BLOCK)
     outs = run_checked(engine, batch, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in free]
     assert engine.scheduler.num_preemptions > 0
@@ -122,9 +122,9 @@ def test_preemption_keeps_seeded_sampling_reproducible(models):
     llm, near = models
     batch = [[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15]]
     params = [SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True, seed=s) for s in (1, 2, 3)]
-    free = LLMEngine(llm, ssms=[near], tree=TREE).generate(batch, params)
+    free = LLMEngine.load(llm, ssms=[near], tree=TREE).generate(batch, params)
     # All three start (4 blocks each); growing to ~14 blocks each forces preemptions.
-    engine = LLMEngine(llm, ssms=[near], tree=TREE, kv_blocks=20, kv_block_size=BLOCK)
+    engine = LLMEngine.load(llm, ssms=[near], tree=TREE, kv_blocks=20, kv_block_size=BLOCK)
     outs = run_checked(engine, batch, params)
     assert engine.scheduler.num_preemptions > 0
     assert [o.token_ids for o in outs] == [o.token_ids for o in free]
@@ -132,7 +132,7 @@ def test_preemption_keeps_seeded_sampling_reproducible(models):
 
 def test_impossible_request_is_rejected_and_aborts_free_blocks(models):
     llm, near = models
-    engine = LLMEngine(llm, ssms=[near], tree=TREE, kv_blocks=8, kv_block_size=BLOCK)
+    engine = LLMEngine.load(llm, ssms=[near], tree=TREE, kv_blocks=8, kv_block_size=BLOCK)
     # 20 + 5 - 1 + 9 = 33 rows need 9 blocks.
     with pytest.raises(InvalidRequestError, match="needs 9 KV blocks of 4 tokens; the pool has 8"):
         engine.add_request(list(range(4, 24)), SamplingParams(max_tokens=5))

@@ -96,8 +96,8 @@ def test_checkpoints_draft_for_the_llm_exactly(boosted, llm_dir):
     ssms = [str(cfg.out / "ssm-1"), str(cfg.out / "ssm-2")]
     prompts = ["The owl walked to the hill and found", "It counted them twice"]  # like the training data
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
-    reference = LLMEngine(str(llm_dir), mode="incremental").generate(prompts, params)
-    engine = LLMEngine(str(llm_dir), ssms=ssms, tree="1,2,1")
+    reference = LLMEngine.load(str(llm_dir), mode="incremental").generate(prompts, params)
+    engine = LLMEngine.load(str(llm_dir), ssms=ssms, tree="1,2,1")
     outs = engine.generate(prompts, params)
     assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
     assert sum(o.stats.accepted_tokens for o in outs) > 0  # the trained drafts do get accepted
@@ -106,7 +106,7 @@ def test_checkpoints_draft_for_the_llm_exactly(boosted, llm_dir):
         ssm = drafter.runner.model
         assert ssm.model.embed_tokens.weight is engine.verifier.runner.model.model.embed_tokens.weight
         assert isinstance(ssm.lm_head, DraftVocabHead) and len(ssm.lm_head.token_ids) == DRAFT_VOCAB
-    whole = LLMEngine(str(llm_dir), ssms=ssms, tree="1,2,1", draft_vocab=False)
+    whole = LLMEngine.load(str(llm_dir), ssms=ssms, tree="1,2,1", draft_vocab=False)
     assert [o.token_ids for o in whole.generate(prompts, params)] == [o.token_ids for o in reference]
     for drafter in whole.drafters:  # the whole head is the LLM's tied embedding itself
         assert drafter.runner.model.lm_head.weight is drafter.runner.model.model.embed_tokens.weight

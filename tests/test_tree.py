@@ -11,6 +11,7 @@ from specinfer_dist.tree import (
     depths,
     merge_trees,
     verify_greedy,
+    verify_mss,
 )
 
 
@@ -124,3 +125,16 @@ def test_tree_spec_parse_count_and_validation():
         with pytest.raises(InvalidConfigError):
             TreeSpec.parse(bad)
     assert TreeSpec.parse("2,2,2,2,2,2", token_budget=126).num_tokens == 126
+
+
+def test_mss_never_accepts_a_token_the_llm_rules_out():
+    """u * q(x) < p(x), strictly: with p(x) = 0 the candidate is rejected even where q(x) = 0
+    (a draft vocabulary) would make a non-strict comparison accept it whatever u is."""
+    p = torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64)
+    q = torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64)  # recorded q gives the drafted token 0 no mass
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        tree = TokenTree.from_root(2)
+        tree.add(0, 0, q)
+        accepted, bonus = verify_mss(tree, p.expand(2, -1), gen)
+        assert accepted == [] and bonus in (1, 2)

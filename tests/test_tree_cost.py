@@ -60,7 +60,7 @@ def test_choice_follows_the_measurements():
 
 def test_forward_cost_sweep_measures_every_size(tmp_path):
     llm = make_tiny_checkpoint(tmp_path, "llama", seed=1)
-    engine = LLMEngine(str(llm), mode="incremental")
+    engine = LLMEngine.load(str(llm), mode="incremental")
     costs = forward_cost(engine.model, [1, 4, 16], context=32, repeats=2)
     assert set(costs) == {1, 4, 16} and all(c > 0 for c in costs.values())
 
@@ -68,7 +68,7 @@ def test_forward_cost_sweep_measures_every_size(tmp_path):
 def test_tree_auto_picks_a_tree_and_stays_exact(tmp_path, monkeypatch):
     monkeypatch.setenv("SPECINFER_DIST_CACHE", str(tmp_path / "cache"))
     llm = str(make_tiny_checkpoint(tmp_path, "llama", seed=1))
-    auto = LLMEngine(llm, ssms=[llm], tree="auto")  # the LLM drafting for itself: full coverage
+    auto = LLMEngine.load(llm, ssms=[llm], tree="auto")  # the LLM drafting for itself: full coverage
     [cached] = (tmp_path / "cache" / "tree-auto").glob("*.json")  # measured once, reused next start
     tuned = json.loads(cached.read_text())
     assert tuned["coverage_topk"][0] == pytest.approx(1.0)
@@ -78,17 +78,17 @@ def test_tree_auto_picks_a_tree_and_stays_exact(tmp_path, monkeypatch):
         assert auto.mode == "tree" and list(auto.spec.widths) == tuned["tree"]
     else:
         assert auto.mode == "incremental"
-    plain = LLMEngine(llm, mode="incremental")
+    plain = LLMEngine.load(llm, mode="incremental")
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     assert auto.generate("hello there", params)[0].token_ids == plain.generate("hello there", params)[0].token_ids
     # Retrained weights at the same path are measured again, not served from the old result.
-    LLMEngine(llm, ssms=[llm], tree="auto")
+    LLMEngine.load(llm, ssms=[llm], tree="auto")
     assert len(list((tmp_path / "cache" / "tree-auto").glob("*.json"))) == 1
     ssm_dir = make_tiny_checkpoint(tmp_path, "llama", seed=1)
-    LLMEngine(llm, ssms=[str(ssm_dir)], tree="auto")
+    LLMEngine.load(llm, ssms=[str(ssm_dir)], tree="auto")
     first = len(list((tmp_path / "cache" / "tree-auto").glob("*.json")))
     make_tiny_checkpoint(tmp_path, "llama", seed=2).replace(tmp_path / "retrained")
     shutil.rmtree(ssm_dir)
     (tmp_path / "retrained").replace(ssm_dir)
-    LLMEngine(llm, ssms=[str(ssm_dir)], tree="auto")
+    LLMEngine.load(llm, ssms=[str(ssm_dir)], tree="auto")
     assert len(list((tmp_path / "cache" / "tree-auto").glob("*.json"))) == first + 1

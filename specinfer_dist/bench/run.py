@@ -18,21 +18,27 @@ from tqdm import tqdm
 
 from specinfer_dist.bench.common import BENCH_PROMPTS, PeakMemory
 from specinfer_dist.bench.plots import write_plots
+from specinfer_dist.config import EngineConfig
+from specinfer_dist.engine.builder import load_target
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.default import ssm_sources
-from specinfer_dist.models.loader import load_model, parse_dtype, resolve_model_dir
+from specinfer_dist.models.loader import load_model, parse_dtype
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.device import machine
 from specinfer_dist.runtime.sampling_params import SamplingParams
+from specinfer_dist.tree.spec import DEFAULT_WIDTHS
 from specinfer_dist.tuning.prompts import load_prompts
 from specinfer_dist.tuning.tree_cost import SWEEP_SIZES, forward_cost
 
-# Engine settings per mode. "-mss"/"-naive" modes sample at the bench temperature.
+# Engine options per mode, over the bench's engine options (whose tree, like the CLI's and
+# the service's, defaults to auto: "tree" is what users get by default). "-mss"/"-naive"
+# modes sample at the bench temperature.
 ENGINE_MODES: dict[str, dict[str, Any]] = {
     "incremental": {"mode": "incremental"},
     "sequence": {"mode": "sequence"},
     "tree": {"mode": "tree"},
+    "tree-specinfer": {"mode": "tree", "tree": ",".join(map(str, DEFAULT_WIDTHS))},  # the paper's shape
     "tree-full-vocab": {"mode": "tree", "draft_vocab": False},  # SSM heads over the whole vocabulary
     "tree-auto": {"mode": "tree", "tree": "auto"},  # the shape `tune-tree` picks on this machine
     "ngram": {"mode": "sequence", "ssms": ["none"], "drafters": ["ngram"]},
@@ -43,21 +49,18 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "tree-mss": {"mode": "tree", "verify": "mss"},
 }
 MODES = (*ENGINE_MODES, "hf", "hf-assisted")  # hf-assisted: HF generate(assistant_model=our first SSM)
-DEFAULT_MODES = "incremental,sequence,tree,ngram,merged,hf"
+DEFAULT_MODES = "incremental,sequence,tree,tree-specinfer,ngram,merged,hf"
 SWEEP_CONTEXTS = (128, 512, 1024)
 
 
 @dataclass
 class BenchConfig:
-    llm: str = "default"
-    ssms: list[str] | None = None
-    tree: str = "1,1,3,1,1,1,1,1"
+    engine: EngineConfig = field(default_factory=EngineConfig)  # every mode starts from these options
     modes: list[str] = field(default_factory=lambda: DEFAULT_MODES.split(","))
     prompts: str | None = None  # JSONL with "prompt" and optional "chat"; None: the shipped set
     max_tokens: int = 64
     temperature: float = 1.0  # for the sampled (-mss / -naive) modes
     sweep: bool = False  # also time LLM forwards for 1..128 tree tokens at a few context lengths
-    dtype: str = "float32"
     out: str = "bench-out"
 
 
@@ -93,7 +96,7 @@ def _hf_assistant(ssm: Transformer) -> transformers.PreTrainedModel:
     return hf.eval()
 
 
-def _first_ssm(config: BenchConfig, llm: Transformer, dtype: torch.dtype) -> Transformer:
+def _first_ssm(config: EngineConfig, llm: Transformer, dtype: torch.dtype) -> Transformer:
     """The first SSM as stored (whole head): HF assisted generation has no draft vocabulary."""
     sources = ssm_sources(config.llm, config.ssms)
     if not sources:
@@ -131,8 +134,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     if unknown:
         raise InvalidConfigError(f"unknown bench mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
     rows = load_prompts(config.prompts or BENCH_PROMPTS)
-    dtype = parse_dtype(config.dtype)
-    base = LLMEngine(config.llm, mode="incremental", dtype=dtype, progress=progress)
+    dtype = parse_dtype(config.engine.dtype)
+    target = load_target(config.engine, progress)  # every engine mode shares these weights
+    base = LLMEngine.from_config(config.engine.replace(mode="incremental"), target=target)
     prompt_ids = [base.encode(r["prompt"], chat=bool(r.get("chat"))) for r in rows]
     greedy = [SamplingParams(max_tokens=config.max_tokens, temperature=0)] * len(rows)
     sampled = [
@@ -143,16 +147,17 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         if mode.startswith("hf"):
             assistant = None
             if mode == "hf-assisted":
-                assistant = _hf_assistant(_first_ssm(config, base.model, dtype))
-            llm_dir = resolve_model_dir(config.llm, progress=progress)
+                assistant = _hf_assistant(_first_ssm(config.engine, target.model, dtype))
+            llm_dir = target.model_dir
             with PeakMemory() as peak:
                 raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)
             raw[mode].update(peak.as_dict())
             continue
-        settings = {"ssms": config.ssms, "tree": config.tree, **ENGINE_MODES[mode]}
+        settings = ENGINE_MODES[mode]
         is_sampled = "verify" in settings
         with PeakMemory() as peak:
-            engine = base if mode == "incremental" else LLMEngine(config.llm, dtype=dtype, progress=progress, **settings)
+            engine = base if mode == "incremental" else LLMEngine.from_config(
+                config.engine.replace(**settings), progress=progress, target=target)
             raw[mode] = _run_engine(engine, prompt_ids, sampled if is_sampled else greedy)
         raw[mode].update(sampled=is_sampled, **peak.as_dict())
         del engine
@@ -186,7 +191,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "outputs": {mode: r["outputs"] for mode, r in raw.items()},
     }
     if config.sweep:
-        result["verify_cost_s"] = {ctx: forward_cost(base.model, SWEEP_SIZES, ctx) for ctx in SWEEP_CONTEXTS}
+        result["verify_cost_s"] = {ctx: forward_cost(target.model, SWEEP_SIZES, ctx) for ctx in SWEEP_CONTEXTS}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))

@@ -81,7 +81,7 @@ def random_llm(shape: str, device: str, dtype: torch.dtype) -> Transformer:
 
 
 def engine_for(model: Transformer, drafters: list[Drafter], spec: TreeSpec, mode: str, batch: int) -> LLMEngine:
-    return LLMEngine.from_parts(
+    return LLMEngine(
         tokenizer=None, model_config=model.config, eos_ids=set(), verifier=LocalVerifier(model),
         drafters=drafters, spec=spec, mode=mode, verify="mss", max_num_seqs=batch,
     )

@@ -2,7 +2,7 @@
 continuous-batching engine, and a client with AsyncLLMEngine's surface.
 
 The Coordinator runs the same LLMEngine + AsyncLLMEngine as the single-process path, built
-``from_parts`` with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
+from parts with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
 RemoteDrafter per drafter the draft workers host. With ``cluster.pipeline`` the engine
 verifies one half of the batch while the other half is drafted.
 """
@@ -58,7 +58,7 @@ class Coordinator:
         parts = ray.get(self.workers[0].describe.remote())
         ray.get([worker.ready.remote() for worker in self.workers])
         specs = parts.pop("drafters")
-        llm = LLMEngine.from_parts(
+        llm = LLMEngine(
             **parts,
             verifier=self.verifier,
             drafters=DraftPool(self.workers, len(specs)).drafters(specs),

@@ -1,6 +1,7 @@
 """Drafting on Ray: workers hosting the drafters, and the engine's stand-ins for them.
 
-A ``DraftWorker`` builds its drafters exactly as a single-process LLMEngine does. Several
+A ``DraftWorker`` builds its drafters with the same builder as a single-process LLMEngine
+(engine/builder.py), and no verifier. Several
 workers give data parallelism: ``DraftPool`` spreads a step's requests over them, each request
 sticking to one worker (which keeps that request's SSM KV cache), and gets every drafter's
 trees in one round trip per worker. The engine sees one ``RemoteDrafter`` per hosted drafter
@@ -14,7 +15,6 @@ tree, which verification turns into one ordinary decoding step. Output stays exa
 from __future__ import annotations
 
 import os
-from dataclasses import replace
 from typing import Any
 
 import ray
@@ -23,7 +23,12 @@ from ray.exceptions import RayActorError
 
 from specinfer_dist.config import EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
-from specinfer_dist.engine.engine import LLMEngine
+from specinfer_dist.engine.builder import (
+    load_ssms,
+    load_target,
+    make_drafters,
+    plan_drafting,
+)
 from specinfer_dist.errors import SpecInferError
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
@@ -35,27 +40,27 @@ MAX_RESTARTS = 3  # a worker that keeps dying only costs speed, never correctnes
 class DraftWorker:
     def __init__(self, engine: EngineConfig, threads: int) -> None:
         torch.set_num_threads(threads)
-        # A whole local engine resolves SSMs, tree and mode exactly as the single-process path.
-        # Its LLM is only needed while SSMs are built (they may share its embedding and head, and
-        # their vocabularies are checked against it); what they share outlives it. It never
-        # verifies here, so it gets no KV pool.
+        # The LLM is only needed while SSMs are built (they may share its embedding and head,
+        # and their vocabularies are checked against it); what they share outlives it.
         try:
-            local = LLMEngine.from_config(replace(engine, kv_blocks=None))
+            target = load_target(engine)
+            plan = plan_drafting(engine, target, load_ssms(engine, target) if engine.mode != "incremental" else [])
+            self.drafters = make_drafters(engine, plan)
         except SpecInferError as err:  # e.g. a bad SSM path: describe() reports it as it is
             self.error: SpecInferError | None = err
             return
         self.error = None
-        self.drafters = local.drafters
         self.parts = {
-            "tokenizer": local.tokenizer,
-            "model_config": local.model.config,
-            "eos_ids": local.eos_ids,
-            "spec": local.spec,
-            "mode": local.mode,
+            "tokenizer": target.tokenizer,
+            "model_config": target.model.config,
+            "eos_ids": target.eos_ids,
+            "sampling_defaults": target.sampling_defaults,
+            "spec": plan.spec,
+            "mode": plan.mode,
         }
 
     def describe(self) -> dict[str, Any]:
-        """LLMEngine.from_parts arguments, and each hosted drafter's (name, spec)."""
+        """LLMEngine arguments, and each hosted drafter's (name, spec)."""
         if self.error:
             raise self.error
         return {**self.parts, "drafters": [(d.name, d.spec) for d in self.drafters]}

@@ -83,7 +83,7 @@ class AsyncLLMEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False
     ) -> AsyncIterator[RequestDelta]:
         """Deltas of one request until it finishes. Bad input raises before the first one."""
-        seq = self.engine._new_sequence(prompt, params, chat)  # validates; raises SpecInferError
+        seq = self.engine.new_sequence(prompt, params, chat)  # validates; raises SpecInferError
         stream = _Stream(seq, asyncio.get_running_loop())
         self._inbox.put(("add", stream))
         finished = False
@@ -106,15 +106,14 @@ class AsyncLLMEngine:
         return self.engine.tokenizer
 
     def num_waiting(self) -> int:
-        return len(self.engine.scheduler.waiting)
+        return self.engine.num_waiting()
 
     def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self.engine.num_running()
 
     def kv_usage(self) -> float | None:
         """Fraction of the LLM's KV block pool in use (None without a bounded pool)."""
-        usage = getattr(self.engine.verifier, "kv_usage", None)  # remote verifiers may not report it
-        return usage() if usage else None
+        return self.engine.kv_usage()
 
     def shutdown(self) -> None:
         self._stopped.set()
@@ -125,7 +124,7 @@ class AsyncLLMEngine:
 
     def _run(self) -> None:
         while not self._stopped.is_set():
-            idle = not self.engine.scheduler.has_unfinished()
+            idle = not self.engine.has_unfinished()
             try:
                 # Block while idle; between steps, just drain what has arrived.
                 self._handle(*self._inbox.get(timeout=None if idle else 0))
@@ -144,7 +143,7 @@ class AsyncLLMEngine:
         if kind == "add":
             stream: _Stream = payload
             self._streams[stream.seq.request_id] = stream
-            self.engine.scheduler.add(stream.seq)
+            self.engine.add(stream.seq)
             self.counters.prompt_tokens += len(stream.seq.prompt_ids)
         elif kind == "abort" and payload in self._streams:
             del self._streams[payload]
@@ -152,7 +151,7 @@ class AsyncLLMEngine:
                 self.counters.requests_aborted += 1
 
     def _fail_running(self, err: Exception) -> None:
-        for seq in list(self.engine.scheduler.running):
+        for seq in self.engine.running():
             self.engine.abort(seq.request_id)
             stream = self._streams.pop(seq.request_id, None)
             if stream is not None:

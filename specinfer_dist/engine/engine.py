@@ -9,119 +9,42 @@ from __future__ import annotations
 import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Iterable
 from typing import Sequence as Seq
 
 import torch
 from tqdm import tqdm
-from transformers import GenerationConfig
 
-from specinfer_dist.config import DEFAULT_BLOCK_SIZE, EngineConfig
+from specinfer_dist.config import MODES, VERIFY_METHODS, EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
-from specinfer_dist.drafters.ngram import NgramDrafter
-from specinfer_dist.drafters.ssm import SSMDrafter
+from specinfer_dist.engine.builder import Target, build_parts
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence
 from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
-from specinfer_dist.models.default import ssm_sources
-from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
-from specinfer_dist.models.loader import check_same_vocabulary, load_model
-from specinfer_dist.runtime.block_pool import DEFAULT_GPU_MEMORY_UTILIZATION
 from specinfer_dist.runtime.model_runner import chain_parents
 from specinfer_dist.runtime.sampling_params import SamplingParams
-from specinfer_dist.runtime.verifier import LocalVerifier, Verifier, VerifyItem
+from specinfer_dist.runtime.verifier import Verifier, VerifyItem
 from specinfer_dist.tree.merge import merge_trees
-from specinfer_dist.tree.sampling import sampling_probs
-from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, TreeSpec
+from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
-from specinfer_dist.tree.verify import verify_greedy, verify_mss, verify_naive
-from specinfer_dist.tuning.tune import auto_tree
+from specinfer_dist.tree.verify import verify_tree
 
-MODES = ("incremental", "sequence", "tree")
-VERIFIERS = {"mss": verify_mss, "naive": verify_naive}
 Prompt = str | list[int]
 
 
 class LLMEngine:
     """Generate with tree-based speculative inference; the output is the LLM's own.
 
-    ``llm`` / ``ssms`` are model sources: "default", a HF checkpoint dir, a .gguf file or a hub
-    id. Without ``ssms`` the default LLM gets its shipped SSMs ("default") and any other LLM
-    none. ``mode`` defaults to "tree" when there is a drafter, else "incremental". Sampled
-    requests are verified by multi-step speculative sampling (``verify="mss"``) or the naive
-    baseline. SSMs shipped with a ``draft_vocab.json`` score only those tokens unless
-    ``draft_vocab`` is False (models/draft_vocab.py). With more than ``speculation_max_batch``
-    requests running, a step decodes without drafting. The LLM's KV memory is a pool of
-    ``kv_blocks`` blocks of ``kv_block_size`` tokens (requests wait or are preempted when it is
-    full); None sizes it from memory (``gpu_memory_utilization`` of a GPU; runtime/block_pool.py).
+    The engine runs parts it is given: a verifier (the LLM and its KV caches, here or on Ray
+    actors), drafters, the tree shape and the mode. ``LLMEngine.from_config`` / ``load`` build
+    them from ``EngineConfig`` options (engine/builder.py). With more than
+    ``speculation_max_batch`` requests running, a step decodes without drafting. Requests that
+    leave temperature/top_p/top_k unset get ``sampling_defaults`` (the model's
+    generation_config.json), else OpenAI's.
     """
 
     def __init__(
-        self,
-        llm: str | None = None,
-        ssms: Seq[str] | None = None,
-        drafters: Seq[str] = (),
-        tree: str | Seq[int] | TreeSpec | None = None,
-        tree_budget: int = DEFAULT_TOKEN_BUDGET,
-        mode: str | None = None,
-        verify: str = "mss",
-        draft_temperature: float | None = None,
-        draft_vocab: bool = True,
-        dtype: str | torch.dtype = "float32",
-        max_num_seqs: int = 16,
-        speculation_max_batch: int | None = None,
-        kv_blocks: int | None = None,
-        kv_block_size: int = DEFAULT_BLOCK_SIZE,
-        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
-        progress: bool = False,
-    ) -> None:
-        self.model, self.tokenizer, model_dir = load_model(llm, dtype=dtype, progress=progress)
-        sources = ssm_sources(llm, ssms)
-        mode = mode or ("tree" if sources or drafters else "incremental")
-        if draft_temperature is not None and not draft_temperature > 0:
-            raise InvalidConfigError(f"draft_temperature must be positive, got {draft_temperature!r}")
-        ssm_models = []
-        if mode != "incremental":
-            ssm_models = [self._load_ssm(source, dtype, draft_vocab, progress) for source in sources]
-        if tree == "auto" and ssm_models:
-            # Measured on this machine (tuning/tune.py); None means speculation would not pay.
-            key = [llm, *sources, f"draft_vocab={draft_vocab}"]
-            spec, chosen = auto_tree(self.model, self.tokenizer, ssm_models, key, tree_budget, progress)
-            ssm_models = [ssm_models[i] for i in chosen]
-            mode = mode if spec else "incremental"
-            spec = spec or TreeSpec(token_budget=tree_budget)
-        else:  # without SSMs there is nothing to measure: model-free drafters use the default shape
-            spec = _tree_spec(None if tree == "auto" else tree, tree_budget)
-        if mode == "sequence":
-            spec = spec.as_sequence()
-        all_drafters: list[Drafter] = []
-        if mode != "incremental":
-            all_drafters = [SSMDrafter(m, spec, f"ssm{i}", draft_temperature) for i, m in enumerate(ssm_models)]
-            all_drafters.extend(model_free_drafter(name, spec) for name in drafters)
-        self._init_parts(
-            tokenizer=self.tokenizer,
-            model_config=self.model.config,
-            eos_ids=eos_ids(model_dir, self.model.config, self.tokenizer),
-            verifier=LocalVerifier(self.model, kv_blocks, kv_block_size, max_num_seqs, gpu_memory_utilization),
-            drafters=all_drafters,
-            spec=spec,
-            mode=mode,
-            verify=verify,
-            max_num_seqs=max_num_seqs,
-            speculation_max_batch=speculation_max_batch,
-        )
-
-    @classmethod
-    def from_parts(cls, **parts: Any) -> "LLMEngine":
-        """An engine whose LLM and drafters run elsewhere (e.g. Ray actors): see ``_init_parts``."""
-        engine = cls.__new__(cls)
-        engine._init_parts(**parts)
-        return engine
-
-    def _init_parts(
         self,
         *,
         tokenizer: Any,
@@ -131,21 +54,18 @@ class LLMEngine:
         drafters: list[Drafter],
         spec: TreeSpec,
         mode: str,
-        verify: str,
-        max_num_seqs: int,
+        verify: str = "mss",
+        max_num_seqs: int = 16,
         speculation_max_batch: int | None = None,
+        sampling_defaults: dict[str, Any] | None = None,
         pipeline: bool = False,
     ) -> None:
         if mode not in MODES:
             raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode != "incremental" and not drafters:
             raise InvalidConfigError(f"mode {mode!r} needs at least one SSM or drafter")
-        if verify not in VERIFIERS:
-            raise InvalidConfigError(f"verify must be one of {', '.join(VERIFIERS)}, got {verify!r}")
-        if max_num_seqs < 1:
-            raise InvalidConfigError(f"max_num_seqs must be positive, got {max_num_seqs}")
-        if speculation_max_batch is not None and speculation_max_batch < 1:
-            raise InvalidConfigError(f"speculation_max_batch must be positive, got {speculation_max_batch}")
+        if verify not in VERIFY_METHODS:
+            raise InvalidConfigError(f"verify must be one of {', '.join(VERIFY_METHODS)}, got {verify!r}")
         # Verifying trees for a big batch costs more than it saves where the LLM is no longer
         # memory-bound (vLLM's speculative_disable_by_batch_size): above this, decode plainly.
         self.speculation_max_batch = speculation_max_batch
@@ -153,6 +73,7 @@ class LLMEngine:
         self.vocab_size = model_config.vocab_size
         self.max_positions = model_config.max_position_embeddings
         self.eos_ids = eos_ids
+        self.sampling_defaults = dict(sampling_defaults or {})
         self.verifier = verifier
         self.drafters = drafters if mode != "incremental" else []
         self.spec = spec
@@ -169,17 +90,16 @@ class LLMEngine:
         self._forwards = ThreadPoolExecutor(1, thread_name_prefix="verify")  # no thread until used
 
     @classmethod
-    def from_config(cls, config: EngineConfig, progress: bool = False) -> "LLMEngine":
-        return cls(**asdict(config), progress=progress)
+    def from_config(cls, config: EngineConfig, progress: bool = False, target: Target | None = None) -> "LLMEngine":
+        """An engine built here from ``config`` (the LLM and drafters in this process); with
+        ``target``, on that already loaded LLM."""
+        return cls(**vars(build_parts(config, progress, target)))
 
-    def _load_ssm(self, source: str, dtype, draft_vocab: bool, progress: bool):
-        # SSMs trained by boost-tuning take their embedding and head from this LLM (no copy).
-        model, tokenizer, model_dir = load_model(source, dtype=dtype, progress=progress, shared_from=self.model)
-        check_same_vocabulary(self.tokenizer, tokenizer, self.model.config, model.config, source)
-        token_ids = read_draft_vocab(model_dir, model.config.vocab_size) if draft_vocab else None
-        if token_ids is not None:  # score only the tokens the LLM emits often (models/draft_vocab.py)
-            restrict_head(model, token_ids)
-        return model
+    @classmethod
+    def load(cls, llm: str = "default", *, progress: bool = False, **options: Any) -> "LLMEngine":
+        """The Python API's entry point: ``LLMEngine.load("default", tree="auto", dtype="bfloat16")``;
+        ``options`` are ``EngineConfig`` fields, validated as in YAML and on the command line."""
+        return cls.from_config(EngineConfig(llm=llm, **options), progress=progress)
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -205,12 +125,13 @@ class LLMEngine:
         return ids
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Sequence:
-        seq = self._new_sequence(prompt, params, chat)
-        self.scheduler.add(seq)
+        seq = self.new_sequence(prompt, params, chat)
+        self.add(seq)
         return seq
 
-    def _new_sequence(self, prompt: Prompt, params: SamplingParams | None, chat: bool) -> Sequence:
-        params = params or SamplingParams()
+    def new_sequence(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Sequence:
+        """A validated request, not yet queued (``add`` queues it): bad input raises here."""
+        params = (params or SamplingParams()).with_defaults(self.sampling_defaults)
         ids = self.encode(prompt, chat)
         if len(ids) + params.max_tokens > self.max_positions:
             raise InvalidRequestError(
@@ -235,13 +156,33 @@ class LLMEngine:
         if len(params) != len(prompts):
             raise InvalidRequestError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
         # Validate every prompt before queueing any, so a bad one leaves nothing behind.
-        seqs = [self._new_sequence(p, sp, chat) for p, sp in zip(prompts, params)]
+        seqs = [self.new_sequence(p, sp, chat) for p, sp in zip(prompts, params)]
         for seq in seqs:
-            self.scheduler.add(seq)
+            self.add(seq)
         with tqdm(total=len(seqs), disable=not use_tqdm, desc="generating") as bar:
             while self.scheduler.has_unfinished():
                 bar.update(sum(seq.finished for seq in self.step()))
         return [self.output(seq) for seq in seqs]
+
+    def add(self, seq: Sequence) -> None:
+        self.scheduler.add(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def running(self) -> list[Sequence]:
+        return list(self.scheduler.running)
+
+    def kv_usage(self) -> float | None:
+        """Fraction of the LLM's KV block pool in use (None without a bounded pool)."""
+        usage = getattr(self.verifier, "kv_usage", None)  # remote verifiers may not report it
+        return usage() if usage else None
 
     def abort(self, request_id: int) -> bool:
         """Drop a request (e.g. its client went away) and free everything it holds."""
@@ -314,28 +255,20 @@ class LLMEngine:
     ) -> None:
         """Verify each tree against the LLM's logits, commit the accepted path, end finished requests."""
         for seq, tree, item, node_logits in zip(seqs, trees, items, logits):
-            accepted, bonus = self._verify(seq, tree, node_logits)
+            params = seq.params
+            accepted, bonus = verify_tree(
+                tree, node_logits, seq.generator, temperature=params.temperature, top_k=params.top_k,
+                top_p=params.top_p, method=self.verify,
+            )
             chain_len = len(item.tokens) - len(tree)
             keep = [*range(chain_len), *(chain_len + n for n in [0, *accepted])]
             self.verifier.commit(seq.request_id, keep)
             seq.num_cached += len(keep)
-            seq.stats.steps += 1
-            seq.stats.drafted_tokens += tree.num_drafted
-            seq.stats.accepted_tokens += len(accepted)
-            depths = seq.stats.accepted_at_depth
-            depths.extend([0] * (len(accepted) - len(depths)))
-            for d in range(len(accepted)):
-                depths[d] += 1
-            self._append(seq, [tree.tokens[n] for n in accepted] + [bonus])
+            appended = self._append(seq, [tree.tokens[n] for n in accepted] + [bonus])
+            # Drafted tokens cut by EOS, a stop string or max_tokens were not accepted.
+            seq.stats.record(tree.num_drafted, min(len(accepted), appended), len(seq.output_ids))
             if seq.finished:
                 self._finish(seq)
-
-    def _verify(self, seq: Sequence, tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int]:
-        params = seq.params
-        if params.greedy:
-            return verify_greedy(tree, logits)
-        target = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
-        return VERIFIERS[self.verify](tree, target, seq.generator)
 
     def draft(self, seqs: list[Sequence]) -> list[TokenTree]:
         """One merged, DFS-ordered tree per request from every drafter (just the root without)."""
@@ -352,9 +285,12 @@ class LLMEngine:
             for seq, trees in zip(seqs, zip(*proposals))
         ]
 
-    def _append(self, seq: Sequence, tokens: Iterable[int]) -> None:
-        """Add verified tokens, ending the request at EOS, a stop string or max_tokens."""
+    def _append(self, seq: Sequence, tokens: Iterable[int]) -> int:
+        """Add verified tokens, ending the request at EOS, a stop string or max_tokens; returns
+        how many were added."""
+        added = 0
         for token in tokens:
+            added += 1
             seq.output_ids.append(token)
             if token in self.eos_ids and not seq.params.ignore_eos:
                 seq.finish_reason = FinishReason.STOP
@@ -364,7 +300,7 @@ class LLMEngine:
                 seq.finish_reason = FinishReason.LENGTH
             if seq.finished:
                 break
-        seq.stats.generated_tokens = len(seq.output_ids)
+        return added
 
     def _cut_at_stop(self, seq: Sequence) -> bool:
         text = self.decode(seq.output_ids)
@@ -389,34 +325,3 @@ class LLMEngine:
         for drafter in self.drafters:
             drafter.release(seq.request_id)
 
-
-def model_free_drafter(name: str, spec: TreeSpec) -> Drafter:
-    """``ngram`` or ``ngram:<widths>``; without widths, a chain as deep as the SSMs' tree."""
-    kind, _, widths = name.partition(":")
-    if kind != "ngram":
-        raise InvalidConfigError(f"unknown drafter {name!r}; model-free drafters: ngram[:widths]")
-    own = TreeSpec.parse(widths, spec.token_budget) if widths else TreeSpec((1,) * spec.depth, spec.token_budget)
-    return NgramDrafter(own)
-
-
-def _tree_spec(tree: str | Seq[int] | TreeSpec | None, budget: int) -> TreeSpec:
-    if isinstance(tree, TreeSpec):
-        return tree
-    if tree is None:
-        return TreeSpec(token_budget=budget)
-    if isinstance(tree, str):
-        return TreeSpec.parse(tree, budget)
-    return TreeSpec(tuple(tree), budget)
-
-
-def eos_ids(model_dir: Path, config, tokenizer) -> set[int]:
-    """EOS as Hugging Face generate() sees it (generation_config.json, else config), plus the tokenizer's."""
-    try:
-        generation_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-    except OSError:  # no generation_config.json
-        generation_eos = None
-    ids = set()
-    for value in (generation_eos, config.eos_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            ids.update(value if isinstance(value, list) else [value])
-    return ids

@@ -20,9 +20,20 @@ class FinishReason(str, Enum):
 class SpecStats:
     steps: int = 0  # LLM verification passes
     drafted_tokens: int = 0
-    accepted_tokens: int = 0  # drafted tokens the LLM kept
+    accepted_tokens: int = 0  # drafted tokens the LLM kept and the request emitted
     generated_tokens: int = 0
     accepted_at_depth: list[int] = field(default_factory=list)  # steps that kept a token at depth d+1
+
+    def record(self, drafted: int, accepted: int, generated: int) -> None:
+        """One verification step: ``drafted`` tree tokens, the first ``accepted`` of the
+        accepted path emitted, ``generated`` output tokens in all so far."""
+        self.steps += 1
+        self.drafted_tokens += drafted
+        self.accepted_tokens += accepted
+        self.accepted_at_depth.extend([0] * (accepted - len(self.accepted_at_depth)))
+        for depth in range(accepted):
+            self.accepted_at_depth[depth] += 1
+        self.generated_tokens = generated
 
     @property
     def tokens_per_step(self) -> float:

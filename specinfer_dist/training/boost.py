@@ -22,7 +22,7 @@ import transformers
 from tqdm import tqdm
 from transformers import PreTrainedModel
 
-from specinfer_dist.engine.engine import eos_ids
+from specinfer_dist.engine.builder import eos_ids
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.cache import cache_root
 from specinfer_dist.models.draft_vocab import frequent_tokens, write_draft_vocab

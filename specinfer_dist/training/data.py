@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, GenerationConfig, PreTrainedModel
 
-from specinfer_dist.engine.engine import eos_ids
+from specinfer_dist.engine.builder import eos_ids
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.training import prompts as P
 

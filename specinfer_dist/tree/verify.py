@@ -8,7 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.token_tree import TokenTree
+
+
+def verify_tree(
+    tree: TokenTree, logits: torch.Tensor, generator: torch.Generator, *, temperature: float, top_k: int,
+    top_p: float, method: str = "mss",
+) -> tuple[list[int], int]:
+    """Verify one request's tree with its sampling settings: greedy at temperature 0, else
+    ``method`` ("mss" or "naive") against the LLM's processed distribution."""
+    if temperature == 0:
+        return verify_greedy(tree, logits)
+    target = sampling_probs(logits, temperature, top_k, top_p)
+    return SAMPLED_VERIFIERS[method](tree, target, generator)
 
 
 def verify_greedy(tree: TokenTree, logits: torch.Tensor) -> tuple[list[int], int]:
@@ -47,7 +60,8 @@ def verify_mss(tree: TokenTree, target: torch.Tensor, generator: torch.Generator
             s = candidates.pop(int(torch.randint(len(candidates), (1,), generator=generator)))
             x, q = tree.tokens[s], tree.probs[s]
             q_x = 1.0 if q is None else q[x].item()
-            if torch.rand((), generator=generator, dtype=torch.float64).item() * q_x <= p[x].item():
+            # Strict: a token the LLM gives probability 0 is never accepted, even when u or q(x) is 0.
+            if torch.rand((), generator=generator, dtype=torch.float64).item() * q_x < p[x].item():
                 chosen = s
                 break
             p = _residual(p, x, q)
@@ -80,3 +94,6 @@ def verify_naive(tree: TokenTree, target: torch.Tensor, generator: torch.Generat
             return accepted, token
         accepted.append(match)
         node = match
+
+
+SAMPLED_VERIFIERS = {"mss": verify_mss, "naive": verify_naive}

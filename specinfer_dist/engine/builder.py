@@ -1,0 +1,177 @@
+"""Build an engine's parts from an ``EngineConfig``: load the LLM and the SSMs, restrict draft
+vocabularies, resolve ``tree="auto"``, make the drafters.
+
+This is the one place that turns options into objects. ``LLMEngine.from_config`` and the Ray
+runtime both build through it; the engine itself only runs the parts it is given. Each step
+is its own function, so a process that needs only some parts (a draft worker needs drafters,
+not a verifier) builds only those.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import GenerationConfig
+
+from specinfer_dist.config import EngineConfig
+from specinfer_dist.drafters.base import Drafter
+from specinfer_dist.drafters.ngram import NgramDrafter
+from specinfer_dist.drafters.ssm import SSMDrafter
+from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.models.default import ssm_sources
+from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
+from specinfer_dist.models.loader import check_same_vocabulary, load_model
+from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
+from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
+from specinfer_dist.tree.spec import TreeSpec
+from specinfer_dist.tuning.tune import auto_tree
+
+
+@dataclass
+class Target:
+    """The loaded LLM and what requests need from its checkpoint."""
+
+    model: Transformer
+    tokenizer: Any
+    model_dir: Path
+    eos_ids: set[int]
+    sampling_defaults: dict[str, Any]  # from generation_config.json (empty with generation_config "none")
+
+
+@dataclass
+class DraftPlan:
+    """What to draft with: the mode, the tree shape, and the SSMs that draft it."""
+
+    mode: str
+    spec: TreeSpec
+    ssms: list[Transformer] = field(default_factory=list)
+
+
+@dataclass
+class EngineParts:
+    """Keyword arguments of ``LLMEngine``."""
+
+    tokenizer: Any
+    model_config: Any
+    eos_ids: set[int]
+    sampling_defaults: dict[str, Any]
+    verifier: Verifier
+    drafters: list[Drafter]
+    spec: TreeSpec
+    mode: str
+    verify: str
+    max_num_seqs: int
+    speculation_max_batch: int | None
+
+
+def load_target(config: EngineConfig, progress: bool = False) -> Target:
+    model, tokenizer, model_dir = load_model(config.llm, dtype=config.dtype, progress=progress)
+    defaults = sampling_defaults(model_dir) if config.generation_config == "auto" else {}
+    return Target(model, tokenizer, model_dir, eos_ids(model_dir, model.config, tokenizer), defaults)
+
+
+def load_ssms(config: EngineConfig, target: Target, progress: bool = False) -> list[Transformer]:
+    """The configured SSMs, checked against the LLM's vocabulary. SSMs trained by boost-tuning
+    take their embedding and head from the LLM (the same tensors, no copy)."""
+    ssms = []
+    for source in ssm_sources(config.llm, config.ssms):
+        model, tokenizer, model_dir = load_model(source, dtype=config.dtype, progress=progress, shared_from=target.model)
+        check_same_vocabulary(target.tokenizer, tokenizer, target.model.config, model.config, source)
+        token_ids = read_draft_vocab(model_dir, model.config.vocab_size) if config.draft_vocab else None
+        if token_ids is not None:  # score only the tokens the LLM emits often (models/draft_vocab.py)
+            restrict_head(model, token_ids)
+        ssms.append(model)
+    return ssms
+
+
+def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer], progress: bool = False) -> DraftPlan:
+    """Mode and tree for these drafters. ``tree="auto"`` measures this machine once (cached)
+    and may keep only some SSMs, or none (then decoding is incremental)."""
+    has_drafters = bool(ssms or config.drafters)
+    mode = config.mode or ("tree" if has_drafters else "incremental")
+    if mode != "incremental" and not has_drafters:
+        raise InvalidConfigError(f"mode {mode!r} needs at least one SSM or drafter")
+    if mode == "incremental":
+        return DraftPlan("incremental", config.tree_spec or TreeSpec(token_budget=config.tree_budget))
+    spec = config.tree_spec
+    if spec is None and ssms:
+        key = [config.llm, *ssm_sources(config.llm, config.ssms), f"draft_vocab={config.draft_vocab}"]
+        spec, chosen = auto_tree(target.model, target.tokenizer, ssms, key, config.tree_budget, progress)
+        ssms = [ssms[i] for i in chosen]
+        if spec is None:  # speculation would not pay on this machine
+            return DraftPlan("incremental", TreeSpec(token_budget=config.tree_budget))
+    # Without SSMs there is nothing to measure: model-free drafters use the default shape.
+    spec = spec or TreeSpec(token_budget=config.tree_budget)
+    return DraftPlan(mode, spec.as_sequence() if mode == "sequence" else spec, ssms)
+
+
+def make_drafters(config: EngineConfig, plan: DraftPlan) -> list[Drafter]:
+    if plan.mode == "incremental":
+        return []
+    drafters: list[Drafter] = [
+        SSMDrafter(model, plan.spec, f"ssm{i}", config.draft_temperature) for i, model in enumerate(plan.ssms)
+    ]
+    drafters.extend(model_free_drafter(name, plan.spec) for name in config.drafters)
+    return drafters
+
+
+def model_free_drafter(name: str, spec: TreeSpec) -> Drafter:
+    """``ngram`` or ``ngram:<widths>``; without widths, a chain as deep as the SSMs' tree."""
+    kind, _, widths = name.partition(":")
+    if kind != "ngram":
+        raise InvalidConfigError(f"unknown drafter {name!r}; model-free drafters: ngram[:widths]")
+    own = TreeSpec.parse(widths, spec.token_budget) if widths else TreeSpec((1,) * spec.depth, spec.token_budget)
+    return NgramDrafter(own)
+
+
+def build_parts(config: EngineConfig, progress: bool = False, target: Target | None = None) -> EngineParts:
+    """Everything a single-process engine needs: the LLM verifies here, the drafters draft here.
+    Engines built from one ``target`` share its weights (each has its own KV caches)."""
+    target = target or load_target(config, progress)
+    ssms = load_ssms(config, target, progress) if config.mode != "incremental" else []
+    plan = plan_drafting(config, target, ssms, progress)
+    return EngineParts(
+        tokenizer=target.tokenizer,
+        model_config=target.model.config,
+        eos_ids=target.eos_ids,
+        sampling_defaults=target.sampling_defaults,
+        verifier=LocalVerifier(
+            target.model, config.kv_blocks, config.kv_block_size, config.max_num_seqs, config.gpu_memory_utilization
+        ),
+        drafters=make_drafters(config, plan),
+        spec=plan.spec,
+        mode=plan.mode,
+        verify=config.verify,
+        max_num_seqs=config.max_num_seqs,
+        speculation_max_batch=config.speculation_max_batch,
+    )
+
+
+def eos_ids(model_dir: Path, config: Any, tokenizer: Any) -> set[int]:
+    """EOS as Hugging Face generate() sees it (generation_config.json, else config), plus the tokenizer's."""
+    generation = _generation_config(model_dir)
+    ids = set()
+    for value in (generation and generation.eos_token_id, config.eos_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            ids.update(value if isinstance(value, list) else [value])
+    return ids
+
+
+def sampling_defaults(model_dir: Path) -> dict[str, Any]:
+    """The sampling fields the model's authors set in generation_config.json (vLLM's
+    ``--generation-config auto``): values HF's own defaults would not give."""
+    generation = _generation_config(model_dir)
+    if generation is None:
+        return {}
+    diff = generation.to_diff_dict()
+    return {name: diff[name] for name in SAMPLING_DEFAULT_FIELDS if diff.get(name) is not None}
+
+
+def _generation_config(model_dir: Path) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:  # no generation_config.json
+        return None
