@@ -6,7 +6,7 @@ overhead (Python, dispatch, copies), the part that does not shrink on a GPU.
 
 ``--compare-with`` runs this same file again with PYTHONPATH at another checkout (e.g.
 ``git worktree add /tmp/old <commit>``) and prints both and their ratio. Only APIs that both
-have are used: ``LLMEngine.from_parts`` and ``LocalVerifier(model)`` with default KV settings.
+have are used: an engine from parts and ``LocalVerifier(model)`` with default KV settings.
 """
 
 from __future__ import annotations
@@ -40,10 +40,12 @@ def tiny_model(layers: int) -> Transformer:
 
 def step_ms(model: Transformer, batch: int, prompt_len: int, steps: int) -> float:
     """Median wall time of an incremental decode step with ``batch`` requests running."""
-    engine = LLMEngine.from_parts(
+    parts = dict(
         tokenizer=None, model_config=model.config, eos_ids=set(), verifier=LocalVerifier(model),
         drafters=[], spec=TreeSpec(), mode="incremental", verify="mss", max_num_seqs=batch,
     )
+    # Older checkouts build an engine from parts with from_parts, newer ones with the constructor.
+    engine = LLMEngine.from_parts(**parts) if hasattr(LLMEngine, "from_parts") else LLMEngine(**parts)
     gen = torch.Generator().manual_seed(1)
     params = SamplingParams(temperature=0, max_tokens=steps + 3, ignore_eos=True)
     for _ in range(batch):

@@ -148,6 +148,10 @@ class ShardGroupVerifier:
             reason = (str(err).strip().splitlines() or [""])[0]
             raise ShardGroupError(f"verifier shard group failed ({type(err).__name__}: {reason}); rebuilding it") from err
 
+    def logits(self, items: list[VerifyItem]) -> torch.Tensor:
+        """All items' logit rows, one after the other (on this host: rank 0 sends them)."""
+        return torch.cat(self.forward(items))
+
     def commit(self, request_id: int, keep: list[int]) -> None:
         self._commits.append((request_id, keep))
 

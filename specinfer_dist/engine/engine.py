@@ -28,7 +28,7 @@ from specinfer_dist.runtime.verifier import Verifier, VerifyItem
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
-from specinfer_dist.tree.verify import verify_tree
+from specinfer_dist.tree.verify import verify_batch
 
 Prompt = str | list[int]
 
@@ -208,7 +208,7 @@ class LLMEngine:
         trees = self.draft(seqs)
         drafted = time.perf_counter()
         items = self.verify_items(seqs, trees)
-        self.apply(seqs, trees, items, self.verifier.forward(items))
+        self.apply(seqs, trees, items, self.verifier.logits(items))
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted
         return seqs
@@ -228,7 +228,7 @@ class LLMEngine:
         later = [seq for seq in seqs if seq.request_id not in self._drafted]
         trees = [self._drafted.pop(seq.request_id) for seq in now]
         items = self.verify_items(now, trees)
-        logits = self._forwards.submit(self.verifier.forward, items)
+        logits = self._forwards.submit(self.verifier.logits, items)
         try:
             self._drafted.update(zip((seq.request_id for seq in later), self.draft(later) if later else []))
             drafted = time.perf_counter()
@@ -251,15 +251,13 @@ class LLMEngine:
         return items
 
     def apply(
-        self, seqs: list[Sequence], trees: list[TokenTree], items: list[VerifyItem], logits: list[torch.Tensor]
+        self, seqs: list[Sequence], trees: list[TokenTree], items: list[VerifyItem], logits: torch.Tensor
     ) -> None:
-        """Verify each tree against the LLM's logits, commit the accepted path, end finished requests."""
-        for seq, tree, item, node_logits in zip(seqs, trees, items, logits):
-            params = seq.params
-            accepted, bonus = verify_tree(
-                tree, node_logits, seq.generator, temperature=params.temperature, top_k=params.top_k,
-                top_p=params.top_p, method=self.verify,
-            )
+        """Verify the trees against the LLM's logits (all trees' rows, where the LLM ran), commit
+        the accepted paths, end finished requests."""
+        settings = [(seq.params.temperature, seq.params.top_k, seq.params.top_p) for seq in seqs]
+        results = verify_batch(trees, logits, settings, [seq.generator for seq in seqs], self.verify)
+        for seq, tree, item, (accepted, bonus) in zip(seqs, trees, items, results):
             chain_len = len(item.tokens) - len(tree)
             keep = [*range(chain_len), *(chain_len + n for n in [0, *accepted])]
             self.verifier.commit(seq.request_id, keep)

@@ -183,7 +183,7 @@ class ModelRunner:
     def _to_device(self, values: np.ndarray) -> torch.Tensor:
         """One copy of the step's integers to the device, through a reused host buffer."""
         if self.device.type != "cuda":
-            return torch.from_numpy(values)
+            return torch.from_numpy(values).to(self.device)  # no copy on a CPU
         if self._copied is not None:
             self._copied.synchronize()  # the previous step's copy must be done before we overwrite
         if self._host.numel() < len(values):
