@@ -75,6 +75,25 @@ def test_growable_pool_keeps_rows_when_it_grows():
     torch.testing.assert_close(a.committed(), rows, rtol=0, atol=0)
 
 
+def test_stale_pool_memory_never_reaches_attention():
+    """The pool is not zeroed up front: garbage (here NaN) in blocks must not leak into logits
+    through masked rows or padded block tables."""
+    from test_model import pair
+
+    from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
+
+    _, model = pair("llama")
+    runner = ModelRunner(model, KVCapacity(16, BLOCK))
+    want = [runner.forward([RunItem(runner.new_cache(), ids, chain_parents(len(ids)), [len(ids) - 1])])[0]
+            for ids in ([5, 6, 7], list(range(20, 33)))]
+    runner = ModelRunner(model, KVCapacity(16, BLOCK))
+    runner.pool.kv.fill_(float("nan"))
+    items = [RunItem(runner.new_cache(), ids, chain_parents(len(ids)), [len(ids) - 1])
+             for ids in ([5, 6, 7], list(range(20, 33)))]
+    for got, ref in zip(runner.forward(items), want):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_auto_capacity_fits_the_cpu_budget_and_the_requests():
     cap = auto_capacity(2, 2, 8, torch.float32, torch.device("cpu"), BLOCK, max_rows=1000)
     assert cap == KVCapacity(250, BLOCK)  # 1000 rows is far below 1 GiB

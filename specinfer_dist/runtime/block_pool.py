@@ -6,8 +6,10 @@ Every tensor-parallel shard holds a pool of the same ``KVCapacity`` (its own sha
 heads), so block accounting done once on the scheduler side holds for all of them.
 
 Layout: ``kv[layer]`` is ``[2, slots, kv_heads, head_dim]`` with slot = block * block_size +
-offset, the form attention reads and writes (models/attention.py). The pool starts zeroed:
-attention masks out unused slots, but a masked NaN would still poison a softmax.
+offset, the form attention reads and writes (models/attention.py). Blocks are zeroed when
+handed out, and block 0 (where block tables are padded) at once: attention masks out rows no
+one wrote, but a masked NaN would still poison a softmax. Memory is not touched up front, so on
+a CPU the resident set grows with use although the pool is reserved.
 """
 
 from __future__ import annotations
@@ -93,10 +95,11 @@ class BlockPool:
     ) -> None:
         self.capacity = capacity
         self.growable = growable
-        self.kv = torch.zeros(
+        self.kv = torch.empty(
             num_layers, 2, capacity.num_blocks * capacity.block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
         self._free = list(range(capacity.num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._zero([0])
 
     @property
     def block_size(self) -> int:
@@ -116,11 +119,17 @@ class BlockPool:
                 # The scheduler reserves every step's worst case, so this is a bug, not load.
                 raise RuntimeError(f"KV block pool exhausted: {n} blocks wanted, {len(self._free)} free")
             self._grow(max(2 * self.capacity.num_blocks, self.num_used + n))
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        self._zero(blocks)
+        return blocks
+
+    def _zero(self, blocks: list[int]) -> None:
+        if blocks:
+            self.kv.unflatten(2, (-1, self.block_size))[:, :, blocks] = 0
 
     def _grow(self, num_blocks: int) -> None:
         old = self.capacity.num_blocks
-        grown = self.kv.new_zeros(*self.kv.shape[:2], num_blocks * self.block_size, *self.kv.shape[3:])
+        grown = self.kv.new_empty(*self.kv.shape[:2], num_blocks * self.block_size, *self.kv.shape[3:])
         grown[:, :, : self.kv.shape[2]] = self.kv
         self.kv = grown
         self.capacity = KVCapacity(num_blocks, self.block_size)

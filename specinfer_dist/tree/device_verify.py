@@ -175,9 +175,8 @@ def verify_mss_batch(
             s = s.clamp_min(0)
             x = batch.tokens[arange_b, s]
             qi = q_index_t[arange_b, s]
-            q = torch.where(
-                (qi >= 0)[:, None], q_all[qi.clamp_min(0)], torch.nn.functional.one_hot(x, vocab).to(p.dtype)
-            )
+            point_mass = torch.zeros_like(p).scatter_(1, x[:, None], 1.0)  # (one_hot may sync to check x)
+            q = torch.where((qi >= 0)[:, None], q_all[qi.clamp_min(0)], point_mass)
             q_x, p_x = q[arange_b, x], p[arange_b, x]
             # Strict, as the host: a token the LLM gives probability 0 is never accepted.
             accepted = trying & (accept_u[:, k] * q_x < p_x)
