@@ -5,12 +5,15 @@
 # over HTTP by `specinfer-dist bench-serve` (streaming clients, greedy, ignore_eos). Then the
 # speedup and latency plots, and summary.md with the table.
 # Smaller runs: CONCURRENCY=1,2 NUM_REQUESTS=4 MAX_TOKENS=8 OUT=/tmp/serve ./scripts/bench_serve.sh
+# Mixed lengths (short requests' TTFT behind long prompts): LONG_FRACTION=0.1 LONG_PROMPT_TOKENS=8000
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
 CONCURRENCY="${CONCURRENCY:-1,4,16,64}"
 MAX_TOKENS="${MAX_TOKENS:-64}"
 NUM_REQUESTS="${NUM_REQUESTS:-}"  # empty: bench-serve's default, max(2 x concurrency, 8) per level
+LONG_FRACTION="${LONG_FRACTION:-0}"  # > 0: that share of requests has a LONG_PROMPT_TOKENS-token prompt
+LONG_PROMPT_TOKENS="${LONG_PROMPT_TOKENS:-8000}"
 OUT="${OUT:-docs/bench/cpu/serve}"
 START_TIMEOUT_S="${START_TIMEOUT_S:-600}"
 
@@ -58,7 +61,8 @@ EOF
   done
   SPECINFER_API_KEY="$(cat "$work/api_key")" .venv/bin/specinfer-dist bench-serve \
     --url "http://127.0.0.1:$port" --label "$mode" --out "$OUT" --concurrency "$CONCURRENCY" \
-    --max-tokens "$MAX_TOKENS" ${NUM_REQUESTS:+--num-requests "$NUM_REQUESTS"}
+    --max-tokens "$MAX_TOKENS" ${NUM_REQUESTS:+--num-requests "$NUM_REQUESTS"} \
+    --long-fraction "$LONG_FRACTION" --long-prompt-tokens "$LONG_PROMPT_TOKENS"
   stop_server
 done
 .venv/bin/specinfer-dist bench-serve --compare "$OUT" --baseline incremental | tee "$OUT/summary.md"

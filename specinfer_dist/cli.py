@@ -72,12 +72,15 @@ def _generate(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         [out] = engine.generate(args.prompt, params, chat=args.chat)
         elapsed = time.perf_counter() - start
-        info = {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify}
+        info = {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify,
+                "sampling_defaults": engine.sampling_defaults}
+    resolved = params.with_defaults(info["sampling_defaults"])  # what the engine ran with
     result = {
         **out.to_dict(),
         "mode": info["mode"],
         "tree": str(info["spec"]) if info["mode"] != "incremental" else None,
-        "verify": "greedy" if params.greedy else info["verify"],
+        "verify": "greedy" if resolved.greedy else info["verify"],
+        "sampling": {"temperature": resolved.temperature, "top_p": resolved.top_p, "top_k": resolved.top_k},
         "elapsed_s": round(elapsed, 4),
         "ms_per_token": round(1000 * elapsed / max(1, len(out.token_ids)), 2),
     }

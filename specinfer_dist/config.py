@@ -166,11 +166,12 @@ class ServeConfig(_Section):
     model_name: str | None = None  # the id clients pass as "model"; None: the LLM source's name
     host: str = "127.0.0.1"  # HTTP bind address (`specinfer-dist serve`; Serve config files set their own)
     port: int = 8000  # HTTP (OpenAI API)
-    grpc_port: int = 9000  # gRPC (specinfer.v1 + grpc.health.v1); Serve binds it on all interfaces
+    grpc_port: int = 9000  # gRPC (specinfer.v1 + grpc.health.v1); 0: none. Serve 2.60 binds it on all interfaces
+    grpc_reflection: bool = False  # gRPC server reflection (grpcurl list/describe without the .proto)
     api_key: str | None = None  # None: $SPECINFER_API_KEY, else api_key_file; neither: no auth
     api_key_file: str | None = None  # None: $SPECINFER_API_KEY_FILE (e.g. a mounted Kubernetes Secret)
     max_request_bytes: int = 1 << 20  # larger HTTP bodies get 413
-    default_max_tokens: int = 256  # chat requests without max_tokens (completions default to 16, as OpenAI)
+    default_max_tokens: int | None = None  # caps chat requests without max_tokens (None: the context left, as vLLM; completions: 16, as OpenAI)
     num_replicas: int = 1  # ignored when autoscaling_config is set
     autoscaling_config: dict[str, Any] | None = None  # Ray Serve's, e.g. {min_replicas: 1, max_replicas: 4}
     max_ongoing_requests: int = 64  # per replica; the engine batches up to engine.max_num_seqs of them

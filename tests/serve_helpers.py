@@ -14,11 +14,15 @@ CHAT_TEMPLATE = (
 )
 
 
-def make_chat_checkpoint(tmp_path: Path) -> Path:
+# A server-side bug to provoke a 500 with: the template divides by zero on a "tool" message.
+BROKEN_CHAT_TEMPLATE = "{% for m in messages %}{% if m['role'] == 'tool' %}{{ 1 // 0 }}{% endif %}{% endfor %}" + CHAT_TEMPLATE
+
+
+def make_chat_checkpoint(tmp_path: Path, template: str = CHAT_TEMPLATE) -> Path:
     """A tiny random Llama whose tokenizer has a chat template, with room for long generations."""
     path = make_tiny_checkpoint(tmp_path, "llama", seed=1, max_position_embeddings=4096)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.chat_template = template
     tokenizer.save_pretrained(path)
     return path
 

@@ -63,11 +63,13 @@ def test_default_llm_greedy_equals_transformers(llm_dir, hf, prompt_ids, ssm, tr
 def test_cli_default_generate_json():
     proc = subprocess.run(
         [sys.executable, "-m", "specinfer_dist.cli", "generate", "--prompt", "What is the capital of France?",
-         "--chat", "--max-tokens", "12", "--json"],
+         "--chat", "--max-tokens", "12", "--json", "--seed", "0"],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert "Paris" in result["text"]
+    # No sampling flags: the model authors' defaults (SmolLM2-135M-Instruct's card), seeded here.
+    assert result["sampling"] == {"temperature": 0.2, "top_p": 0.9, "top_k": 0} and result["verify"] == "mss"
     # The default tree is "auto": measured on this machine, it may also choose plain decoding.
     assert result["mode"] in ("tree", "incremental") and result["steps"] >= 1

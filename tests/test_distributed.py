@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import time
 from dataclasses import replace
 
 import pytest
 import ray
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import transformers
 from exactness import assert_greedy_equal
 from helpers import make_tiny_checkpoint
 from test_engine_exact import noisy_copy
+from tp_helpers import assert_shards_match
 
 from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, SamplingParams
 from specinfer_dist.cli import main
@@ -31,7 +29,6 @@ from specinfer_dist.distributed.tp import shard_model
 from specinfer_dist.engine.async_engine import EngineStepError
 from specinfer_dist.engine.builder import build_parts
 from specinfer_dist.models.loader import load_model
-from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
 SIM_GPU = "sim_gpu"
 TREE = "1,2,1,1"
@@ -164,7 +161,7 @@ def restarted_pid(worker, timeout_s: float = 120) -> int:
 def test_cli_ray_gives_the_local_json(models, clients, capsys):
     engine_config = models[0]
     args = ["generate", "--prompt", "hello world", "--llm", engine_config.llm, "--ssm", engine_config.ssms[0],
-            "--tree", TREE, "--max-tokens", "12", "--ignore-eos", "--json"]
+            "--tree", TREE, "--max-tokens", "12", "--ignore-eos", "--json", "--temperature", "0"]
     assert main(args) == 0
     local = json.loads(capsys.readouterr().out)
     # Ray is already up in this process, so --ray joins it (a fresh process would start its own).
@@ -229,38 +226,10 @@ def test_verifier_shard_death_fails_in_flight_then_recovers(models, clients):
 # ---- tensor parallelism, without Ray ------------------------------------------------------
 
 
-def _tp_rank(rank: int, world_size: int, port: int, model_dir: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    model, _, _ = load_model(model_dir, progress=False)
-    torch.save(_tp_logits(shard_model(model, rank, world_size)), f"{out}.{rank}")
-    dist.destroy_process_group()
-
-
-def _tp_logits(model) -> list[torch.Tensor]:
-    """A prompt, then a token tree below it, for two requests in one batch."""
-    verifier = LocalVerifier(model)
-    first = verifier.forward([VerifyItem(0, [5, 9, 30, 41], [-1, 0, 1, 2], [3]), VerifyItem(1, [7, 8], [-1, 0], [0, 1])])
-    verifier.commit(0, [0, 1, 2, 3])
-    verifier.commit(1, [0, 1])
-    tree = VerifyItem(0, [12, 13, 14, 15], [-1, 0, 0, 1], [0, 1, 2, 3])
-    return first + verifier.forward([tree, VerifyItem(1, [99], [-1], [0])])
-
-
 def test_tensor_parallel_shards_match_unsharded_model(tmp_path):
     # qwen2: q/k/v biases; tied head; a vocabulary that does not split evenly; GQA 4/2 heads.
-    model_dir = make_tiny_checkpoint(tmp_path, "qwen2", vocab_size=261, tie_word_embeddings=True)
-    model, _, _ = load_model(str(model_dir), progress=False)
-    want = _tp_logits(model)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    out = str(tmp_path / "logits")
-    mp.spawn(_tp_rank, args=(2, port, str(model_dir), out), nprocs=2)
-    for rank in range(2):
-        got = torch.load(f"{out}.{rank}")
-        for g, w in zip(got, want, strict=True):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    # Every other family: tests/test_architectures.py.
+    assert_shards_match([make_tiny_checkpoint(tmp_path, "qwen2", vocab_size=261, tie_word_embeddings=True)], tmp_path)
 
 
 def test_tensor_parallel_must_divide_heads(tmp_path):

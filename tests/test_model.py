@@ -137,3 +137,25 @@ def test_prompts_trees_and_single_tokens_in_one_forward_equal_each_alone(arch, o
     for x, y in zip(together, alone):
         torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
     assert runner.pool.num_used > 0
+
+
+def test_rotary_frequencies_stay_fp32_in_a_bfloat16_model():
+    """model.to(bfloat16) must not round RoPE frequencies (HF keeps them fp32): the rotation
+    angles of a bf16 model equal the fp32 model's at every position up to 8k, and its bf16
+    cos/sin are those angles' values rounded once."""
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
+    )
+    ref = Transformer(config).model.rotary_emb["all"]
+    bf16 = Transformer(config).to(torch.bfloat16).model.rotary_emb["all"]
+    assert bf16.inv_freq.dtype == torch.float32
+    positions = torch.arange(8192)
+    cos32, sin32 = ref(positions, torch.float32)
+    cos, sin = bf16(positions, torch.float32)
+    error = torch.remainder(torch.atan2(sin, cos) - torch.atan2(sin32, cos32) + torch.pi, 2 * torch.pi) - torch.pi
+    assert error.abs().max() < 1e-6
+    cos16, sin16 = bf16(positions, torch.bfloat16)
+    assert (cos16.float() - cos32).abs().max() <= 2**-8 and (sin16.float() - sin32).abs().max() <= 2**-8
+    moved = Transformer(config).to(torch.bfloat16).to("meta").model.rotary_emb["all"].inv_freq
+    assert moved.device.type == "meta" and moved.dtype == torch.float32  # device moves still apply

@@ -1,6 +1,8 @@
 """The Ray Serve app end to end over loopback: the openai client on HTTP, the generated stubs on
-gRPC. One Ray cluster and three apps for the module: "open", "secured" (API key) and "distributed"
-(runtime ray: each replica drives a Coordinator with verifier-shard and draft-worker actors)."""
+gRPC. One Ray cluster and three apps for the module: "open", "secured" (API key; its chat
+template has a server-side bug, for 500s; chat max_tokens capped at 3) and "distributed"
+(runtime ray: each replica drives a Coordinator with verifier-shard and draft-worker actors).
+Serve starts with the proxy options `specinfer-dist serve` uses (gRPC reflection off)."""
 
 from __future__ import annotations
 
@@ -18,13 +20,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.api import RunTarget
-from serve_helpers import free_port, make_chat_checkpoint
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from serve_helpers import BROKEN_CHAT_TEMPLATE, CHAT_TEMPLATE, free_port, make_chat_checkpoint
 
 from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.cli import main as cli_main
 from specinfer_dist.config import ClusterConfig, EngineConfig, ServeConfig
+from specinfer_dist.runtime.sampling_params import MAX_SEED
 from specinfer_dist.serve import make_app
-from specinfer_dist.serve.grpc_api import GRPC_SERVICER_FUNCTIONS
+from specinfer_dist.serve.app import proxy_options
 from specinfer_dist.serve.proto import specinfer_pb2 as pb
 from specinfer_dist.serve.proto import specinfer_pb2_grpc as pb_grpc
 
@@ -56,19 +60,18 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    llm = str(make_chat_checkpoint(tmp_path_factory.mktemp("serve")))
+    tmp = tmp_path_factory.mktemp("serve")
+    llm, broken = (str(make_chat_checkpoint(tmp, template)) for template in (CHAT_TEMPLATE, BROKEN_CHAT_TEMPLATE))
     engine = EngineConfig(llm=llm, ssms=[llm], tree="1,2,1")
     http_port, grpc_port = free_port(), free_port()
     # "local": never join a cluster someone started here. Logical CPUs: 3 replicas + the Ray runtime's actors.
     ray.init(address="local", num_cpus=8, include_dashboard=False, namespace="serve", log_to_driver=False)
     try:
-        serve.start(
-            http_options={"host": "127.0.0.1", "port": http_port},
-            grpc_options={"port": grpc_port, "grpc_servicer_functions": GRPC_SERVICER_FUNCTIONS},
-        )
+        serve.start(**proxy_options(ServeConfig(port=http_port, grpc_port=grpc_port)))
+        secured = ServeConfig(model_name="tiny", api_key=KEY, default_max_tokens=3)
         serve.run_many([
             RunTarget(make_app(engine, ServeConfig(model_name="tiny", max_request_bytes=MAX_BODY)), "open", "/"),
-            RunTarget(make_app(engine, ServeConfig(model_name="tiny", api_key=KEY)), "secured", "/secured"),
+            RunTarget(make_app(EngineConfig(llm=broken, ssms=[broken], tree="1,2,1"), secured), "secured", "/secured"),
             RunTarget(make_app(engine, ServeConfig(model_name="tiny", runtime="ray"), ClusterConfig(step_timeout_s=60)),
                       "distributed", "/ray"),
         ])
@@ -202,6 +205,34 @@ BAD_REQUESTS = [  # (path, JSON body or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": "hi"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages"),
     ("/v1/no/such/route", {}, 404, None),
+    # seeds must fit the per-choice generator (seed + i), invalid Unicode, non-finite numbers
+    ("/v1/completions", {"prompt": "hi", "seed": 2**70}, 400, "seed"),
+    ("/v1/completions", {"prompt": "hi", "seed": 2**64 - 1, "n": 2}, 400, "seed"),
+    ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed"),
+    ("/v1/completions", b'{"prompt": "\\ud800"}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": ["ok", "\\udfff"], "max_tokens": 2}', 400, "prompt"),
+    ("/v1/completions", b'{"prompt": "hi", "stop": "\\ud800"}', 400, "stop"),
+    ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400, "messages"),
+    ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("/v1/completions", b'{"prompt": "hi", "top_p": Infinity}', 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -2}, 400, "top_k"),
+    # options we do not implement are refused by name, never ignored
+    ("/v1/completions", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 0, "stream": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 2},
+     400, "logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+     400, "tools"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}, 400, "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": 3}, 400, "min_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "name": "bob"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 5000}]}, 400, None),  # fills the context
 ]
 
 
@@ -212,8 +243,84 @@ def test_bad_request_is_refused_and_service_goes_on(server, path, body, status, 
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["param"] == param
+    assert param is None or param in error["message"]  # it names what is wrong
     out = server.client().completions.create(model="tiny", prompt="after", max_tokens=4, temperature=0, extra_body=IGNORE_EOS)
     assert out.choices[0].text == server.greedy("after", 4).text
+
+
+def test_options_at_their_off_values_are_accepted(server):
+    body = {"prompt": "hello", "max_tokens": 4, "temperature": 0, "ignore_eos": True, "echo": False, "logprobs": None,
+            "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1, "user": "u-1"}
+    response = requests.post(f"{server.http}/v1/completions", json=body, timeout=30)
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == server.greedy("hello", 4).text
+    out = server.client().chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0, logprobs=False,
+        response_format={"type": "text"}, tool_choice="none", extra_body=IGNORE_EOS,
+    )
+    assert out.choices[0].message.content == server.greedy("hi", 4, chat=True).text and out.choices[0].logprobs is None
+
+
+def test_tiny_temperature_is_greedy_top_k_minus_one_is_off_and_seeds_wrap(server):
+    def texts(top_k: int | None = None, **kwargs) -> list[str]:
+        extra = {**IGNORE_EOS, **({} if top_k is None else {"top_k": top_k})}
+        out = server.client().completions.create(model="tiny", prompt="once upon", max_tokens=8, extra_body=extra, **kwargs)
+        return [c.text for c in out.choices]
+
+    assert texts(temperature=1e-310) == texts(temperature=1e-6) == [server.greedy("once upon", 8).text]
+    assert texts(temperature=1.0, seed=7, top_k=-1) == texts(temperature=1.0, seed=7)
+    assert texts(temperature=1.0, seed=MAX_SEED, n=2)[1] == texts(temperature=1.0, seed=0)[0]  # choice i: seed + i mod 2**63
+
+
+def test_chat_without_max_tokens_gets_the_context_left(server):
+    tokenizer = server.reference.tokenizer
+    context = server.reference.max_positions
+
+    def prompt_tokens(content: str) -> int:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    content = "a" * (context - 5 - prompt_tokens(""))  # one byte-level token per "a"
+    assert prompt_tokens(content) == context - 5
+    messages = [{"role": "user", "content": content}]
+    out = server.client().chat.completions.create(model="tiny", messages=messages, temperature=0, extra_body=IGNORE_EOS)
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"  # 256 would not fit
+    capped = server.client("/secured", key=KEY).chat.completions.create(  # default_max_tokens: 3
+        model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0, extra_body=IGNORE_EOS
+    )
+    assert capped.usage.completion_tokens == 3
+
+
+def test_chunked_body_without_content_length(server):
+    def chunks(body: bytes, size: int = 7):
+        yield from (body[i:i + size] for i in range(0, len(body), size))
+
+    body = json.dumps({"prompt": "hello world", "max_tokens": 6, "temperature": 0, "ignore_eos": True}).encode()
+    response = requests.post(f"{server.http}/v1/completions", data=chunks(body), timeout=30,
+                             headers={"content-type": "application/json"})
+    assert response.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in response.request.headers
+    assert response.status_code == 200 and response.json()["choices"][0]["text"] == server.greedy("hello world", 6).text
+    big = json.dumps({"prompt": "x" * MAX_BODY}).encode()
+    response = requests.post(f"{server.http}/v1/completions", data=chunks(big, 4096), timeout=30,
+                             headers={"content-type": "application/json"})
+    assert response.status_code == 413 and response.json()["error"]["code"] == "request_too_large"
+
+
+def test_unhandled_error_is_a_counted_openai_500(server):
+    def served(status: str) -> float:
+        samples = server.metrics("/secured")["specinfer_api_requests"].samples
+        return sum(s.value for s in samples if s.labels == {"protocol": "http", "status": status})
+
+    before = served("500")
+    body = {"messages": [{"role": "tool", "content": "x"}], "max_tokens": 2}  # the template divides by zero
+    response = requests.post(f"{server.http}/secured/v1/chat/completions", json=body, timeout=30,
+                             headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 500, response.text
+    assert response.json()["error"] == {"message": "internal error: ZeroDivisionError", "type": "server_error",
+                                        "param": None, "code": None}
+    assert served("500") == before + 1
+    out = server.client("/secured", key=KEY).completions.create(model="tiny", prompt="after", max_tokens=3, temperature=0,
+                                                                 extra_body=IGNORE_EOS)
+    assert out.choices[0].text == server.greedy("after", 3).text
 
 
 def test_api_key(server):
@@ -289,7 +396,8 @@ def test_load_concurrent_streaming_clients_get_exact_greedy_output(server):
 # ---- gRPC ----------------------------------------------------------------------------------
 
 def test_grpc_generate_streams_the_engine_output(server):
-    request = pb.GenerateRequest(request_id="r-1", text="hello world", max_tokens=12, temperature=0, ignore_eos=True)
+    request = pb.GenerateRequest(request_id="r-1", text="hello world", max_tokens=12, temperature=0, ignore_eos=True,
+                                 stream=True)
     responses = list(server.stub().Generate(request, metadata=OPEN))
     want = server.greedy("hello world", 12)
     assert len(responses) > 1 and {r.request_id for r in responses} == {"r-1"}
@@ -302,9 +410,43 @@ def test_grpc_generate_streams_the_engine_output(server):
     assert usage.accepted_prediction_tokens == want.stats.accepted_tokens and list(usage.accepted_at_depth) == want.stats.accepted_at_depth
 
     ids = server.reference.encode("abc")
-    by_ids = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=5, temperature=0, ignore_eos=True)
+    by_ids = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), max_tokens=5, temperature=0, ignore_eos=True, stream=True)
     responses = list(server.stub().Generate(by_ids, metadata=OPEN))
     assert responses[0].request_id and "".join(r.text for r in responses) == server.greedy(ids, 5).text
+
+
+def test_grpc_without_stream_answers_in_one_message_even_a_unary_call(server):
+    request = pb.GenerateRequest(text="hello world", max_tokens=12, temperature=0, ignore_eos=True)
+    want = server.greedy("hello world", 12)
+    [one] = list(server.stub().Generate(request, metadata=OPEN))
+    assert (list(one.token_ids), one.text, one.finish_reason) == (want.token_ids, want.text, "length")
+    assert one.usage.completion_tokens == 12 and one.usage.accepted_prediction_tokens == want.stats.accepted_tokens
+    unary = grpc.insecure_channel(server.grpc).unary_unary(  # a client that took Generate for a unary RPC
+        "/specinfer.v1.SpecInfer/Generate", request_serializer=pb.GenerateRequest.SerializeToString,
+        response_deserializer=pb.GenerateResponse.FromString,
+    )
+    assert unary(request, metadata=OPEN, timeout=60).text == want.text
+
+
+def test_grpc_cancelled_call_is_counted_and_aborted(server):
+    def cancelled() -> float:
+        samples = server.metrics()["specinfer_api_requests"].samples
+        return sum(s.value for s in samples if s.labels == {"protocol": "grpc", "status": "CANCELLED"})
+
+    before, aborted = cancelled(), server.metrics()["specinfer_request_aborted"].samples[0].value
+    request = pb.GenerateRequest(text="a long one", max_tokens=4000, temperature=0, ignore_eos=True, stream=True)
+    call = server.stub().Generate(request, metadata=OPEN)
+    assert next(call).token_ids
+    call.cancel()
+    deadline = time.monotonic() + 60  # the request would run for far longer than this
+    while time.monotonic() < deadline:
+        health = requests.get(f"{server.http}/health", timeout=10).json()
+        if cancelled() > before and health["running"] == 0:
+            assert server.metrics()["specinfer_request_aborted"].samples[0].value > aborted
+            return
+        time.sleep(0.2)
+    pytest.fail(f"cancelled calls counted: {cancelled()} (before: {before}); {health}; aborted "
+                f"{server.metrics()['specinfer_request_aborted'].samples[0].value} (before: {aborted})")
 
 
 def test_grpc_health(server):
@@ -315,6 +457,18 @@ def test_grpc_health(server):
     with pytest.raises(grpc.RpcError) as err:
         health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), metadata=OPEN)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as err:  # refused as the health protocol allows, without internals
+        list(health.Watch(health_pb2.HealthCheckRequest(service=""), metadata=OPEN, timeout=30))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert err.value.details() == "grpc.health.v1.Health/Watch is not supported; poll Check"
+
+
+def test_grpc_reflection_only_when_asked_for(server):
+    stub = reflection_pb2_grpc.ServerReflectionStub(grpc.insecure_channel(server.grpc))
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30))
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert proxy_options(ServeConfig(grpc_reflection=True))["grpc_options"]["enable_reflection"] is True
 
 
 GRPC_BAD = [  # (request, metadata, code)
@@ -325,6 +479,9 @@ GRPC_BAD = [  # (request, metadata, code)
     (pb.GenerateRequest(text="hi", max_tokens=10**6), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(text="hi", temperature=-1), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(text="hi", top_p=1.5), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(text="hi", temperature=float("nan")), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(text="hi", seed=-1), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
+    (pb.GenerateRequest(text="hi", top_logprobs=2, stream=True), OPEN, grpc.StatusCode.INVALID_ARGUMENT),
     (pb.GenerateRequest(text="hi"), SECURED, grpc.StatusCode.UNAUTHENTICATED),
     (pb.GenerateRequest(text="hi"), SECURED + (("authorization", "Bearer wrong"),), grpc.StatusCode.UNAUTHENTICATED),
 ]
@@ -334,7 +491,7 @@ GRPC_BAD = [  # (request, metadata, code)
 def test_grpc_errors_are_status_codes_and_service_goes_on(server, request_, metadata, code):
     with pytest.raises(grpc.RpcError) as err:
         list(server.stub().Generate(request_, metadata=metadata))
-    assert err.value.code() == code and err.value.details()
+    assert err.value.code() == code and err.value.details() and "Traceback" not in err.value.details()
     good = pb.GenerateRequest(text="after", max_tokens=4, temperature=0, ignore_eos=True)
     metadata = SECURED + (("authorization", f"Bearer {KEY}"),) if metadata[0] == SECURED[0] else OPEN
     assert "".join(r.text for r in server.stub().Generate(good, metadata=metadata)) == server.greedy("after", 4).text
@@ -365,7 +522,9 @@ LEVEL_FIELDS = {
     "concurrency", "requests", "errors", "output_tokens", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99",
     "tpot_ms_mean", "latency_ms_p50", "latency_ms_p99", "tokens_per_chunk_mean", "output_tokens_per_s",
     "requests_per_s", "wall_s", "per_chunk_counts", "error_samples",
+    "long_requests", "ttft_short_ms_p50", "ttft_short_ms_p99", "ttft_long_ms_p50", "ttft_long_ms_p99", "prompt_tokens_long_mean",
 }
+LONG_FIELDS = {"ttft_long_ms_p50", "ttft_long_ms_p99", "prompt_tokens_long_mean"}  # None without long prompts
 
 
 def test_bench_serve_measures_levels_and_compares_setups(server, tmp_path, capsys):
@@ -375,14 +534,21 @@ def test_bench_serve_measures_levels_and_compares_setups(server, tmp_path, capsy
     before = {prefix: generated(prefix) for prefix in ("", "/secured")}
     load = ["bench-serve", "--concurrency", "1,4", "--num-requests", "6", "--max-tokens", "5", "--warmup", "0"]
     out = tmp_path / "runs"
-    assert cli_main([*load, "--url", server.http, "--label", "open", "--out", str(out)]) == 0
+    mixed = ["--long-fraction", "0.5", "--long-prompt-tokens", "300"]  # every other request: " the" x 300
+    assert cli_main([*load, *mixed, "--url", server.http, "--label", "open", "--out", str(out)]) == 0
     assert cli_main([*load, "--url", f"{server.http}/secured/v1", "--api-key", KEY, "--label", "secured", "--out", str(out)]) == 0
     for label, prefix in (("open", ""), ("secured", "/secured")):
         result = json.loads((out / f"{label}.json").read_text())
         assert result["model"] == "tiny" and result["machine"] and KEY not in json.dumps(result)
         assert [lvl["concurrency"] for lvl in result["levels"]] == [1, 4]
         for lvl in result["levels"]:
-            assert set(lvl) == LEVEL_FIELDS and None not in lvl.values(), lvl
+            assert set(lvl) == LEVEL_FIELDS, lvl
+            assert None not in [v for k, v in lvl.items() if k not in LONG_FIELDS or label == "open"], lvl
+            if label == "open":  # 1200 byte-level tokens (+ BOS) in the long prompts
+                assert lvl["long_requests"] == 3 and lvl["prompt_tokens_long_mean"] >= 1200
+                assert lvl["ttft_short_ms_p50"] <= lvl["ttft_short_ms_p99"] and lvl["ttft_long_ms_p50"] > 0
+            else:
+                assert lvl["long_requests"] == 0 and lvl["ttft_short_ms_p50"] == lvl["ttft_ms_p50"]
             assert (lvl["requests"], lvl["errors"], lvl["output_tokens"]) == (6, 0, 6 * 5) and lvl["per_chunk_counts"]
             assert lvl["tokens_per_chunk_mean"] > 1  # counted from usage, not one per chunk
             assert lvl["ttft_ms_p50"] <= lvl["latency_ms_p50"] and lvl["ttft_ms_p99"] <= lvl["latency_ms_p99"]
@@ -402,6 +568,7 @@ def test_bench_serve_measures_levels_and_compares_setups(server, tmp_path, capsy
     assert cli_main(["bench-serve", "--compare", str(out), "--baseline", "open"]) == 0
     table = capsys.readouterr().out
     assert "| open | 4 |" in table and "| secured | 1 |" in table and table.count(" 1.00x |") >= 2
+    assert "short TTFT p50 / p99 (ms)" in table
     for png in ("speedup_by_concurrency.png", "latency_by_concurrency.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG"), png
     assert cli_main(["bench-serve", "--compare", str(out), "--baseline", "missing"]) == 2

@@ -21,9 +21,11 @@ def test_serve_command_answers_and_exits_cleanly_on_sigterm(tmp_path):
         "engine": {"llm": llm, "ssms": [llm], "tree": "1,2,1"},
         "serve": {"model_name": "tiny", "ray_actor_options": {"num_cpus": 0}},
     }))
-    port, grpc_port = free_port(), free_port()
+    key_file = tmp_path / "api_key"
+    key_file.write_text("k\n")
+    port = free_port()
     command = [str(Path(sys.executable).with_name("specinfer-dist")), "serve", "--config", str(config),
-               "--port", str(port), "--grpc-port", str(grpc_port), "--api-key", "k"]
+               "--port", str(port), "--grpc-port", "0", "--api-key-file", str(key_file)]
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
@@ -33,6 +35,8 @@ def test_serve_command_answers_and_exits_cleanly_on_sigterm(tmp_path):
             assert proc.poll() is None, log.read_text()[-5000:]
             assert time.monotonic() < deadline, "not ready in time:\n" + log.read_text()[-5000:]
             time.sleep(1)
+        started = log.read_text()
+        assert "no gRPC; API key required" in started and "warning: --api-key" not in started  # not on the command line
         assert requests.get(f"http://127.0.0.1:{port}/health", timeout=30).json()["status"] == "ok"
         completion = requests.post(
             f"http://127.0.0.1:{port}/v1/completions", headers={"Authorization": "Bearer k"},

@@ -112,6 +112,7 @@ def test_serve_configs_validate_and_build(name, config):
         "specinfer_dist.serve.proto.add_SpecInferServicer_to_server",
         "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
     }
+    assert config["grpc_options"]["enable_reflection"] is False  # only when asked for
     for app in schema.applications:
         assert app.import_path == "specinfer_dist.serve:build_app"
         build_app(app.args)  # our own sections parse (no Ray, no models)

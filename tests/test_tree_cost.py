@@ -8,6 +8,7 @@ import torch
 from helpers import make_tiny_checkpoint
 
 from specinfer_dist import LLMEngine, SamplingParams
+from specinfer_dist.models.loader import load_model
 from specinfer_dist.tuning.tree_cost import (
     choose_tree,
     evaluate,
@@ -60,8 +61,8 @@ def test_choice_follows_the_measurements():
 
 def test_forward_cost_sweep_measures_every_size(tmp_path):
     llm = make_tiny_checkpoint(tmp_path, "llama", seed=1)
-    engine = LLMEngine.load(str(llm), mode="incremental")
-    costs = forward_cost(engine.model, [1, 4, 16], context=32, repeats=2)
+    model, _, _ = load_model(str(llm))
+    costs = forward_cost(model, [1, 4, 16], context=32, repeats=2)
     assert set(costs) == {1, 4, 16} and all(c > 0 for c in costs.values())
 
 

@@ -23,6 +23,12 @@ How tokens and latencies are counted:
 - TPOT: per request (latency - TTFT) / (tokens - 1), averaged over requests.
 - Throughput: output tokens (and requests) of successful requests over the level's wall time.
 
+Mixed lengths (``--long-fraction F --long-prompt-tokens N``): a fraction F of each level's
+requests, spread evenly, are completions whose prompt is " the" repeated N times (one token
+per word in BPE vocabularies such as SmolLM2's; ``prompt_tokens_long_mean`` reports what the
+server counted). TTFT is then also reported for short and long requests apart: a short
+request's TTFT p99 while long prompts are prefilled is the head-of-line measurement.
+
 ``--compare DIR`` turns the JSON results of several setups (``--label``) into plots and a table.
 """
 
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import re
 import sys
@@ -75,6 +82,8 @@ class LoadConfig:
     warmup: int = 1  # requests sent before the first level, not counted (first-call costs)
     request_timeout_s: float = 600.0
     label: str = "serve"
+    long_fraction: float = 0.0  # this share of requests has a long prompt (mixed-length mode)
+    long_prompt_tokens: int = 8000
 
 
 @dataclass
@@ -87,16 +96,20 @@ class _Record:
     chunk_tokens: list[float] = field(default_factory=list)
     per_chunk_counts: bool = True  # every content chunk said how many tokens it carried
     error: str | None = None
+    long: bool = False  # a long prompt (mixed-length mode)
+    prompt_tokens: int | None = None  # as the server's usage counted them
 
 
 def run_load(config: LoadConfig, progress: bool = False) -> dict[str, Any]:
     """Run every concurrency level against the server; the results as written to JSON."""
     if not config.concurrency or min(config.concurrency) < 1:
         raise InvalidConfigError(f"concurrency levels must be positive, got {config.concurrency}")
-    for name in ("max_tokens", "num_requests"):
+    for name in ("max_tokens", "num_requests", "long_prompt_tokens"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise InvalidConfigError(f"{name} must be positive, got {value}")
+    if not 0 <= config.long_fraction <= 1:
+        raise InvalidConfigError(f"long_fraction must be in [0, 1], got {config.long_fraction}")
     prompts = load_prompts(config.prompts or BENCH_PROMPTS)
     return asyncio.run(_run(config, prompts, progress))
 
@@ -137,6 +150,17 @@ async def _served_model(session: aiohttp.ClientSession, base: str) -> str:
         raise LoadError(f"GET /v1/models lists no model ({text[:200]!r}); pass --model") from None
 
 
+def _is_long(config: LoadConfig, index: int) -> bool:
+    """Whether a level's request ``index`` has a long prompt: long_fraction of them, evenly
+    spread, the first one long (so even a short level has one to queue behind)."""
+    f = config.long_fraction
+    return math.ceil((index + 1) * f) > math.ceil(index * f)
+
+
+def _long_row(config: LoadConfig) -> dict[str, Any]:
+    return {"prompt": " the" * config.long_prompt_tokens}
+
+
 def _body(config: LoadConfig, model: str, row: dict[str, Any]) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": model, "max_tokens": config.max_tokens, "temperature": config.temperature, "stream": True,
@@ -162,9 +186,12 @@ async def _level(
     async def worker() -> None:
         nonlocal issued
         while issued < total:  # single-threaded event loop: the check and the increment cannot interleave
-            row = prompts[issued % len(prompts)]
+            long = _is_long(config, issued)
+            row = _long_row(config) if long else prompts[issued % len(prompts)]
             issued += 1
-            records.append(await _request(session, base, _body(config, model, row)))
+            record = await _request(session, base, _body(config, model, row))
+            record.long = long
+            records.append(record)
             bar.update()
 
     start = time.perf_counter()
@@ -203,6 +230,7 @@ async def _request(session: aiohttp.ClientSession, base: str, body: dict[str, An
                     total_usage = usage["completion_tokens"] if usage else total_usage
                     continue
                 if usage:
+                    record.prompt_tokens = usage.get("prompt_tokens")
                     tokens = usage["completion_tokens"] - usage_so_far
                     usage_so_far = usage["completion_tokens"]
                 else:
@@ -248,6 +276,9 @@ def _summarize(records: list[_Record], concurrency: int, wall: float) -> dict[st
     tpot = [(r.latency - r.ttft) / (n - 1) for r, n in zip(ok, tokens) if n > 1]
     chunks = sum(len(r.chunk_times) for r in ok)
     ttft, latency, itl_p = _percentiles([r.ttft for r in ok]), _percentiles([r.latency for r in ok]), _percentiles(itl)
+    short_ttft = _percentiles([r.ttft for r in ok if not r.long])
+    long_ttft = _percentiles([r.ttft for r in ok if r.long])
+    long_prompts = [r.prompt_tokens for r in ok if r.long and r.prompt_tokens]
     return {
         "concurrency": concurrency, "requests": len(records), "errors": len(failed), "output_tokens": round(sum(tokens)),
         "ttft_ms_p50": ttft[0], "ttft_ms_p99": ttft[1], "itl_ms_p50": itl_p[0], "itl_ms_p99": itl_p[1],
@@ -258,6 +289,11 @@ def _summarize(records: list[_Record], concurrency: int, wall: float) -> dict[st
         "wall_s": round(wall, 3),
         "per_chunk_counts": bool(ok) and all(r.per_chunk_counts for r in ok),
         "error_samples": [r.error for r in failed[:MAX_ERROR_SAMPLES]],
+        # Mixed-length mode (all requests are short without it):
+        "long_requests": sum(r.long for r in records),
+        "ttft_short_ms_p50": short_ttft[0], "ttft_short_ms_p99": short_ttft[1],
+        "ttft_long_ms_p50": long_ttft[0], "ttft_long_ms_p99": long_ttft[1],
+        "prompt_tokens_long_mean": round(float(np.mean(long_prompts)), 1) if long_prompts else None,
     }
 
 
@@ -277,10 +313,12 @@ def _ms(value: float | None) -> str:
 def format_table(results: list[dict[str, Any]], baseline: str | None = None) -> str:
     """Markdown: one row per setup and concurrency; speedup = output tokens/s over the baseline's."""
     base = {lvl["concurrency"]: lvl["output_tokens_per_s"] for r in results if r["label"] == baseline for lvl in r["levels"]}
+    mixed = any(lvl.get("long_requests") for r in results for lvl in r["levels"])
     rows = [
         "| setup | concurrency | requests | errors | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT (ms) "
-        "| tokens/chunk | output tokens/s | requests/s |" + (f" speedup vs {baseline} |" if baseline else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if baseline else ""),
+        "| tokens/chunk | output tokens/s | requests/s |" + (" long | short TTFT p50 / p99 (ms) |" if mixed else "")
+        + (f" speedup vs {baseline} |" if baseline else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mixed else "") + ("---:|" if baseline else ""),
     ]
     for result in results:
         for lvl in result["levels"]:
@@ -290,6 +328,9 @@ def format_table(results: list[dict[str, Any]], baseline: str | None = None) -> 
                 f"| {_ms(lvl['tpot_ms_mean'])} | {lvl['tokens_per_chunk_mean'] or '-'} | {lvl['output_tokens_per_s']:.1f} "
                 f"| {lvl['requests_per_s']:.2f} |"
             )
+            if mixed:
+                row += (f" {lvl.get('long_requests', 0)} | {_ms(lvl.get('ttft_short_ms_p50'))} / "
+                        f"{_ms(lvl.get('ttft_short_ms_p99'))} |")
             if baseline:
                 ratio = _speedup(lvl, base)
                 row += f" {'-' if ratio is None else f'{ratio:.2f}x'} |"
@@ -382,6 +423,11 @@ def add_bench_serve_parser(sub: Any) -> None:
     parser.add_argument("--prompts", help="JSONL file with 'prompt' and optional 'chat' (default: shipped set)")
     parser.add_argument("--warmup", type=int, default=LoadConfig.warmup, help="uncounted requests first (default 1)")
     parser.add_argument("--request-timeout", type=float, default=LoadConfig.request_timeout_s, help="seconds")
+    parser.add_argument("--long-fraction", type=float, default=LoadConfig.long_fraction,
+                        help="mixed lengths: this share of requests (e.g. 0.1) gets a long prompt; TTFT is then also "
+                             "reported for short requests alone (head-of-line blocking)")
+    parser.add_argument("--long-prompt-tokens", type=int, default=LoadConfig.long_prompt_tokens,
+                        help="about how many tokens a long prompt has (default %(default)s)")
     parser.add_argument("--label", default=LoadConfig.label, help="name of this setup; the result is OUT/LABEL.json")
     parser.add_argument("--out", default="bench-serve-out")
     parser.add_argument("--compare", metavar="DIR",
@@ -404,7 +450,8 @@ def _bench_serve(args: argparse.Namespace) -> int:
         url=args.url, model=args.model, api_key=args.api_key or os.environ.get("SPECINFER_API_KEY"),
         concurrency=concurrency, num_requests=args.num_requests, max_tokens=args.max_tokens,
         temperature=args.temperature, ignore_eos=args.ignore_eos, prompts=args.prompts, warmup=args.warmup,
-        request_timeout_s=args.request_timeout, label=args.label,
+        request_timeout_s=args.request_timeout, label=args.label, long_fraction=args.long_fraction,
+        long_prompt_tokens=args.long_prompt_tokens,
     )
     result = run_load(config, progress=True)
     path = write_result(result, args.out)

@@ -82,6 +82,9 @@ class Coordinator:
     def counters(self) -> Counters:
         return self.served.counters
 
+    def max_model_len(self) -> int:
+        return self.served.max_model_len
+
     def num_waiting(self) -> int:
         return self.served.num_waiting()
 
@@ -90,7 +93,8 @@ class Coordinator:
 
     def info(self) -> dict[str, Any]:
         engine = self.served.engine
-        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify, "pipeline": engine.pipeline}
+        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify, "pipeline": engine.pipeline,
+                "sampling_defaults": engine.sampling_defaults}
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
         """The current verifier shards (rank order) and draft workers (for operators and tests)."""
@@ -107,13 +111,14 @@ class Coordinator:
 
 class CoordinatorClient:
     """A Coordinator actor behind AsyncLLMEngine's surface (``generate``, ``counters``,
-    ``num_waiting``, ``num_running``, ``tokenizer``, ``shutdown``), so the serving layer can use
+    ``num_waiting``, ``num_running``, ``tokenizer``, ``max_model_len``, ``shutdown``), so the serving layer can use
     either. Errors arrive as the engine raised them (InvalidRequestError, EngineStepError)."""
 
     def __init__(self, coordinator: ray.actor.ActorHandle) -> None:
         self.coordinator = coordinator
         try:
             self.tokenizer = _call(coordinator.start)
+            self.max_model_len: int = _call(coordinator.max_model_len)
         except BaseException:
             ray.kill(coordinator)  # and with it the actors and placement groups it made
             raise
@@ -164,7 +169,7 @@ class CoordinatorClient:
         return _call(self.coordinator.num_running)
 
     def info(self) -> dict[str, Any]:
-        """The engine's mode, tree spec, sampled-request verifier and pipelining flag."""
+        """The engine's mode, tree spec, sampled-request verifier, pipelining flag and sampling defaults."""
         return _call(self.coordinator.info)
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:

@@ -2,10 +2,14 @@
 
 Each rank keeps 1/world of the attention heads and of the MLP's intermediate features:
 q/k/v and gate/up are column-parallel (a slice of their output rows); o_proj and down_proj
-are row-parallel (a slice of their input columns) and all-reduce their partial sums. Query
-and KV heads are split in the same proportion, so every GQA group stays on one rank. The
-model code never sees ranks: attention reads head counts from weight shapes and KV caches
-are sized by ``model.num_kv_heads``.
+are row-parallel (a slice of their input columns) and all-reduce their partial sums. Fused
+projections (Phi-3's qkv_proj = [q; k; v] and gate_up_proj = [gate; up]) are sliced part by
+part, so each rank holds [q_r; k_r; v_r] and [gate_r; up_r]. Query and KV heads are split in
+the same proportion, so every GQA group stays on one rank. Per-head q/k norms (Qwen3, Gemma 3)
+have one head_dim weight shared by all heads: replicated. Soft-capping is per element and
+needs nothing. The model code never sees ranks: attention reads its head counts from
+``num_heads``/``num_kv_heads``, which this module divides, and KV caches are sized by
+``model.num_kv_heads``.
 
 The LM head is split by vocabulary and its logits all-gathered: the head is the largest
 single matrix of a small LLM (SmolLM2: 49152 x 576), while the gathered logits are only the
@@ -29,16 +33,20 @@ def shard_model(model: Transformer, rank: int, world_size: int, group: dist.Proc
     """Keep this rank's shard of ``model`` (in place; collectives run on ``group``) and return it."""
     if world_size == 1:
         return model
-    attn = model.model.layers[0].self_attn
-    heads = attn.q_proj.out_features // model.head_dim
+    heads = model.model.layers[0].self_attn.num_heads
     sizes = {"attention heads": heads, "KV heads": model.num_kv_heads, "intermediate size": model.config.intermediate_size}
     bad = [f"{name} ({n})" for name, n in sizes.items() if n % world_size]
     if bad:
         raise InvalidConfigError(f"tensor parallelism {world_size} must divide the model's {' and '.join(bad)}")
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-            _keep_rows(linear, rank, world_size)
+        q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
+        if attn.fused:
+            _keep_rows(attn.qkv_proj, rank, world_size, (q_size, kv_size, kv_size))
+            _keep_rows(mlp.gate_up_proj, rank, world_size, (model.config.intermediate_size,) * 2)
+        else:
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+                _keep_rows(proj, rank, world_size, (proj.out_features,))
         attn.num_heads //= world_size
         attn.num_kv_heads //= world_size
         attn.o_proj = RowParallelLinear(attn.o_proj, rank, world_size, group)
@@ -47,11 +55,16 @@ def shard_model(model: Transformer, rank: int, world_size: int, group: dist.Proc
     return model
 
 
-def _keep_rows(linear: nn.Linear, rank: int, world_size: int) -> None:
-    """Column parallelism: this rank's contiguous slice of output features (whole heads)."""
-    linear.weight = _param(linear.weight.chunk(world_size, dim=0)[rank])
+def _keep_rows(linear: nn.Linear, rank: int, world_size: int, parts: tuple[int, ...]) -> None:
+    """Column parallelism: of each part of the output features (``parts`` sizes, in order), this
+    rank's contiguous slice (whole heads), concatenated in the same order."""
+
+    def mine(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part.chunk(world_size, dim=0)[rank] for part in t.split(parts, dim=0)])
+
+    linear.weight = _param(mine(linear.weight))
     if linear.bias is not None:
-        linear.bias = _param(linear.bias.chunk(world_size, dim=0)[rank])
+        linear.bias = _param(mine(linear.bias))
     linear.out_features = linear.weight.shape[0]
 
 

@@ -105,6 +105,11 @@ class AsyncLLMEngine:
         """The LLM's tokenizer (the serving layer renders chat templates with it)."""
         return self.engine.tokenizer
 
+    @property
+    def max_model_len(self) -> int:
+        """Prompt + generated tokens one request may hold (the LLM's context)."""
+        return self.engine.max_positions
+
     def num_waiting(self) -> int:
         return self.engine.num_waiting()
 

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from specinfer_dist.models.layers import softcap as soft_cap
+
 
 @dataclass
 class AttentionMetadata:
@@ -82,9 +84,11 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float | None = None,
     sliding_window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of the step's queries ([N, heads, head_dim]) over their requests' rows in
-    ``pool`` (new rows already written); returns [N, heads, head_dim]."""
+    ``pool`` (new rows already written); returns [N, heads, head_dim]. ``softcap``: Gemma 2's
+    attention-logit soft-capping, which SDPA cannot do (that path materialises the scores)."""
     n, heads, head_dim = q.shape
     batch, num_blocks = meta.block_tables.shape
     kv_heads = pool.shape[2]
@@ -94,13 +98,17 @@ def paged_attention(
     keys, values = kv[0], kv[1]
     padded = q.new_zeros(batch * meta.max_queries, heads, head_dim).index_copy_(0, meta.query_index, q)
     padded = padded.view(batch, meta.max_queries, heads, head_dim).transpose(1, 2)
+    mask = meta.mask(sliding_window)
     gqa = heads != kv_heads
-    if gqa and q.device.type == "cuda":
+    if gqa and (q.device.type == "cuda" or softcap is not None):
         # A mask with enable_gqa falls back to the math kernel on CUDA; repeated heads do not.
         keys = keys.repeat_interleave(heads // kv_heads, dim=1)
         values = values.repeat_interleave(heads // kv_heads, dim=1)
         gqa = False
-    out = F.scaled_dot_product_attention(
-        padded, keys, values, attn_mask=meta.mask(sliding_window), scale=scale, enable_gqa=gqa
-    )
+    if softcap is None:
+        out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    else:  # in the order of HF's eager attention: scale, cap, mask, fp32 softmax, cast back
+        scores = soft_cap((padded @ keys.transpose(-1, -2)) * (scale or head_dim**-0.5), softcap)
+        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
+        out = weights.to(q.dtype) @ values
     return out.transpose(1, 2).reshape(batch * meta.max_queries, heads, head_dim).index_select(0, meta.query_index)

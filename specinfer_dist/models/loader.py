@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from specinfer_dist.errors import InvalidConfigError, ModelLoadError
+from specinfer_dist.models.architectures import check_supported
 from specinfer_dist.models.cache import cache_lock
 from specinfer_dist.models.default import default_llm_dir
 from specinfer_dist.models.gguf import convert_gguf, gguf_cache_dir, reason
@@ -126,11 +127,10 @@ def load_model(
         config = transformers.AutoConfig.from_pretrained(model_dir)
     except Exception as e:
         raise ModelLoadError(f"could not load model from {source}: config: {reason(e)}") from e
-    if config.model_type not in Transformer.SUPPORTED_ARCHITECTURES:
-        raise ModelLoadError(
-            f"could not load model from {source}: unsupported model type {config.model_type!r}; "
-            f"supported: {', '.join(Transformer.SUPPORTED_ARCHITECTURES)}"
-        )
+    try:
+        check_supported(config)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"could not load model from {source}: {e}") from None
     shared = list(getattr(config, SHARED_FROM_LLM_KEY, None) or [])
     if shared and shared_from is None:
         raise ModelLoadError(

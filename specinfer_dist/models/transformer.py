@@ -1,11 +1,14 @@
-"""A plain PyTorch Llama-family decoder (Llama, Qwen2, Mistral) that runs token trees.
+"""A plain PyTorch decoder for the Llama family and its relatives (Llama 2/3.x, Mistral, Qwen2,
+Qwen3, Gemma 2, Gemma 3 text, Phi-3/4) that runs token trees.
 
 One forward takes a flat run of new tokens from several requests (prompt chunks, token
 trees, single tokens) with an ``AttentionMetadata`` and one KV pool tensor per layer
 (models/attention.py): each layer writes the new K/V rows into the pool and runs one
 attention call for the whole batch. Parameter names equal Hugging Face's
 ``*ForCausalLM`` state dicts, so checkpoints load without renaming. The model knows
-nothing of ranks: tensor parallelism is applied to it from outside.
+nothing of ranks: tensor parallelism is applied to it from outside (it reads head counts
+from ``Attention.num_heads``/``num_kv_heads``, which a shard divides). How the families
+differ, and what is refused: ``models/architectures.py``; the per-token pieces: ``models/layers.py``.
 """
 
 from __future__ import annotations
@@ -13,96 +16,78 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from specinfer_dist.errors import ModelLoadError
+from specinfer_dist.models.architectures import Family, family
 from specinfer_dist.models.attention import AttentionMetadata, paged_attention, write_kv
+from specinfer_dist.models.layers import (
+    MLP,
+    FusedMLP,
+    RotaryEmbedding,
+    ScaledEmbedding,
+    apply_rope,
+    head_dim,
+    rope_layer_types,
+    softcap,
+)
 from specinfer_dist.models.linear import Linear
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementation, so bf16 runs agree with it.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        rope = dict(getattr(config, "rope_parameters", None) or {"rope_type": "default"})
-        rope_type = rope.get("rope_type", "default")
-        if rope_type == "dynamic":
-            # Dynamic NTK changes frequencies with sequence length; trees need fixed ones.
-            raise ModelLoadError("rope_type 'dynamic' is not supported")
-        if rope_type == "default":
-            head_dim = _head_dim(config)
-            theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-            scaling = 1.0
-        elif rope_type in ROPE_INIT_FUNCTIONS:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, None)
-        else:
-            raise ModelLoadError(f"unknown rope_type {rope_type!r}")
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.scaling = scaling
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
-
-
-def _head_dim(config: PretrainedConfig) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 class Attention(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer: int) -> None:
+    """Self-attention over the flattened run. Per layer it holds everything the attention core
+    needs besides q/k/v: ``scale`` (SDPA's, 1/sqrt(query_pre_attn_scalar) for Gemma),
+    ``softcap`` (Gemma 2's attention-logit soft-capping, else None), ``sliding_window``
+    (None on global layers) and ``rope`` (which of the decoder's rotary embeddings it uses)."""
+
+    def __init__(self, config: PretrainedConfig, layer: int, fam: Family) -> None:
         super().__init__()
         self.layer = layer
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = _head_dim(config)
-        qkv_bias = config.model_type == "qwen2" or getattr(config, "attention_bias", False)
-        o_bias = config.model_type != "qwen2" and getattr(config, "attention_bias", False)
-        hidden = config.hidden_size
-        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=qkv_bias)
-        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=qkv_bias)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=o_bias)
+        self.head_dim = head_dim(config)
+        bias = getattr(config, "attention_bias", False)
+        qkv_bias = bias if fam.qkv_bias is None else fam.qkv_bias
+        o_bias = bias if fam.o_bias is None else fam.o_bias
+        hidden, q_size, kv_size = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if fam.fused:  # Phi-3: output rows [q; k; v]
+            self.qkv_proj = Linear(hidden, q_size + 2 * kv_size, bias=qkv_bias)
+        else:
+            self.q_proj = Linear(hidden, q_size, bias=qkv_bias)
+            self.k_proj = Linear(hidden, kv_size, bias=qkv_bias)
+            self.v_proj = Linear(hidden, kv_size, bias=qkv_bias)
+        self.o_proj = Linear(q_size, hidden, bias=o_bias)
+        self.fused = fam.fused
+        # Per-head norms (one weight of head_dim, shared by every head, so replicated under TP).
+        self.q_norm = fam.norm(self.head_dim, config.rms_norm_eps) if fam.qk_norm else None
+        self.k_norm = fam.norm(self.head_dim, config.rms_norm_eps) if fam.qk_norm else None
         self.sliding_window = _sliding_window(config, layer)
+        self.rope = _rope_key(config, layer)
+        self.scale = float(getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
+        self.softcap: float | None = getattr(config, "attn_logit_softcapping", None) if fam.attn_softcap else None
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v as [heads, tokens, head_dim], q and k normed and rotated."""
+        n = x.shape[0]
+        # Head counts are attributes a tensor-parallel shard divides (see distributed/tp.py).
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.fused:
+            q, k, v = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (t.reshape(n, -1, self.head_dim) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttentionMetadata, kv: torch.Tensor
     ) -> torch.Tensor:
         n = x.shape[0]
-        # Head counts come from the weights, so a tensor-parallel shard with fewer heads just works.
-        q = self.q_proj(x).view(n, -1, self.head_dim)
-        k = self.k_proj(x).view(n, -1, self.head_dim)
-        v = self.v_proj(x).view(n, -1, self.head_dim)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(0, 1) for t in self._qkv(x, cos, sin))  # [tokens, heads, head_dim]
         write_kv(kv, meta, k, v)
-        out = paged_attention(q, kv, meta, sliding_window=self.sliding_window)
+        out = paged_attention(q, kv, meta, self.scale, self.sliding_window, self.softcap)
         return self.o_proj(out.reshape(n, -1))
 
 
@@ -114,56 +99,58 @@ def _sliding_window(config: PretrainedConfig, layer: int) -> int | None:
     return window
 
 
-class MLP(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
-        super().__init__()
-        bias = getattr(config, "mlp_bias", False)
-        self.gate_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+def _rope_key(config: PretrainedConfig, layer: int) -> str:
+    """Which rotary embedding a layer uses: its layer type where types have their own (Gemma 3)."""
+    return config.layer_types[layer] if rope_layer_types(config) else "all"
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: PretrainedConfig, layer: int) -> None:
+    def __init__(self, config: PretrainedConfig, layer: int, fam: Family) -> None:
         super().__init__()
-        self.self_attn = Attention(config, layer)
-        self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer, fam)
+        self.mlp = FusedMLP(config) if fam.fused else MLP(config)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = fam.norm(hidden, eps)
+        self.post_attention_layernorm = fam.norm(hidden, eps)  # Llama: before the MLP; Gemma: after attention
+        self.sandwich = fam.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = fam.norm(hidden, eps)
+            self.post_feedforward_layernorm = fam.norm(hidden, eps)
 
-    def forward(self, x, cos, sin, meta, kv):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, meta, kv):
+        cos, sin = rope[self.self_attn.rope]
+        if not self.sandwich:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, meta, kv))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 class Decoder(nn.Module):
-    def __init__(self, config: PretrainedConfig) -> None:
+    def __init__(self, config: PretrainedConfig, fam: Family) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(config)
+        embedding = ScaledEmbedding if fam.scaled_embedding else nn.Embedding
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, fam) for i in range(config.num_hidden_layers))
+        self.norm = fam.norm(config.hidden_size, config.rms_norm_eps)
+        layer_types = rope_layer_types(config)
+        self.rotary_emb = nn.ModuleDict(
+            {t: RotaryEmbedding(config, t) for t in layer_types} if layer_types else {"all": RotaryEmbedding(config)}
+        )
 
 
 class Transformer(nn.Module):
     """Causal LM over flattened multi-request token runs (see module docstring)."""
 
-    SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
-
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
-        if config.model_type not in self.SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(
-                f"unsupported architecture {config.model_type!r}; supported: {', '.join(self.SUPPORTED_ARCHITECTURES)}"
-            )
+        fam = family(config)  # raises ModelLoadError for what we do not run
         self.config = config
-        self.model = Decoder(config)
+        self.model = Decoder(config, fam)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.final_softcap: float | None = getattr(config, "final_logit_softcapping", None)
 
     @property
     def num_layers(self) -> int:
@@ -172,11 +159,11 @@ class Transformer(nn.Module):
     @property
     def num_kv_heads(self) -> int:
         """KV heads this module holds (fewer than the config's on a tensor-parallel shard)."""
-        return self.model.layers[0].self_attn.k_proj.out_features // self.head_dim
+        return self.model.layers[0].self_attn.num_kv_heads
 
     @property
     def head_dim(self) -> int:
-        return _head_dim(self.config)
+        return head_dim(self.config)
 
     @property
     def max_positions(self) -> int:
@@ -196,9 +183,10 @@ class Transformer(nn.Module):
         Only ``logit_rows`` get the vocabulary projection: a prompt's earlier tokens need none.
         """
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary_emb(positions, x.dtype)
+        rope = {key: emb(positions, x.dtype) for key, emb in self.model.rotary_emb.items()}
         for layer, layer_kv in zip(self.model.layers, kv):
-            x = layer(x, cos, sin, meta, layer_kv)
+            x = layer(x, rope, meta, layer_kv)
         if logit_rows is not None:
             x = x[logit_rows]
-        return self.lm_head(self.model.norm(x))
+        logits = self.lm_head(self.model.norm(x))
+        return logits if self.final_softcap is None else softcap(logits, self.final_softcap)

@@ -4,6 +4,11 @@
 engine admits the request: the model's generation_config.json values where it sets them
 (vLLM's ``--generation-config auto``), else the OpenAI defaults. Parameters held by a running
 request are always concrete.
+
+Invariants after construction: every value set is one the engine can use without numerical
+trouble or overflow: temperature is 0 (greedy) or at least ``SAMPLING_EPS`` (so the float64
+logits / temperature of any finite logit stays finite), top_k >= 0, and a seed fits the
+per-request ``torch.Generator`` (``0 <= seed <= MAX_SEED``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from specinfer_dist.errors import InvalidRequestError
+
+# Positive temperatures below this are greedy (vLLM's _SAMPLING_EPS). vLLM also raises
+# temperatures in (0, 0.01) to 0.01; here sampling runs in float64, where dividing any finite
+# logit by 1e-5 stays finite, so temperatures from 1e-5 up are sampled as asked.
+SAMPLING_EPS = 1e-5
+MAX_SEED = 2**63 - 1  # torch.Generator takes 64 bits, and a negative seed would alias a large one
 
 
 def _is_int(value: object) -> bool:
@@ -26,8 +37,8 @@ SAMPLING_DEFAULT_FIELDS = tuple(OPENAI_DEFAULTS)
 
 @dataclass
 class SamplingParams:
-    """Like vLLM's: temperature 0 is greedy; otherwise the LLM's distribution after
-    temperature, top-k (0 = off) and top-p (1 = off) is sampled exactly."""
+    """Like vLLM's: temperature 0 (or below ``SAMPLING_EPS``) is greedy; otherwise the LLM's
+    distribution after temperature, top-k (0 or -1 = off) and top-p (1 = off) is sampled exactly."""
 
     max_tokens: int = 16
     temperature: float | None = None  # None: the model's default (see module docstring)
@@ -50,13 +61,17 @@ class SamplingParams:
         t = self.temperature
         if t is not None and (not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0):
             raise InvalidRequestError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if t is not None and t < SAMPLING_EPS:
+            self.temperature = 0.0  # e.g. 1e-310 would overflow logits / temperature to inf
         p = self.top_p
         if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
-            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
-            raise InvalidRequestError(f"seed must be an integer, got {self.seed!r}")
+        if self.top_k is not None:
+            if not _is_int(self.top_k) or self.top_k < -1:
+                raise InvalidRequestError(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
+            self.top_k = max(self.top_k, 0)  # -1: vLLM's "off"
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
 

@@ -3,6 +3,7 @@ answers HTTP through FastAPI and gRPC through methods named after the RPCs."""
 
 from __future__ import annotations
 
+from contextlib import aclosing
 from dataclasses import asdict
 from typing import Any, AsyncIterator
 
@@ -40,13 +41,21 @@ class SpecInferDeployment:
     async def Generate(  # noqa: N802 - Serve's gRPC proxy calls the method named like the RPC
         self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.GenerateResponse]:
-        async for response in grpc_api.generate(self.service, request, grpc_context):
-            yield response
+        # aclosing: when Serve closes this generator (the client cancelled), the inner one sees it at once.
+        async with aclosing(grpc_api.generate(self.service, request, grpc_context)) as responses:
+            async for response in responses:
+                yield response
 
     async def Check(  # noqa: N802
         self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
     ) -> health_pb2.HealthCheckResponse:
         return grpc_api.check_health(request, grpc_context)
+
+    async def Watch(  # noqa: N802
+        self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        async for response in grpc_api.watch_health(request, grpc_context):
+            yield response
 
     def __del__(self) -> None:
         # Replica shutdown: stop the engine loop (the Ray runtime: its actors too).
@@ -75,6 +84,17 @@ def app_configs(args: dict[str, Any]) -> tuple[EngineConfig, ServeConfig, Cluste
         cls.from_dict({**(asdict(load(path)) if path else {}), **args.get(name, {})}) for name, (cls, load) in _SECTIONS.items()
     )
     return engine, config, cluster
+
+
+def proxy_options(config: ServeConfig) -> dict[str, Any]:
+    """``serve.start``'s keyword arguments for ``config``: HTTP on host:port; gRPC on grpc_port
+    (0: Serve starts no gRPC server), with server reflection only when ``grpc_reflection`` asks
+    for it (Serve's default is on). Serve 2.60's gRPCOptions has no host: it binds every interface."""
+    return {
+        "http_options": {"host": config.host, "port": config.port},
+        "grpc_options": {"port": config.grpc_port, "grpc_servicer_functions": grpc_api.GRPC_SERVICER_FUNCTIONS,
+                         "enable_reflection": config.grpc_reflection},
+    }
 
 
 def make_app(engine: EngineConfig, config: ServeConfig, cluster: ClusterConfig | None = None) -> Application:

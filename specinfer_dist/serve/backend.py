@@ -20,6 +20,7 @@ RUNTIMES = ("local", "ray")
 class ServingEngine(Protocol):
     counters: Counters
     tokenizer: Any
+    max_model_len: int  # prompt + generated tokens one request may hold
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> AsyncIterator[RequestDelta]: ...
 

@@ -1,11 +1,17 @@
-"""gRPC front end: ``specinfer.v1.SpecInfer/Generate`` and the standard ``grpc.health.v1.Health/Check``,
-called through Ray Serve's gRPC proxy (which routes each RPC to the deployment method of its name)."""
+"""gRPC front end: ``specinfer.v1.SpecInfer/Generate`` and the standard ``grpc.health.v1.Health``
+(Check; Watch refused with UNIMPLEMENTED), called through Ray Serve's gRPC proxy (which routes
+each RPC to the deployment method of its name).
+
+Every failure reaches the client as a status code and a one-line message of ours (never a
+traceback, pid, address or actor id); every call is counted by its final code."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
 from contextlib import aclosing
-from typing import AsyncIterator
+from typing import AsyncIterator, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -15,11 +21,13 @@ from specinfer_dist.engine.async_engine import RequestDelta
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.auth import check_api_key
+from specinfer_dist.serve.logprobs import top_logprobs_requested
 from specinfer_dist.serve.proto import specinfer_pb2 as pb
 from specinfer_dist.serve.service import Service
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecInfer"].full_name  # "specinfer.v1.SpecInfer"
 # For Serve's grpc_options.grpc_servicer_functions (they must be importable where the proxies run).
+logger = logging.getLogger(__name__)
 GRPC_SERVICER_FUNCTIONS = [
     "specinfer_dist.serve.proto.add_SpecInferServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
@@ -27,7 +35,8 @@ GRPC_SERVICER_FUNCTIONS = [
 
 
 async def generate(service: Service, request: pb.GenerateRequest, context: RayServegRPCContext) -> AsyncIterator[pb.GenerateResponse]:
-    """Stream one generation; any failure ends the call with its status code."""
+    """One generation: streamed (``request.stream``) or in one message; any failure ends the
+    call with its status code, and every outcome, a client's cancellation too, is counted."""
     request_id = request.request_id or uuid.uuid4().hex
     try:
         check_api_key(service.api_key, dict(context.invocation_metadata()).get("authorization"))
@@ -35,20 +44,41 @@ async def generate(service: Service, request: pb.GenerateRequest, context: RaySe
         if which is None:
             raise ApiError(400, "a prompt is required: set text or token_ids", param="prompt")
         prompt = request.text if which == "text" else list(request.token_ids.ids)
-        async with aclosing(service.generate([(prompt, _sampling_params(request))], chat=request.chat)) as deltas:
-            async for _, delta in deltas:
-                yield pb.GenerateResponse(
-                    request_id=request_id, token_ids=delta.token_ids, text=delta.text,
-                    finish_reason=delta.finish_reason or "", usage=_usage(delta) if delta.finished else None,
-                )
+        top_logprobs_requested(request.top_logprobs if request.HasField("top_logprobs") else None, "top_logprobs")
+        deltas = service.generate([(prompt, _sampling_params(request))], chat=request.chat)
+        async with aclosing(deltas):
+            if request.stream:
+                async for _, delta in deltas:
+                    yield _response(request_id, [delta])
+            else:
+                yield _response(request_id, [delta async for _, delta in deltas])
     except Exception as err:
         api = ApiError.of(err)
-        service.metrics.api_requests.labels("grpc", api.grpc_code.name).inc()
-        context.set_code(api.grpc_code)
-        context.set_details(api.message)
-        # Serve sends the code set above; the exception only has to cross processes intact.
-        raise RuntimeError(api.message) from None
+        if api.status >= 500:
+            logger.error("gRPC request %s failed: %s", request_id, err)
+        service.metrics.api_requests.labels("grpc", api.grpc_code.name).inc()  # a stream's final status too
+        _fail(context, api.grpc_code, api.message)
+    except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
+        service.metrics.api_requests.labels("grpc", grpc.StatusCode.CANCELLED.name).inc()
+        raise
     service.metrics.api_requests.labels("grpc", grpc.StatusCode.OK.name).inc()
+
+
+def _response(request_id: str, deltas: list[RequestDelta]) -> pb.GenerateResponse:
+    """One message for consecutive deltas of a request: their tokens and text, and the usage
+    if the last one finished it."""
+    last = deltas[-1]
+    return pb.GenerateResponse(
+        request_id=request_id, token_ids=[t for d in deltas for t in d.token_ids], text="".join(d.text for d in deltas),
+        finish_reason=last.finish_reason or "", usage=_usage(last) if last.finished else None,
+    )
+
+
+def _fail(context: RayServegRPCContext, code: grpc.StatusCode, message: str) -> NoReturn:
+    context.set_code(code)
+    context.set_details(message)
+    # Serve sends the code and details set above; the exception only has to cross processes intact.
+    raise RuntimeError(message) from None
 
 
 def _sampling_params(request: pb.GenerateRequest) -> SamplingParams:
@@ -70,7 +100,13 @@ def check_health(request: health_pb2.HealthCheckRequest, context: RayServegRPCCo
     """SERVING for the whole server ("") and for specinfer.v1.SpecInfer; unknown services: NOT_FOUND.
     Probes need no API key. Reaching this method means the replica and its engine are up."""
     if request.service not in ("", SERVICE_NAME):
-        context.set_code(grpc.StatusCode.NOT_FOUND)
-        context.set_details(f"unknown service {request.service!r}")
-        raise RuntimeError(f"unknown service {request.service!r}")
+        _fail(context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
     return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+
+async def watch_health(request: health_pb2.HealthCheckRequest, context: RayServegRPCContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+    """Refused with UNIMPLEMENTED, which the health protocol tells clients to read as "poll
+    Check": a Watch stays open for as long as the client likes, holding one of the replica's
+    max_ongoing_requests slots."""
+    _fail(context, grpc.StatusCode.UNIMPLEMENTED, "grpc.health.v1.Health/Watch is not supported; poll Check")
+    yield  # unreachable: makes this an async generator, as Serve's server-streaming path requires

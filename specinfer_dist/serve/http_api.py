@@ -1,9 +1,15 @@
 """OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions,
-plus /health and /metrics. Errors use OpenAI's body: {"error": {message, type, param, code}}."""
+plus /health and /metrics.
+
+Invariants: every error answer uses OpenAI's body {"error": {message, type, param, code}},
+whatever raised it (anything unexpected is a logged 500 "internal error: <type>"); every POST is
+counted by the status it got; no body over ``max_request_bytes`` reaches the handlers, with or
+without Content-Length; after a stream's 200, errors arrive in-band as an error event."""
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from contextlib import aclosing
@@ -21,6 +27,7 @@ from specinfer_dist.engine.engine import Prompt
 from specinfer_dist.errors import SpecInferError
 from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.auth import check_api_key
+from specinfer_dist.serve.logprobs import LogprobsFormatter, top_logprobs_requested
 from specinfer_dist.serve.metrics import CONTENT_TYPE
 from specinfer_dist.serve.openai_protocol import (
     ChatCompletionRequest,
@@ -30,6 +37,7 @@ from specinfer_dist.serve.openai_protocol import (
 from specinfer_dist.serve.service import Service, Usage
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -39,18 +47,23 @@ class _Shape:
     id_prefix: str
     object: str
     chunk_object: str
-    choice: Callable[[int, str, str | None, bool, bool], dict[str, Any]]  # (index, text, finish, streaming, first)
+    # (index, text, finish, logprobs, streaming, first)
+    choice: Callable[[int, str, str | None, dict[str, Any] | None, bool, bool], dict[str, Any]]
 
 
-def _completion_choice(index: int, text: str, finish: str | None, streaming: bool, first: bool) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+def _completion_choice(
+    index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None, streaming: bool, first: bool
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
 
-def _chat_choice(index: int, text: str, finish: str | None, streaming: bool, first: bool) -> dict[str, Any]:
+def _chat_choice(
+    index: int, text: str, finish: str | None, logprobs: dict[str, Any] | None, streaming: bool, first: bool
+) -> dict[str, Any]:
     if not streaming:
-        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs, "finish_reason": finish}
     delta = {"role": "assistant", "content": text} if first else {"content": text}
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
 
 
 COMPLETION = _Shape("cmpl", "text_completion", "text_completion", _completion_choice)
@@ -58,43 +71,76 @@ CHAT = _Shape("chatcmpl", "chat.completion", "chat.completion.chunk", _chat_choi
 
 
 class _BodyLimit:
-    """413 for a body over the limit, judged by Content-Length before a byte is read (411 without
-    one; h11 holds the body to it)."""
+    """413 for a body over the limit: judged by Content-Length before a byte is read when there
+    is one (h11 holds the body to it), else counted while a chunked body arrives."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            length = dict(scope["headers"]).get(b"content-length")
-            error = None
-            if length is None:
-                error = ApiError(411, "a Content-Length header is required")
-            elif not length.isdigit() or int(length) > self.limit:
-                error = ApiError(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
-            if error is not None:
-                await _error_response(error)(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        too_large = ApiError(413, f"request body exceeds {self.limit} bytes", code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None:
+            if not length.isdigit() or int(length) > self.limit:
+                await _error_response(too_large)(scope, receive, send)
+            else:
+                await self.app(scope, receive, send)
+            return
+        # Chunked: read it all here (at most limit bytes are held), then hand it on as one message.
+        body, more = bytearray(), True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
                 return
-        await self.app(scope, receive, send)
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.limit:
+                await _error_response(too_large)(scope, receive, send)
+                return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: only a disconnect can come
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-class _CountRequests:
-    """Counts POSTs (generation requests) by the status they were answered with."""
+class _Guard:
+    """Outermost: counts POSTs (generation requests) by the status they were answered with, and
+    turns any exception nothing else handled into a logged, counted 500 with OpenAI's body."""
 
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app, self.service = app, service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = False
+        count = scope["method"] == "POST"
 
         async def counting_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                self.service.metrics.api_requests.labels("http", str(message["status"])).inc()
+                started = True
+                if count:
+                    self.service.metrics.api_requests.labels("http", str(message["status"])).inc()
             await send(message)
 
-        await self.app(scope, receive, counting_send)
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception as err:
+            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+            if started:  # the status line is gone (a stream): the client sees the connection end
+                raise
+            await _error_response(err)(scope, receive, counting_send)
 
 
 def _error_response(err: Exception) -> JSONResponse:
@@ -121,7 +167,7 @@ def _validation_error(err: RequestValidationError) -> ApiError:
 def build_http_app(service: Service) -> FastAPI:
     app = FastAPI(title="specinfer_dist", description="OpenAI-compatible API with tree-based speculative inference")
     app.add_middleware(_BodyLimit, limit=service.config.max_request_bytes)
-    app.add_middleware(_CountRequests, service=service)  # outermost: counts the 413s too
+    app.add_middleware(_Guard, service=service)  # outermost of ours: counts the 413s and 500s too
     for exc_type in (ApiError, SpecInferError, EngineStepError, RequestValidationError, HTTPException):
         app.add_exception_handler(exc_type, _handle)
 
@@ -144,7 +190,7 @@ def build_http_app(service: Service) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest) -> Response:
         _check_model(service, body)
         prompt = service.chat_prompt([m.to_template() for m in body.messages])
-        max_tokens = body.max_completion_tokens or body.max_tokens or service.config.default_max_tokens
+        max_tokens = body.max_completion_tokens or body.max_tokens or service.default_chat_max_tokens(len(prompt))
         return await _answer(service, CHAT, body, [prompt], max_tokens)
 
     app.include_router(v1)
@@ -169,38 +215,52 @@ def _check_model(service: Service, body: SamplingRequest) -> None:
 
 async def _answer(service: Service, shape: _Shape, body: SamplingRequest, prompts: list[Prompt], max_tokens: int) -> Response:
     n = body.n
+    top = top_logprobs_requested(body.top_logprobs_wanted())
+    logprobs = None if top is None else LogprobsFormatter(service.engine.tokenizer, top, chat=shape is CHAT)
     jobs = [(prompt, body.sampling_params(max_tokens, j)) for prompt in prompts for j in range(n)]
     events = service.generate(jobs)
     first = await anext(events)  # bad input raises here, while a 400 can still be sent
     head = {"id": f"{shape.id_prefix}-{uuid.uuid4().hex}", "created": int(time.time()), "model": service.model_name}
     if body.stream:
-        chunks = _chunks(shape, head, first, events, n, body.include_usage, body.continuous_usage)
+        chunks = _chunks(service, shape, head, first, events, n, logprobs, body.include_usage, body.continuous_usage)
         return StreamingResponse(_sse(chunks), media_type="text/event-stream")
     usage, texts, finish = Usage(), [""] * len(jobs), [None] * len(jobs)
+    entries: list[list[Any]] = [[] for _ in jobs]  # per choice: the engine's per-token logprobs
     async with aclosing(events):
         async for k, delta in _prepend(first, events):
             usage.add(delta, count_prompt=k % n == 0)  # a prompt counts once, whatever n
             texts[k] += delta.text
             finish[k] = delta.finish_reason
-    choices = [shape.choice(k, texts[k], finish[k], False, False) for k in range(len(jobs))]
+            if logprobs:
+                entries[k] += delta.logprobs
+    choices = [
+        shape.choice(k, texts[k], finish[k], logprobs and logprobs.format(k, entries[k]), False, False)
+        for k in range(len(jobs))
+    ]
     return JSONResponse({**head, "object": shape.object, "choices": choices, "usage": usage.to_openai()})
 
 
 async def _chunks(
-    shape: _Shape, head: dict[str, Any], first: tuple[int, RequestDelta], events: AsyncIterator[tuple[int, RequestDelta]],
-    n: int, include_usage: bool, continuous_usage: bool,
+    service: Service, shape: _Shape, head: dict[str, Any], first: tuple[int, RequestDelta],
+    events: AsyncIterator[tuple[int, RequestDelta]], n: int, logprobs: LogprobsFormatter | None,
+    include_usage: bool, continuous_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
     usage, started = Usage(), set()
     async with aclosing(events):
         try:
             async for k, delta in _prepend(first, events):
                 usage.add(delta, count_prompt=k % n == 0)
-                choice = shape.choice(k, delta.text, delta.finish_reason, True, k not in started)
+                chunk_logprobs = logprobs and logprobs.format(k, delta.logprobs)
+                choice = shape.choice(k, delta.text, delta.finish_reason, chunk_logprobs, True, k not in started)
                 started.add(k)
                 extra = {"usage": usage.to_openai() if continuous_usage else None} if include_usage else {}
                 yield {**head, "object": shape.chunk_object, "choices": [choice], **extra}
         except Exception as err:  # noqa: BLE001 - the status line is gone; report in-band, as OpenAI does
-            yield ApiError.of(err).body()
+            api = ApiError.of(err)
+            if api.status >= 500:
+                logger.error("stream %s failed: %s", head["id"], err)
+            service.metrics.stream_errors.labels("http", str(api.status)).inc()
+            yield api.body()
             return
     if include_usage:
         yield {**head, "object": shape.chunk_object, "choices": [], "usage": usage.to_openai()}

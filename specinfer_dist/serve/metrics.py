@@ -62,6 +62,10 @@ class Metrics:
             PREFIX + "api_requests", "Generation requests answered, by protocol and status.",
             ["protocol", "status"], registry=self.registry,
         )
+        self.stream_errors = Counter(
+            PREFIX + "api_stream_errors", "HTTP streams that ended with an in-band error after their 200, by error status.",
+            ["protocol", "status"], registry=self.registry,
+        )
         self.ttft = Histogram(
             PREFIX + "time_to_first_token_seconds", "Arrival to first token.", registry=self.registry,
             buckets=(0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80),

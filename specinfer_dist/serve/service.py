@@ -50,6 +50,18 @@ class Service:
             raise InvalidRequestError(f"messages do not fit the chat template: {err}") from None
         return tokenizer(text, add_special_tokens=False).input_ids
 
+    def default_chat_max_tokens(self, prompt_tokens: int) -> int:
+        """A chat request's max_tokens when it sets none: what the context leaves after the prompt
+        (as vLLM), capped by ``default_max_tokens`` where that is set."""
+        left = self.engine.max_model_len - prompt_tokens
+        if left < 1:
+            raise InvalidRequestError(
+                f"the prompt ({prompt_tokens} tokens) leaves no room in the model's context of "
+                f"{self.engine.max_model_len} tokens"
+            )
+        cap = self.config.default_max_tokens
+        return left if cap is None else min(left, cap)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 
