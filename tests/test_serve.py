@@ -10,6 +10,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import openai
@@ -33,6 +34,7 @@ from specinfer_dist.serve.proto import specinfer_pb2 as pb
 from specinfer_dist.serve.proto import specinfer_pb2_grpc as pb_grpc
 
 KEY = "sk-test-0123456789"
+SECURED_SAMPLING = {"do_sample": True, "temperature": 0.0, "top_k": 7}
 MAX_BODY = 16 * 1024
 OPEN, SECURED, DISTRIBUTED = ((("application", app),) for app in ("open", "secured", "distributed"))  # gRPC routing
 
@@ -62,6 +64,9 @@ class Server:
 def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     llm, broken = (str(make_chat_checkpoint(tmp, template)) for template in (CHAT_TEMPLATE, BROKEN_CHAT_TEMPLATE))
+    # The secured app's model asks for greedy decoding in its generation_config.json (same weights).
+    generation = Path(broken) / "generation_config.json"
+    generation.write_text(json.dumps({**json.loads(generation.read_text()), **SECURED_SAMPLING}))
     engine = EngineConfig(llm=llm, ssms=[llm], tree="1,2,1")
     http_port, grpc_port = free_port(), free_port()
     # "local": never join a cluster someone started here. Logical CPUs: 3 replicas + the Ray runtime's actors.
@@ -87,7 +92,8 @@ IGNORE_EOS = {"ignore_eos": True}  # random tiny models may say EOS anywhere
 # ---- HTTP, OpenAI client -------------------------------------------------------------------
 
 def test_models_and_health(server):
-    assert [m.id for m in server.client().models.list().data] == ["tiny"]
+    [card] = server.client().models.list().data
+    assert card.id == "tiny" and card.sampling_defaults == {} and card.max_model_len == 4096
     health = requests.get(f"{server.http}/health", timeout=10).json()
     assert health["status"] == "ok" and health["running"] == 0
 
@@ -335,6 +341,15 @@ def test_api_key(server):
     )
     assert out.choices[0].text == server.greedy("hello world", 6).text
     assert requests.get(f"{server.http}/secured/health", timeout=10).status_code == 200  # probes need no key
+
+
+def test_requests_without_sampling_fields_get_the_models_defaults(server):
+    client = server.client("/secured", key=KEY)
+    [card] = client.models.list().data
+    assert card.sampling_defaults == {"temperature": 0.0, "top_k": 7}  # what /v1/models says is in force
+    for _ in range(2):  # the model's temperature 0: greedy, every time
+        out = client.completions.create(model="tiny", prompt="hello world", max_tokens=6, extra_body=IGNORE_EOS)
+        assert out.choices[0].text == server.greedy("hello world", 6).text
 
 
 # ---- metrics, disconnects, load ------------------------------------------------------------

@@ -25,17 +25,17 @@ def test_tiny_temperatures_are_greedy(temperature):
 
 def test_sampling_params_limits():
     assert not SamplingParams(temperature=SAMPLING_EPS).greedy  # from the threshold up: sampled as asked
-    assert SamplingParams(top_k=-1).top_k == 0  # vLLM's "off"
     assert SamplingParams(seed=MAX_SEED).seed == MAX_SEED and SamplingParams(seed=0).seed == 0
-    for bad in ({"seed": MAX_SEED + 1}, {"seed": -1}, {"seed": 2**70}, {"top_k": -2}, {"temperature": math.nan},
+    for bad in ({"seed": MAX_SEED + 1}, {"seed": -1}, {"seed": 2**70}, {"top_k": -1}, {"temperature": math.nan},
                 {"temperature": math.inf}, {"top_p": math.nan}):
         with pytest.raises(InvalidRequestError):
             SamplingParams(**bad)
 
 
-def test_per_choice_seeds_stay_in_range():
-    body = CompletionRequest.model_validate({"prompt": "x", "seed": MAX_SEED, "n": 3})
+def test_per_choice_seeds_stay_in_range_and_top_k_minus_one_is_off():
+    body = CompletionRequest.model_validate({"prompt": "x", "seed": MAX_SEED, "n": 3, "top_k": -1})
     assert [body.sampling_params(4, i).seed for i in range(3)] == [MAX_SEED, 0, 1]
+    assert body.sampling_params(4, 0).top_k == 0  # vLLM's "off"
 
 
 def test_logprobs_are_asked_for_in_one_place_and_refused_for_now():

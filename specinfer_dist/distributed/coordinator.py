@@ -111,7 +111,7 @@ class Coordinator:
 
 class CoordinatorClient:
     """A Coordinator actor behind AsyncLLMEngine's surface (``generate``, ``counters``,
-    ``num_waiting``, ``num_running``, ``tokenizer``, ``max_model_len``, ``shutdown``), so the serving layer can use
+    ``num_waiting``, ``num_running``, ``tokenizer``, ``max_model_len``, ``sampling_defaults``, ``shutdown``), so the serving layer can use
     either. Errors arrive as the engine raised them (InvalidRequestError, EngineStepError)."""
 
     def __init__(self, coordinator: ray.actor.ActorHandle) -> None:
@@ -119,6 +119,7 @@ class CoordinatorClient:
         try:
             self.tokenizer = _call(coordinator.start)
             self.max_model_len: int = _call(coordinator.max_model_len)
+            self.sampling_defaults: dict[str, Any] = _call(coordinator.info)["sampling_defaults"]
         except BaseException:
             ray.kill(coordinator)  # and with it the actors and placement groups it made
             raise

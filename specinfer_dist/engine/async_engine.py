@@ -110,6 +110,11 @@ class AsyncLLMEngine:
         """Prompt + generated tokens one request may hold (the LLM's context)."""
         return self.engine.max_positions
 
+    @property
+    def sampling_defaults(self) -> dict[str, Any]:
+        """Sampling values requests get where they set none (the model's generation_config.json)."""
+        return self.engine.sampling_defaults
+
     def num_waiting(self) -> int:
         return self.engine.num_waiting()
 

@@ -38,7 +38,7 @@ SAMPLING_DEFAULT_FIELDS = tuple(OPENAI_DEFAULTS)
 @dataclass
 class SamplingParams:
     """Like vLLM's: temperature 0 (or below ``SAMPLING_EPS``) is greedy; otherwise the LLM's
-    distribution after temperature, top-k (0 or -1 = off) and top-p (1 = off) is sampled exactly."""
+    distribution after temperature, top-k (0 = off) and top-p (1 = off) is sampled exactly."""
 
     max_tokens: int = 16
     temperature: float | None = None  # None: the model's default (see module docstring)
@@ -66,10 +66,8 @@ class SamplingParams:
         p = self.top_p
         if p is not None and (not isinstance(p, (int, float)) or isinstance(p, bool) or not 0 < p <= 1):
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.top_k is not None:
-            if not _is_int(self.top_k) or self.top_k < -1:
-                raise InvalidRequestError(f"top_k must be an integer >= 0 (0 or -1 disables it), got {self.top_k!r}")
-            self.top_k = max(self.top_k, 0)  # -1: vLLM's "off"
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 0):
+            raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):

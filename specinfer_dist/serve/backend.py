@@ -21,6 +21,7 @@ class ServingEngine(Protocol):
     counters: Counters
     tokenizer: Any
     max_model_len: int  # prompt + generated tokens one request may hold
+    sampling_defaults: dict[str, Any]  # what requests that set no temperature/top_p/top_k get
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> AsyncIterator[RequestDelta]: ...
 

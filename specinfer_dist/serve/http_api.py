@@ -178,7 +178,10 @@ def build_http_app(service: Service) -> FastAPI:
 
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        card = {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "specinfer_dist"}
+        card = {"id": service.model_name, "object": "model", "created": service.created, "owned_by": "specinfer_dist",
+                "max_model_len": service.engine.max_model_len,
+                # Unset temperature/top_p/top_k get these (the model's generation_config.json), else OpenAI's.
+                "sampling_defaults": service.engine.sampling_defaults}
         return {"object": "list", "data": [card]}
 
     @v1.post("/completions")

@@ -134,7 +134,8 @@ class SamplingRequest(_Request):
 
     def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
         return SamplingParams(
-            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+            max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
+            top_k=0 if self.top_k == -1 else self.top_k,  # -1: vLLM's "off"
             seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             stop=self.stop or [], ignore_eos=self.ignore_eos,
         )

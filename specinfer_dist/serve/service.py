@@ -4,6 +4,7 @@ model's name, the API key, metrics, chat prompts and usage accounting."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from specinfer_dist.serve.backend import build_engine
 from specinfer_dist.serve.metrics import Metrics
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 _DONE = object()
 
 
@@ -31,6 +33,10 @@ class Service:
         self.api_key = resolve_api_key(config)  # before loading models: a bad key file fails fast
         self.model_name = config.model_name or _model_name(engine_config.llm)
         self.engine = build_engine(engine_config, config.runtime, cluster)
+        defaults = self.engine.sampling_defaults
+        logger.info("serving %s; requests that set no temperature/top_p/top_k get %s", self.model_name,
+                    f"the model's generation_config.json values {defaults} (else OpenAI's)" if defaults
+                    else "OpenAI's defaults (temperature 1, top_p 1, no top_k)")
         self.metrics = Metrics(self.engine)
         self.created = int(time.time())
 
