@@ -20,6 +20,7 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # fraction of a GPU's memory the process m
 MODES = ("incremental", "sequence", "tree")
 VERIFY_METHODS = ("mss", "naive")  # how sampled requests are verified (greedy ones always greedily)
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
 GENERATION_CONFIGS = ("auto", "none")
 
 
@@ -81,10 +82,18 @@ class EngineConfig(_Section):
     draft_temperature: float | None = option(None, "SSM sampling temperature (default: each request's own)")
     draft_vocab: bool = option(True, "SSM heads score the whole vocabulary, not their draft_vocab.json",
                                flag="--full-draft-vocab", const=False)
-    dtype: str = option("float32", "model dtype", choices=DTYPES)
+    dtype: str | None = option(None, "model dtype (default: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES)
+    device: str = option("auto", "where the LLM and SSMs run (auto: a GPU when torch sees one)", choices=DEVICES)
     max_num_seqs: int = option(16, "requests decoded together per step")
     speculation_max_batch: int | None = option(
         None, "with more requests running, decode without drafting (default: always draft)")
+    max_num_batched_tokens: int | None = option(
+        2048, "most LLM tokens per step: decode/verify rows of running requests first, then prompt chunks "
+        "(chunked prefill: a long prompt is prefilled over several steps; None: each prompt in one step)")
+    max_queued_seqs: int | None = option(
+        256, "most sequences waiting for a place in the running batch; beyond it serving refuses new ones (429); "
+        "None: no limit")
+    max_seqs_per_request: int = option(64, "most sequences (prompts x n) one serving request may start")
     kv_blocks: int | None = option(
         None, "LLM KV pool size in blocks (default: from memory: 1 GiB on a CPU, gpu_memory_utilization on a GPU)")
     kv_block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV block")
@@ -103,12 +112,13 @@ class EngineConfig(_Section):
         _check(self.mode is None or self.mode in MODES, f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         _check(self.verify in VERIFY_METHODS,
                f"verify must be one of {', '.join(VERIFY_METHODS)}, got {self.verify!r}")
-        _check(self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.dtype is None or self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         _check(self.generation_config in GENERATION_CONFIGS,
                f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}, got {self.generation_config!r}")
-        for name in ("tree_budget", "max_num_seqs", "kv_block_size"):
+        for name in ("tree_budget", "max_num_seqs", "kv_block_size", "max_seqs_per_request"):
             _check(_positive_int(getattr(self, name)), f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("speculation_max_batch", "kv_blocks"):
+        for name in ("speculation_max_batch", "kv_blocks", "max_num_batched_tokens", "max_queued_seqs"):
             value = getattr(self, name)
             _check(value is None or _positive_int(value), f"{name} must be a positive integer, got {value!r}")
         u = self.gpu_memory_utilization
@@ -187,11 +197,13 @@ class ClusterConfig(_Section):
     address: str | None = None  # None: start Ray on this machine; "auto": the one `ray start` runs here; or HOST:PORT
     tp: int = 1  # tensor-parallel verifier shards, one process (and GPU) each, all on one node
     draft_workers: int = 1  # data parallelism: requests are spread over this many draft workers
-    pipeline: bool = True  # overlap drafting half of the batch with verifying the other half
+    pipeline: bool = True  # a forward always in flight: verify one half of the batch while drafting the other
     gpus_per_shard: float | None = None  # None: 1 if the cluster has any `gpu_resource`, else 0 (CPU + gloo)
     gpu_resource: str = "GPU"  # resource a shard's GPU is counted in; CPU-only CI simulates GPUs with a custom one
     cpus_per_shard: float = 1  # also the shard's torch threads
-    cpus_per_draft_worker: float = 1  # draft workers run their SSMs on CPU
+    cpus_per_draft_worker: float = 1
+    gpus_per_draft_worker: float = 0  # >0 (fractions share a GPU): each worker's SSMs run on that GPU
+    colocate_drafters: bool = False  # drafters inside the coordinator (no Ray hop per step; draft_workers unused)
     step_timeout_s: float = 300  # a verification step (or shard group start) slower than this fails the group
 
     def __post_init__(self) -> None:

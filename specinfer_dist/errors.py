@@ -15,3 +15,7 @@ class InvalidConfigError(SpecInferError):
 
 class InvalidRequestError(SpecInferError):
     """A prompt or its sampling parameters cannot be served (empty, too long, bad values)."""
+
+
+class EngineOverloadedError(SpecInferError):
+    """The engine's queue is full: the request is refused now and may be retried later (HTTP 429)."""

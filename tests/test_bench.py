@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from helpers import make_tiny_checkpoint
 
 from specinfer_dist.cli import main
@@ -41,8 +43,14 @@ def test_bench_writes_summary_with_ratios(tmp_path, capsys):
 def test_synthetic_gpu_bench_smoke_on_cpu(tmp_path):
     from specinfer_dist.bench import synthetic
 
-    assert synthetic.main(["--shapes", "tiny", "--max-tokens", "12", "--prompt-len", "8", "--out", str(tmp_path)]) == 0
+    # bf16, as on a GPU: the random LLM's argmax must survive bf16 rounding (realised acceptance checked).
+    args = ["--shapes", "tiny", "--max-tokens", "12", "--prompt-len", "8", "--dtype", "bfloat16", "--out", str(tmp_path)]
+    assert synthetic.main(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())["tiny"]
+    for batch in ("batch1", "batch8"):
+        for name, row in result[batch].items():
+            if name != "incremental":
+                assert row["realised_acceptance"] == pytest.approx(row["drafter_hit_rate"]), (batch, name)
     assert set(result["verify_cost_s"]) == {"512", "2048"}
     for batch in ("batch1", "batch8"):
         rows = result[batch]

@@ -16,7 +16,7 @@ import pytest
 import ray
 import torch
 import transformers
-from exactness import assert_greedy_equal
+from exactness import assert_greedy_equal, hf_greedy
 from helpers import make_tiny_checkpoint
 from test_engine_exact import noisy_copy
 from tp_helpers import assert_shards_match
@@ -25,10 +25,13 @@ from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, Sampli
 from specinfer_dist.cli import main
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import Coordinator, CoordinatorClient
+from specinfer_dist.distributed.pipeline import PipelinedEngine
+from specinfer_dist.distributed.placement import actor_options, bundles, coordinator_options, stage_device
 from specinfer_dist.distributed.tp import shard_model
 from specinfer_dist.engine.async_engine import EngineStepError
 from specinfer_dist.engine.builder import build_parts
 from specinfer_dist.models.loader import load_model
+from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
 SIM_GPU = "sim_gpu"
 TREE = "1,2,1,1"
@@ -47,10 +50,11 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clients(models):
     """A TP=1 runtime without pipelining and a TP=2 one (a real gloo group) with it."""
-    ray.init(address="local", num_cpus=12, resources={SIM_GPU: 4}, include_dashboard=False)
+    ray.init(address="local", num_cpus=16, resources={SIM_GPU: 4}, include_dashboard=False)
     engine_config = models[0]
     base = ClusterConfig(gpu_resource=SIM_GPU, step_timeout_s=60)
-    configs = {1: replace(base, tp=1, pipeline=False), 2: replace(base, tp=2)}
+    # TP=2 also places its draft worker on half a (simulated) GPU.
+    configs = {1: replace(base, tp=1, pipeline=False), 2: replace(base, tp=2, gpus_per_draft_worker=0.5)}
     handles = {tp: Coordinator.remote(engine_config, cluster) for tp, cluster in configs.items()}  # start in parallel
     started = {tp: CoordinatorClient(handle) for tp, handle in handles.items()}
     yield started
@@ -80,12 +84,24 @@ def run_all(client, batch, params) -> list[tuple[list[int], list]]:
     return asyncio.run(main())
 
 
+class EagerVerifier(LocalVerifier):
+    """The local stage with the remote one's submit/collect (its forward runs at submit)."""
+
+    def submit(self, items: list[VerifyItem]) -> list[torch.Tensor]:
+        return self.forward(items)
+
+    def collect(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+        return logits
+
+
 def test_greedy_identical_across_runtimes(models, clients):
     config, local, hf = models
     batch = prompts(6)
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 5, 31, 12, 1, 24)]
     want = reference(local, batch, params)
-    pipelined = LLMEngine(**vars(build_parts(config)), pipeline=True)
+    parts = build_parts(config)
+    parts.verifier = EagerVerifier(parts.verifier.runner.model)
+    pipelined = PipelinedEngine(**vars(parts))
     runs = {"local pipelined": [o.token_ids for o in pipelined.generate(batch, params)]}
     for tp, client in clients.items():
         results = run_all(client, batch, params)
@@ -221,6 +237,73 @@ def test_verifier_shard_death_fails_in_flight_then_recovers(models, clients):
     [want] = reference(local, [prompt], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     assert_greedy_equal(hf, prompt, got, want)
     assert set(client.actors()["shards"]).isdisjoint(old)  # a new group
+
+
+def test_draft_workers_hold_no_llm_weights(clients):
+    # Their SSMs (noisy copies) share nothing with the LLM, so not one LLM tensor is read.
+    for client in clients.values():
+        for worker in client.actors()["draft_workers"]:
+            assert ray.get(worker.llm_tensors.remote()) == {}
+
+
+def test_colocated_drafters_and_tree_auto_on_the_verifier(models, clients):
+    # tree: auto is measured by the verifier shard (a draft side given "auto" refuses to start),
+    # and the drafters run inside the coordinator: still exact, still no LLM weights beside the shard.
+    engine_config, local, hf = models
+    cluster = ClusterConfig(tp=1, gpus_per_shard=0, colocate_drafters=True, pipeline=False, step_timeout_s=60)
+    client = CoordinatorClient(Coordinator.options(**coordinator_options(cluster)).remote(replace(engine_config, tree="auto"), cluster))
+    try:
+        info = client.info()
+        assert info["colocated_drafters"] and client.actors()["draft_workers"] == []
+        assert info["mode"] == "incremental" or all(w >= 1 for w in info["spec"].widths)
+        assert ray.get(client.coordinator.llm_tensors.remote()) == {}
+        batch = prompts(3, seed=5)
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        for prompt, (got, _), want in zip(batch, run_all(client, batch, [params] * 3), reference(local, batch, params)):
+            assert_greedy_equal(hf, prompt, got, want)
+    finally:
+        client.shutdown()
+
+
+@pytest.mark.slow
+def test_default_llm_tp3_greedy_equals_transformers(clients):
+    # SmolLM2-135M: 9 heads, 3 KV heads -> TP=3. Its shipped SSMs share the embedding (= the tied
+    # head): the draft worker holds exactly that tensor of the LLM, and drafting happens.
+    from specinfer_dist.models.default import default_llm_dir
+
+    llm_dir = default_llm_dir(progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
+    cluster = ClusterConfig(tp=3, draft_workers=1, gpus_per_shard=0, step_timeout_s=300)
+    client = CoordinatorClient(Coordinator.remote(EngineConfig(tree="1,1,3,1,1,1,1,1"), cluster))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        batch = [tokenizer(text).input_ids for text in ("The capital of France is", "def fibonacci(n):", "Once upon a time")]
+        results = run_all(client, batch, [params] * len(batch))
+        for prompt, (got, _) in zip(batch, results):
+            assert_greedy_equal(hf, prompt, got, hf_greedy(hf, prompt, 24))
+        steps = sum(deltas[-1].stats.steps for _, deltas in results)
+        assert sum(len(got) for got, _ in results) / steps > 1  # tokens per step: the SSMs' drafts were accepted
+        [worker] = client.actors()["draft_workers"]
+        assert ray.get(worker.llm_tensors.remote()) == {"model.embed_tokens.weight": "cpu"}
+    finally:
+        client.shutdown()
+
+
+def test_gpu_placement_bundles_and_devices():
+    cluster = ClusterConfig(tp=2, draft_workers=2, gpus_per_shard=1, gpus_per_draft_worker=0.5)
+    shards, drafts = bundles(cluster)
+    assert shards == [{"CPU": 1, "GPU": 1}] * 2 and drafts == [{"CPU": 1, "GPU": 0.5}] * 2
+    assert stage_device(cluster, 1) == stage_device(cluster, 0.5) == "cuda" and stage_device(cluster, 0) == "cpu"
+    assert actor_options(cluster, None, 0, 1, 0.5)["num_gpus"] == 0.5  # Ray then sets CUDA_VISIBLE_DEVICES
+    simulated = replace(cluster, gpu_resource=SIM_GPU)
+    assert bundles(simulated)[1] == [{"CPU": 1, SIM_GPU: 0.5}] * 2
+    assert stage_device(simulated, 1) == "cpu"  # a simulated GPU computes on the CPU
+    assert actor_options(simulated, None, 0, 1, 0.5)["resources"] == {SIM_GPU: 0.5}
+    assert bundles(replace(cluster, gpus_per_draft_worker=0))[1] == [{"CPU": 1}] * 2
+    colocated = replace(cluster, colocate_drafters=True)
+    assert bundles(colocated)[1] == [] and coordinator_options(colocated)["num_gpus"] == 0.5
+    assert "num_gpus" not in coordinator_options(cluster)
 
 
 # ---- tensor parallelism, without Ray ------------------------------------------------------

@@ -26,6 +26,7 @@ from specinfer_dist.models.default import (
 from specinfer_dist.models.loader import (
     check_same_vocabulary,
     load_model,
+    materialize,
     parse_dtype,
     resolve_model_dir,
 )
@@ -67,6 +68,18 @@ def test_load_model_dtype(tmp_path: Path) -> None:
     src = make_tiny_checkpoint(tmp_path)
     model, _, _ = load_model(str(src), dtype="bfloat16", progress=False)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    # Buffers are computed, not cast: RoPE frequencies stay fp32 (DESIGN: lessons).
+    assert {b.dtype for name, b in model.named_buffers() if "inv_freq" in name} == {torch.float32}
+
+
+def test_load_without_weights_reads_only_what_is_shared(tmp_path: Path) -> None:
+    src = make_tiny_checkpoint(tmp_path)
+    meta, _, _ = load_model(str(src), progress=False, weights=False)
+    assert all(p.is_meta for p in meta.parameters())
+    materialize(meta, ["model.embed_tokens.weight"], "cpu")
+    full, _, _ = load_model(str(src), progress=False)
+    assert torch.equal(meta.model.embed_tokens.weight, full.model.embed_tokens.weight)
+    assert [n for n, p in meta.named_parameters() if not p.is_meta] == ["model.embed_tokens.weight"]
 
 
 def test_sharded_checkpoint(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 from pathlib import Path
 
 import jsonschema
@@ -14,10 +15,12 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from specinfer_dist.config import ClusterConfig
 from specinfer_dist.serve import build_app
 
 ROOT = Path(__file__).resolve().parents[1]
-CRDS = ROOT.parent / "shared" / "k8s-crds"  # beside the checkout, as in CI
+# Beside the checkout, as in CI; $K8S_CRDS elsewhere (e.g. a git worktree).
+CRDS = Path(os.environ.get("K8S_CRDS") or ROOT.parent / "shared" / "k8s-crds")
 DOCS = [(path.name, doc) for path in sorted((ROOT / "k8s").glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text())]
 KUBERAY_KINDS = {"RayCluster": "ray.io_rayclusters.yaml", "RayService": "ray.io_rayservices.yaml"}
 
@@ -97,6 +100,26 @@ def test_rayservice_runs_the_same_cluster_as_raycluster():
     [service] = [d for _, d in KUBERAY_DOCS if d["kind"] == "RayService"]
     [cluster] = [d for _, d in KUBERAY_DOCS if d["kind"] == "RayCluster"]
     assert service["spec"]["rayClusterConfig"] == cluster["spec"]
+
+
+def _gpus(group: dict) -> set[str]:
+    [container] = group["template"]["spec"]["containers"]
+    return {container["resources"][kind].get("nvidia.com/gpu", "0") for kind in ("requests", "limits")}
+
+
+def test_verifier_pods_hold_a_replicas_tensor_parallel_gpus():
+    # Verifier shards are STRICT_PACKed on one node: a pod needs exactly tp GPUs, or TP >= 2 never places.
+    [service] = [d for _, d in KUBERAY_DOCS if d["kind"] == "RayService"]
+    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    for app in yaml.safe_load(service["spec"]["serveConfigV2"])["applications"]:
+        cluster = ClusterConfig.from_dict(app["args"]["cluster"])
+        assert _gpus(groups["verifier"]) == {str(cluster.tp)}
+        if cluster.gpus_per_draft_worker:
+            assert _gpus(groups["drafter"]) == {"1"}
+    broken = copy.deepcopy(service)
+    broken["spec"]["serveConfigV2"] = service["spec"]["serveConfigV2"].replace("tp: 3", "tp: 2")
+    app = yaml.safe_load(broken["spec"]["serveConfigV2"])["applications"][0]
+    assert _gpus(groups["verifier"]) != {str(ClusterConfig.from_dict(app["args"]["cluster"]).tp)}
 
 
 SERVE_CONFIGS = [("deploy/serve_config.yaml", yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text()))] + [

@@ -1,5 +1,6 @@
 """Tensor parallelism checked without Ray: tiny checkpoints sharded over a real gloo group of
-processes, every rank's logits compared with the unsharded model's.
+processes, every rank's logits compared with the unsharded model's, for both ways of getting
+a shard: ``shard_model`` on a loaded model, and the loader reading only the rank's slices.
 
 Kept apart from the test modules so that the spawned ranks import only what they run.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from specinfer_dist.distributed.tp import shard_model
+from specinfer_dist.distributed.tp import TensorParallel, shard_model
 from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
@@ -33,6 +34,10 @@ def _rank(rank: int, world_size: int, port: int, model_dirs: list[str], out: str
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     logits = [tp_logits(shard_model(load_model(d, progress=False)[0], rank, world_size)) for d in model_dirs]
     torch.save(logits, f"{out}.{rank}")
+    # The loader's path: an empty model sharded on the meta device, then only this rank's slices read.
+    sliced = [load_model(d, progress=False, sharding=TensorParallel(rank, world_size))[0] for d in model_dirs]
+    assert not any(p.is_meta for model in sliced for p in model.parameters())
+    torch.save([tp_logits(model) for model in sliced], f"{out}.sliced.{rank}")
     dist.destroy_process_group()
 
 
@@ -46,8 +51,8 @@ def assert_shards_match(model_dirs: list[Path], tmp_path: Path, world_size: int 
         port = sock.getsockname()[1]
     out = str(tmp_path / "tp-logits")
     mp.spawn(_rank, args=(world_size, port, dirs, out), nprocs=world_size)
-    for rank in range(world_size):
-        for d, got, ref in zip(dirs, torch.load(f"{out}.{rank}"), want, strict=True):
-            where = f"{d}, rank {rank}"
+    for rank, path in ((r, p) for r in range(world_size) for p in (f"{out}.{r}", f"{out}.sliced.{r}")):
+        for d, got, ref in zip(dirs, torch.load(path), want, strict=True):
+            where = f"{d}, rank {rank} ({'sliced loading' if 'sliced' in path else 'shard_model'})"
             for g, w in zip(got, ref, strict=True):
                 torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m, where=where: f"{where}: {m}")

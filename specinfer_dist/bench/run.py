@@ -26,7 +26,7 @@ from specinfer_dist.engine.builder import load_target
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.default import ssm_sources
-from specinfer_dist.models.loader import load_model, parse_dtype
+from specinfer_dist.models.loader import load_model
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.device import machine
 from specinfer_dist.runtime.sampling_params import SamplingParams
@@ -159,9 +159,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     if config.batch > 1 and "hf-assisted" in config.modes:
         raise InvalidConfigError("Hugging Face assisted generation runs one prompt at a time: drop hf-assisted or --batch")
     rows = load_prompts(config.prompts or BENCH_PROMPTS)
-    dtype = parse_dtype(config.engine.dtype)
     engine_config = config.engine.replace(max_num_seqs=max(config.engine.max_num_seqs, config.batch))
     target = load_target(engine_config, progress)  # every engine mode shares these weights
+    dtype = target.model.model.norm.weight.dtype  # the configured dtype, or the device's default
     base = LLMEngine.from_config(engine_config.replace(mode="incremental"), target=target)
     prompt_ids = [base.encode(r["prompt"], chat=bool(r.get("chat"))) for r in rows]
     if config.batch > len(prompt_ids):  # cycle the set to fill one batch

@@ -3,14 +3,19 @@ continuous-batching engine, and a client with AsyncLLMEngine's surface.
 
 The Coordinator runs the same LLMEngine + AsyncLLMEngine as the single-process path, built
 from parts with remote stages: a ShardGroupVerifier (tensor-parallel LLM) and one
-RemoteDrafter per drafter the draft workers host. With ``cluster.pipeline`` the engine
-verifies one half of the batch while the other half is drafted.
+RemoteDrafter per drafter the draft workers host. With ``cluster.pipeline`` it is a
+PipelinedEngine: a verification is always in flight while the other half of the batch is
+drafted (pipeline.py). With ``cluster.colocate_drafters`` the drafters run inside this actor
+(on its GPU share, beside verifier rank 0 on one GPU): no Ray round trip per draft, at the
+price of drafting and the engine loop sharing one process. Start-up order: the shards load
+(and measure ``tree: auto`` on their own device), then the drafters get the resolved tree.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import replace
 from typing import Any, AsyncIterator
 
 import ray
@@ -18,18 +23,22 @@ from ray.exceptions import RayTaskError
 from ray.util.placement_group import remove_placement_group
 
 from specinfer_dist.config import ClusterConfig, EngineConfig
-from specinfer_dist.distributed.draft_worker import DraftPool, DraftWorker
+from specinfer_dist.distributed.draft_worker import DraftPool, DraftWorker, Drafting
 from specinfer_dist.distributed.placement import (
     COORDINATOR_CPUS,
     actor_options,
     connect,
+    coordinator_options,
     reserve,
     resolve_gpus,
+    stage_device,
 )
+from specinfer_dist.distributed.pipeline import PipelinedEngine
 from specinfer_dist.distributed.verifier_shard import ShardGroupVerifier
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, Counters, RequestDelta
 from specinfer_dist.engine.engine import LLMEngine, Prompt
 from specinfer_dist.engine.outputs import RequestOutput
+from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.runtime.sampling_params import SamplingParams
 
 
@@ -46,29 +55,51 @@ class Coordinator:
         engine, cluster = self.config
         cluster = resolve_gpus(cluster)
         self.groups = reserve(cluster)
-        shard_group, draft_group = self.groups
-        threads = max(1, int(cluster.cpus_per_draft_worker))
-        self.workers = [
-            DraftWorker.options(**actor_options(cluster, draft_group, i, cluster.cpus_per_draft_worker, 0)).remote(
-                engine, threads
-            )
-            for i in range(cluster.draft_workers)
-        ]
-        self.verifier = ShardGroupVerifier(engine, cluster, shard_group)  # loads while the workers do
-        parts = ray.get(self.workers[0].describe.remote())
-        ray.get([worker.ready.remote() for worker in self.workers])
-        specs = parts.pop("drafters")
-        llm = LLMEngine(
+        shard_engine = replace(engine, device=stage_device(cluster, cluster.gpus_per_shard))
+        self.verifier = ShardGroupVerifier(shard_engine, cluster, self.groups[0])
+        drafting = replace(self._resolve_tree(engine), device=stage_device(cluster, cluster.gpus_per_draft_worker))
+        self.workers, self.colocated = [], None
+        if cluster.colocate_drafters:  # in this process: drafting is a call, not a Ray round trip
+            self.colocated = Drafting.build(drafting)
+            parts, drafters = dict(self.colocated.parts), self.colocated.drafters
+        else:
+            threads = max(1, int(cluster.cpus_per_draft_worker))
+            self.workers = [
+                DraftWorker.options(
+                    **actor_options(cluster, self.groups[1], i, cluster.cpus_per_draft_worker, cluster.gpus_per_draft_worker)
+                ).remote(drafting, threads)
+                for i in range(cluster.draft_workers)
+            ]
+            parts = ray.get(self.workers[0].describe.remote())
+            ray.get([worker.ready.remote() for worker in self.workers])
+            specs = parts.pop("drafters")
+            drafters = DraftPool(self.workers, len(specs)).drafters(specs)
+        engine_class = PipelinedEngine if cluster.pipeline else LLMEngine
+        llm = engine_class(
             **parts,
             verifier=self.verifier,
-            drafters=DraftPool(self.workers, len(specs)).drafters(specs),
+            drafters=drafters,
             verify=engine.verify,
             max_num_seqs=engine.max_num_seqs,
             speculation_max_batch=engine.speculation_max_batch,
-            pipeline=cluster.pipeline,
+            max_num_batched_tokens=engine.max_num_batched_tokens,
+            max_queued_seqs=engine.max_queued_seqs,
+            max_seqs_per_request=engine.max_seqs_per_request,
         )
         self.served = AsyncLLMEngine(llm)
         return self.served.tokenizer
+
+    def _resolve_tree(self, engine: EngineConfig) -> EngineConfig:
+        """``tree: auto`` measured by the verifier shards on their device; the drafters get the
+        chosen tree and SSMs (or plain decoding when speculation would not pay)."""
+        sources = ssm_sources(engine.llm, engine.ssms)
+        if engine.tree != "auto" or not sources or engine.mode == "incremental":
+            return engine
+        key = [engine.llm, *sources, f"draft_vocab={engine.draft_vocab}"]
+        widths, chosen = self.verifier.tune(key)
+        if widths is None:
+            return replace(engine, mode="incremental")
+        return replace(engine, tree=",".join(map(str, widths)), ssms=[sources[i] for i in chosen])
 
     async def generate(self, prompt: Prompt, params: SamplingParams | None, chat: bool) -> AsyncIterator[RequestDelta]:
         # aclosing: a cancelled call (the client went away) aborts the request at once.
@@ -88,13 +119,24 @@ class Coordinator:
     def num_waiting(self) -> int:
         return self.served.num_waiting()
 
+    def check_capacity(self, num_seqs: int) -> None:
+        self.served.check_capacity(num_seqs)
+
     def num_running(self) -> int:
         return self.served.num_running()
 
     def info(self) -> dict[str, Any]:
         engine = self.served.engine
-        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify, "pipeline": engine.pipeline,
+        return {"mode": engine.mode, "spec": engine.spec, "verify": engine.verify,
+                "pipeline": isinstance(engine, PipelinedEngine), "colocated_drafters": self.colocated is not None,
                 "sampling_defaults": engine.sampling_defaults}
+
+    def llm_tensors(self) -> dict[str, str]:
+        """The LLM parameters the co-located drafters made this process hold (name -> device)."""
+        return self.colocated.llm_tensors() if self.colocated else {}
+
+    def kv_usage(self) -> float | None:
+        return self.served.kv_usage()
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
         """The current verifier shards (rank order) and draft workers (for operators and tests)."""
@@ -129,7 +171,7 @@ class CoordinatorClient:
         """Start a Coordinator and its actors (joining or starting Ray first, see placement.connect)."""
         cluster = cluster or ClusterConfig()
         connect(cluster)
-        return cls(Coordinator.remote(engine, cluster))
+        return cls(Coordinator.options(**coordinator_options(cluster)).remote(engine, cluster))
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False
@@ -166,11 +208,20 @@ class CoordinatorClient:
     def num_waiting(self) -> int:
         return _call(self.coordinator.num_waiting)
 
+    def check_capacity(self, num_seqs: int) -> None:
+        """Raises the engine's own error (EngineOverloadedError, InvalidRequestError) if not."""
+        _call(self.coordinator.check_capacity, num_seqs)
+
     def num_running(self) -> int:
         return _call(self.coordinator.num_running)
 
+    def kv_usage(self) -> float | None:
+        """Fraction of the verifier's KV pool in use (None without a pool)."""
+        return _call(self.coordinator.kv_usage)
+
     def info(self) -> dict[str, Any]:
-        """The engine's mode, tree spec, sampled-request verifier, pipelining flag and sampling defaults."""
+        """The engine's mode, tree spec, sampled-request verifier, pipelining and co-location flags, and
+        sampling defaults."""
         return _call(self.coordinator.info)
 
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:

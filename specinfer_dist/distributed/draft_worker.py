@@ -1,11 +1,16 @@
 """Drafting on Ray: workers hosting the drafters, and the engine's stand-ins for them.
 
 A ``DraftWorker`` builds its drafters with the same builder as a single-process LLMEngine
-(engine/builder.py), and no verifier. Several
+(engine/builder.py), on its own GPU share (``gpus_per_draft_worker``) or CPU, and no verifier:
+its LLM reads no weights except the tensors its SSMs share (embedding, head), and the tree
+arrives resolved (``tree: auto`` is measured on the verifier, verifier_shard.py). Several
 workers give data parallelism: ``DraftPool`` spreads a step's requests over them, each request
 sticking to one worker (which keeps that request's SSM KV cache), and gets every drafter's
 trees in one round trip per worker. The engine sees one ``RemoteDrafter`` per hosted drafter
 and merges their trees as usual.
+
+With ``cluster.colocate_drafters`` the same ``Drafting`` is built inside the coordinator
+instead (no Ray hop per step; see coordinator.py).
 
 Ray restarts a worker that dies. Until it answers again its requests move to the other
 workers (whose caches then start from the prompt), or get no draft at all: the root-only
@@ -15,6 +20,7 @@ tree, which verification turns into one ordinary decoding step. Output stays exa
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -36,28 +42,41 @@ from specinfer_dist.tree.token_tree import TokenTree
 MAX_RESTARTS = 3  # a worker that keeps dying only costs speed, never correctness
 
 
+@dataclass
+class Drafting:
+    """Drafters built in this process, the engine parts that come with them, and the LLM they
+    were built against (on the meta device but for the tensors its SSMs share)."""
+
+    drafters: list[Drafter]
+    parts: dict[str, Any]  # LLMEngine arguments: tokenizer, model_config, eos_ids, sampling_defaults, spec, mode
+    llm: Any
+
+    @classmethod
+    def build(cls, engine: EngineConfig) -> "Drafting":
+        # The LLM never runs here: it reads only the tensors SSMs share (and its vocabulary checks
+        # them); tree: auto must arrive resolved (plan_drafting refuses to measure a meta LLM).
+        target = load_target(engine, weights=False)
+        plan = plan_drafting(engine, target, load_ssms(engine, target) if engine.mode != "incremental" else [])
+        parts = {"tokenizer": target.tokenizer, "model_config": target.model.config, "eos_ids": target.eos_ids,
+                 "sampling_defaults": target.sampling_defaults, "spec": plan.spec, "mode": plan.mode}
+        return cls(make_drafters(engine, plan), parts, target.model)
+
+    def llm_tensors(self) -> dict[str, str]:
+        """The LLM parameters this process holds in memory (name -> device)."""
+        return {name: str(p.device) for name, p in self.llm.named_parameters() if not p.is_meta}
+
+
 @ray.remote(max_restarts=MAX_RESTARTS, max_task_retries=0)
 class DraftWorker:
     def __init__(self, engine: EngineConfig, threads: int) -> None:
         torch.set_num_threads(threads)
-        # The LLM is only needed while SSMs are built (they may share its embedding and head,
-        # and their vocabularies are checked against it); what they share outlives it.
         try:
-            target = load_target(engine)
-            plan = plan_drafting(engine, target, load_ssms(engine, target) if engine.mode != "incremental" else [])
-            self.drafters = make_drafters(engine, plan)
+            built = Drafting.build(engine)
         except SpecInferError as err:  # e.g. a bad SSM path: describe() reports it as it is
             self.error: SpecInferError | None = err
             return
         self.error = None
-        self.parts = {
-            "tokenizer": target.tokenizer,
-            "model_config": target.model.config,
-            "eos_ids": target.eos_ids,
-            "sampling_defaults": target.sampling_defaults,
-            "spec": plan.spec,
-            "mode": plan.mode,
-        }
+        self.built, self.drafters, self.parts = built, built.drafters, built.parts
 
     def describe(self) -> dict[str, Any]:
         """LLMEngine arguments, and each hosted drafter's (name, spec)."""
@@ -67,6 +86,10 @@ class DraftWorker:
 
     def ready(self) -> int:
         return os.getpid()
+
+    def llm_tensors(self) -> dict[str, str]:
+        """The LLM parameters this worker holds in memory (name -> device), for tests and operators."""
+        return self.built.llm_tensors()
 
     def propose(self, requests: list[DraftRequest], max_depths: list[int], released: list[int]) -> list[list[TokenTree]]:
         """Forget ``released`` requests, then every drafter's trees for ``requests``."""

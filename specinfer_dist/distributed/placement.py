@@ -1,10 +1,12 @@
 """Where things run: joining or starting Ray, and reserving each stage's resources.
 
 Verifier shards go in one STRICT_PACK placement group (tensor parallelism all-reduces twice
-per layer, so its ranks share a node); draft workers in a SPREAD group (anywhere, preferably
-apart). A shard takes ``gpus_per_shard`` of ``gpu_resource``: "GPU" on real clusters, a
-custom resource on CPU-only machines, so CI exercises the same placement without GPUs (Ray
-does not allow declaring "GPU" where there are none). Shards without a GPU run on CPU (gloo).
+per layer, so its ranks share a node: on Kubernetes, one pod with ``tp`` GPUs); draft workers
+in a SPREAD group (anywhere, preferably apart). A shard takes ``gpus_per_shard`` and a draft
+worker ``gpus_per_draft_worker`` (fractions share a GPU) of ``gpu_resource``: "GPU" on real
+clusters, a custom resource on CPU-only machines, so CI exercises the same placement without
+GPUs (Ray does not allow declaring "GPU" where there are none). A stage computes on CUDA
+exactly when its bundle holds real GPUs (``stage_device``); otherwise on CPU (gloo for TP).
 """
 
 from __future__ import annotations
@@ -53,20 +55,47 @@ def resolve_gpus(cluster: ClusterConfig) -> ClusterConfig:
     return replace(cluster, gpus_per_shard=1.0 if ray.cluster_resources().get(cluster.gpu_resource) else 0.0)
 
 
-def reserve(cluster: ClusterConfig) -> tuple[PlacementGroup, PlacementGroup]:
-    """Placement groups for the verifier shards and the draft workers, or a clear error."""
+def bundles(cluster: ClusterConfig) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """The verifier shards' bundles (one per rank, packed on one node) and the draft workers'."""
     shard = {"CPU": cluster.cpus_per_shard, cluster.gpu_resource: cluster.gpus_per_shard}
-    groups = (
-        placement_group([{k: v for k, v in shard.items() if v}] * cluster.tp, strategy="STRICT_PACK"),
-        placement_group([{"CPU": cluster.cpus_per_draft_worker}] * cluster.draft_workers, strategy="SPREAD"),
+    draft = {"CPU": cluster.cpus_per_draft_worker, cluster.gpu_resource: cluster.gpus_per_draft_worker}
+    return (
+        [{k: v for k, v in shard.items() if v}] * cluster.tp,
+        [] if cluster.colocate_drafters else [{k: v for k, v in draft.items() if v}] * cluster.draft_workers,
     )
-    ready, _ = ray.wait([g.ready() for g in groups], num_returns=2, timeout=RESERVE_TIMEOUT_S)
-    if len(ready) < 2:
+
+
+def coordinator_options(cluster: ClusterConfig) -> dict[str, Any]:
+    """``.options()`` for the Coordinator: it holds the drafters' GPU share when it hosts them.
+    On one GPU, ``gpus_per_shard + gpus_per_draft_worker <= 1`` puts them beside verifier rank 0."""
+    gpus = cluster.gpus_per_draft_worker if cluster.colocate_drafters else 0
+    options: dict[str, Any] = {"num_cpus": COORDINATOR_CPUS}
+    if gpus and cluster.gpu_resource == "GPU":
+        options["num_gpus"] = gpus
+    elif gpus:
+        options["resources"] = {cluster.gpu_resource: gpus}
+    return options
+
+
+def stage_device(cluster: ClusterConfig, gpus: float | None) -> str:
+    """Where a stage holding ``gpus`` of ``gpu_resource`` computes: CUDA only for real GPUs."""
+    return "cuda" if gpus and cluster.gpu_resource == "GPU" else "cpu"
+
+
+def reserve(cluster: ClusterConfig) -> list[PlacementGroup]:
+    """Placement groups for the verifier shards and (unless co-located) the draft workers, or a
+    clear error."""
+    shard, draft = bundles(cluster)
+    groups = [placement_group(shard, strategy="STRICT_PACK")]
+    if draft:
+        groups.append(placement_group(draft, strategy="SPREAD"))
+    ready, _ = ray.wait([g.ready() for g in groups], num_returns=len(groups), timeout=RESERVE_TIMEOUT_S)
+    if len(ready) < len(groups):
         for group in groups:
             remove_placement_group(group)
         raise InvalidConfigError(
-            f"the Ray cluster cannot place {cluster.tp} verifier shard(s) of {shard} on one node and "
-            f"{cluster.draft_workers} draft worker(s) of {cluster.cpus_per_draft_worker} CPU "
+            f"the Ray cluster cannot place {cluster.tp} verifier shard(s) of {shard[0]} on one node and "
+            f"{len(draft)} draft worker(s) of {draft[0] if draft else {}} "
             f"(it has {_resources(cluster)} in all, some perhaps in use)"
         )
     return groups

@@ -1,4 +1,4 @@
-"""Tensor parallelism applied to a loaded Transformer from outside (gpt-fast style).
+"""Tensor parallelism applied to a Transformer from outside (gpt-fast style).
 
 Each rank keeps 1/world of the attention heads and of the MLP's intermediate features:
 q/k/v and gate/up are column-parallel (a slice of their output rows); o_proj and down_proj
@@ -15,71 +15,145 @@ The LM head is split by vocabulary and its logits all-gathered: the head is the 
 single matrix of a small LLM (SmolLM2: 49152 x 576), while the gathered logits are only the
 tree's rows. Every rank thus returns the full logits, exactly like the unsharded model. The
 embedding and the norms stay whole on every rank.
+
+Invariant: ``tp_slice`` is the one description of "which dim, which slices" per parameter
+name. ``shard_model`` cuts in-memory tensors with it and the loader reads exactly those
+slices from safetensors (``TensorParallel``, models/loader.py), so a model built on the meta
+device, sharded, then filled from the checkpoint equals a loaded-then-sharded one.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, Sequence
+
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.models.layers import head_dim
 from specinfer_dist.models.linear import linear
 from specinfer_dist.models.transformer import Transformer
 
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")  # dim 0
+ROW_PARALLEL = ("o_proj", "down_proj")  # weight: dim 1; bias whole (added once, after the all-reduce)
+VOCAB_PARALLEL = ("lm_head",)  # weight: dim 0 in ceil(vocab / world) rows, the last rank zero-padded
 
-def shard_model(model: Transformer, rank: int, world_size: int, group: dist.ProcessGroup | None = None) -> Transformer:
-    """Keep this rank's shard of ``model`` (in place; collectives run on ``group``) and return it."""
+
+@dataclass(frozen=True)
+class TPSlice:
+    """Ranges ``pieces`` of dim ``dim`` of the full tensor, concatenated in order, then
+    zero-padded to ``length`` along that dim."""
+
+    dim: int
+    pieces: tuple[tuple[int, int], ...]
+    length: int
+
+    def indices(self, ndim: int) -> list[tuple[slice, ...]]:
+        """One index per piece (e.g. for a safetensors ``get_slice``)."""
+        return [tuple(slice(a, b) if d == self.dim else slice(None) for d in range(ndim)) for a, b in self.pieces]
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This slice of the full ``tensor`` in its own storage (so the full one can be freed)."""
+        part = torch.cat([tensor.narrow(self.dim, a, b - a) for a, b in self.pieces], dim=self.dim)
+        pad = self.length - part.shape[self.dim]
+        if pad:
+            shape = list(part.shape)
+            shape[self.dim] = pad
+            part = torch.cat([part, part.new_zeros(shape)], dim=self.dim)
+        return part.detach().clone()
+
+
+def _column_parts(module: str, rows: int, config: Any) -> tuple[int, ...]:
+    """Sizes of the independently split parts of a column-parallel projection's output rows."""
+    if module == "qkv_proj":
+        hd = head_dim(config)
+        return (config.num_attention_heads * hd, config.num_key_value_heads * hd, config.num_key_value_heads * hd)
+    if module == "gate_up_proj":
+        return (config.intermediate_size,) * 2
+    return (rows,)
+
+
+def tp_slice(name: str, shape: Sequence[int], rank: int, world_size: int, config: Any) -> TPSlice | None:
+    """Which part of parameter ``name`` (full ``shape``) rank ``rank`` keeps; None: all of it."""
     if world_size == 1:
-        return model
-    heads = model.model.layers[0].self_attn.num_heads
-    sizes = {"attention heads": heads, "KV heads": model.num_kv_heads, "intermediate size": model.config.intermediate_size}
+        return None
+    *_, module, kind = name.split(".")
+    if module in COLUMN_PARALLEL:
+        pieces, start = [], 0
+        for size in _column_parts(module, shape[0], config):
+            per_rank = size // world_size
+            pieces.append((start + rank * per_rank, start + (rank + 1) * per_rank))
+            start += size
+        return TPSlice(0, tuple(pieces), sum(b - a for a, b in pieces))
+    if module in ROW_PARALLEL and kind == "weight":
+        per_rank = shape[1] // world_size
+        return TPSlice(1, ((rank * per_rank, (rank + 1) * per_rank),), per_rank)
+    if module in VOCAB_PARALLEL and kind == "weight":
+        per_rank = -(-shape[0] // world_size)
+        start = min(rank * per_rank, shape[0])
+        return TPSlice(0, ((start, min(start + per_rank, shape[0])),), per_rank)
+    return None
+
+
+def check_divisible(model: Transformer, world_size: int) -> None:
+    config = model.config
+    sizes = {"attention heads": config.num_attention_heads, "KV heads": config.num_key_value_heads,
+             "intermediate size": config.intermediate_size}
     bad = [f"{name} ({n})" for name, n in sizes.items() if n % world_size]
     if bad:
         raise InvalidConfigError(f"tensor parallelism {world_size} must divide the model's {' and '.join(bad)}")
+
+
+def shard_model(model: Transformer, rank: int, world_size: int, group: dist.ProcessGroup | None = None) -> Transformer:
+    """Keep this rank's shard of ``model`` (in place; collectives run on ``group``) and return it.
+    Works on the meta device too: the loader shards an empty model, then fills the slices."""
+    if world_size == 1:
+        return model
+    check_divisible(model, world_size)
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        q_size, kv_size = attn.num_heads * attn.head_dim, attn.num_kv_heads * attn.head_dim
-        if attn.fused:
-            _keep_rows(attn.qkv_proj, rank, world_size, (q_size, kv_size, kv_size))
-            _keep_rows(mlp.gate_up_proj, rank, world_size, (model.config.intermediate_size,) * 2)
-        else:
-            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                _keep_rows(proj, rank, world_size, (proj.out_features,))
         attn.num_heads //= world_size
         attn.num_kv_heads //= world_size
-        attn.o_proj = RowParallelLinear(attn.o_proj, rank, world_size, group)
-        mlp.down_proj = RowParallelLinear(mlp.down_proj, rank, world_size, group)
-    model.lm_head = VocabParallelHead(model.lm_head, rank, world_size, group)
+        attn.o_proj = RowParallelLinear(attn.o_proj, group)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, group)
+    model.lm_head = VocabParallelHead(model.lm_head, world_size, group)  # unties a tied head
+    for name, param in list(model.named_parameters()):
+        cut = tp_slice(name, param.shape, rank, world_size, model.config)
+        if cut is not None:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            setattr(module, attr, nn.Parameter(cut.take(param), requires_grad=False))
+            if isinstance(module, nn.Linear):
+                module.out_features = module.weight.shape[0]
     return model
 
 
-def _keep_rows(linear: nn.Linear, rank: int, world_size: int, parts: tuple[int, ...]) -> None:
-    """Column parallelism: of each part of the output features (``parts`` sizes, in order), this
-    rank's contiguous slice (whole heads), concatenated in the same order."""
+@dataclass(frozen=True)
+class TensorParallel:
+    """Rank ``rank`` of ``world_size`` as the loader's Sharding (models/loader.py): it shards
+    the empty model and reads only this rank's slices."""
 
-    def mine(t: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part.chunk(world_size, dim=0)[rank] for part in t.split(parts, dim=0)])
+    rank: int
+    world_size: int
+    group: dist.ProcessGroup | None = None
 
-    linear.weight = _param(mine(linear.weight))
-    if linear.bias is not None:
-        linear.bias = _param(mine(linear.bias))
-    linear.out_features = linear.weight.shape[0]
+    def apply(self, model: Transformer) -> None:
+        shard_model(model, self.rank, self.world_size, self.group)
 
-
-def _param(tensor: torch.Tensor) -> nn.Parameter:
-    # A copy, so the unsharded tensor can be freed.
-    return nn.Parameter(tensor.detach().clone(), requires_grad=False)
+    def index(self, name: str, shape: tuple[int, ...], config: Any) -> tuple[int, list[tuple[slice, ...]]] | None:
+        cut = tp_slice(name, shape, self.rank, self.world_size, config)
+        return None if cut is None else (cut.dim, cut.indices(len(shape)))
 
 
 class RowParallelLinear(nn.Module):
     """A Linear whose input features are split across ranks: the partial products are summed
     by an all-reduce, then the bias is added once."""
 
-    def __init__(self, linear: nn.Linear, rank: int, world_size: int, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, linear: nn.Linear, group: dist.ProcessGroup | None) -> None:
         super().__init__()
-        self.weight = _param(linear.weight.chunk(world_size, dim=1)[rank])
+        self.weight = linear.weight
         self.bias = linear.bias
         self.group = group
 
@@ -90,15 +164,12 @@ class RowParallelLinear(nn.Module):
 
 
 class VocabParallelHead(nn.Module):
-    """The LM head split by vocabulary rows; the logits are all-gathered (see module docstring).
-    The last shard is zero-padded so every rank gathers equal sizes."""
+    """The LM head split by vocabulary rows; the logits are all-gathered (see module docstring)."""
 
-    def __init__(self, head: nn.Linear, rank: int, world_size: int, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, head: nn.Linear, world_size: int, group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.vocab_size = head.out_features
-        per_rank = -(-self.vocab_size // world_size)
-        rows = head.weight[rank * per_rank : (rank + 1) * per_rank]
-        self.weight = _param(F.pad(rows, (0, 0, 0, per_rank - rows.shape[0])))
+        self.weight = nn.Parameter(head.weight.detach(), requires_grad=False)  # a new Parameter: no tie
         self.world_size = world_size
         self.group = group
 

@@ -6,12 +6,22 @@ share of every request's KV cache in a ``LocalVerifier``, the same class the sin
 engine uses. ``ShardGroupVerifier`` sends each forward to all ranks at once (the same
 request-sized inputs; the ranks exchange activations among themselves) and returns rank 0's
 logits. Commits and releases queue up and ride along with the next forward: one round trip
-per step. Weights never pass through the coordinator: every shard loads from its own disk.
+per step. Weights never pass through the coordinator: every shard reads only its own slices
+(tp.py) from its own disk, straight onto its device.
+
+``--tree auto`` is measured here, on the verifier's own device (``tune``): every rank runs
+the same calibration in lockstep (the LLM's forwards are collectives), rank 0's choice is
+used, and it is cached per device name and tensor-parallel size. Draft workers never run the LLM.
+
+``submit`` returns the ranks' object refs at once and ``collect`` waits for them, so the
+coordinator can keep a forward in flight while it works (pipeline.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -23,10 +33,13 @@ from ray.util.placement_group import PlacementGroup
 
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed.placement import actor_options
-from specinfer_dist.distributed.tp import shard_model
+from specinfer_dist.distributed.tp import TensorParallel
+from specinfer_dist.engine.builder import load_ssms, load_target
 from specinfer_dist.models.loader import load_model
+from specinfer_dist.runtime.device import default_dtype, resolve_device
 from specinfer_dist.runtime.block_pool import KVCapacity
-from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
+from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem, pool_capacity
+from specinfer_dist.tuning.tune import auto_tree
 
 
 class ShardGroupError(RuntimeError):
@@ -37,13 +50,8 @@ class ShardGroupError(RuntimeError):
 class ShardSpec:
     """What every rank needs to build itself (small and picklable)."""
 
-    llm: str
-    dtype: str
+    engine: EngineConfig  # llm, dtype, device (cpu | cuda, from the placement), KV pool options
     world_size: int
-    kv_blocks: int | None  # None: each shard sizes its pool from its memory; the group uses the smallest
-    kv_block_size: int
-    max_num_seqs: int
-    gpu_memory_utilization: float
     threads: int
     timeout_s: float
 
@@ -63,33 +71,53 @@ class VerifierShard:
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
     def join(self, init_method: str | None) -> KVCapacity:
-        """Load the LLM, join the group (every rank must be called at once), keep this rank's
-        shard; returns the KV pool it could allocate."""
-        model, _, _ = load_model(self.spec.llm, dtype=self.spec.dtype, progress=False)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """Join the group (every rank must be called at once), load this rank's shard, and say
+        how big a KV pool fits here (runtime/verifier.py: pool_capacity); ``allocate`` then makes
+        the pool."""
+        engine = self.spec.engine
+        device = resolve_device(engine.device)  # Ray made this rank's GPU the only one visible
         if self.spec.world_size > 1:
             dist.init_process_group(
                 "nccl" if device.type == "cuda" else "gloo", init_method=init_method, rank=self.rank,
                 world_size=self.spec.world_size, timeout=timedelta(seconds=self.spec.timeout_s),
             )
-            shard_model(model, self.rank, self.spec.world_size)
-        spec = self.spec
-        self.verifier = LocalVerifier(
-            model.to(device), spec.kv_blocks, spec.kv_block_size, spec.max_num_seqs, spec.gpu_memory_utilization
+        # Only this rank's slices are read, in the target dtype, straight onto its device.
+        sharding = TensorParallel(self.rank, self.spec.world_size)
+        dtype = engine.dtype or default_dtype(device)
+        self.model = load_model(engine.llm, dtype=dtype, device=device, progress=False, sharding=sharding)[0]
+        return pool_capacity(
+            self.model, engine.kv_blocks, engine.kv_block_size, engine.max_num_seqs, engine.gpu_memory_utilization
         )
-        return self.verifier.kv_capacity
+
+    def allocate(self, capacity: KVCapacity) -> None:
+        self.verifier = LocalVerifier(self.model, capacity.num_blocks, capacity.block_size)
+
+    def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
+        """``tree: auto`` measured on this rank's device (every rank at once): the tree widths
+        (None: don't speculate) and the chosen SSMs' indices. The SSMs are loaded for the
+        measurement only, sharing tensors with an unsharded LLM that reads just those."""
+        engine = self.spec.engine
+        lender = load_target(engine, weights=False)
+        ssms = load_ssms(engine, lender)
+        spec, chosen = auto_tree(self.model, lender.tokenizer, ssms, [*key, f"tp={self.spec.world_size}"], engine.tree_budget)
+        del ssms, lender
+        if self.verifier.runner.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return (list(spec.widths) if spec else None), chosen
 
     def step(
         self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem]
-    ) -> list[torch.Tensor] | None:
-        """Apply the queued commits and releases, then one forward; rank 0 returns the logits."""
+    ) -> tuple[torch.Tensor, float | None] | None:
+        """Apply the queued commits and releases, then one forward; rank 0 returns all items'
+        logit rows (one tensor, as ``LocalVerifier.logits``) and its KV pool's usage."""
         for request_id, keep in commits:
             self.verifier.commit(request_id, keep)
         for request_id in releases:
             self.verifier.release(request_id)
-        logits = self.verifier.forward(items)
-        # Copies: each request's logits are a view of one batch tensor, and pickling a view ships all of it.
-        return [x.to("cpu", copy=True) for x in logits] if self.rank == 0 else None
+        logits = self.verifier.logits(items)
+        if self.rank:
+            return None
+        return logits.to("cpu", copy=True), self.verifier.kv_usage()  # a copy: pickling a view ships its base
 
 
 class ShardGroupVerifier:
@@ -101,10 +129,8 @@ class ShardGroupVerifier:
     """
 
     def __init__(self, engine: EngineConfig, cluster: ClusterConfig, pg: PlacementGroup) -> None:
-        self.spec = ShardSpec(
-            engine.llm, engine.dtype, cluster.tp, engine.kv_blocks, engine.kv_block_size, engine.max_num_seqs,
-            engine.gpu_memory_utilization, max(1, int(cluster.cpus_per_shard)), cluster.step_timeout_s,
-        )
+        self.spec = ShardSpec(engine, cluster.tp, max(1, int(cluster.cpus_per_shard)), cluster.step_timeout_s)
+        self._kv_usage: float | None = None
         self.cluster, self.pg = cluster, pg
         self.kv_capacity: KVCapacity | None = None  # known once the shards have allocated their pools
         self.shards: list[ray.actor.ActorHandle] = []
@@ -123,9 +149,9 @@ class ShardGroupVerifier:
         ]
         timeout = self.spec.timeout_s
         init_method = ray.get(self.shards[0].rendezvous.remote(), timeout=timeout) if len(self.shards) > 1 else None
-        capacities = ray.get([shard.join.remote(init_method) for shard in self.shards], timeout=timeout)
+        fits = ray.get([shard.join.remote(init_method) for shard in self.shards], timeout=timeout)
         # Every shard holds at least this many blocks, so admitting by it holds for all of them.
-        smallest = min(capacities, key=lambda cap: cap.num_blocks)
+        smallest = min(fits, key=lambda cap: cap.num_blocks)
         if self.kv_capacity is None:
             self.kv_capacity = smallest
         elif smallest.num_blocks < self.kv_capacity.num_blocks:  # the scheduler admits by the first group's
@@ -133,24 +159,51 @@ class ShardGroupVerifier:
                 f"rebuilt shards hold {smallest.num_blocks} KV blocks, fewer than the {self.kv_capacity.num_blocks} "
                 "the scheduler admits by"
             )
+        # Every rank, and every rebuilt group, allocates the first group's pool size.
+        ray.get([shard.allocate.remote(self.kv_capacity) for shard in self.shards], timeout=timeout)
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
-        try:
+        return list(self.logits(items).float().split([len(item.logit_rows) for item in items]))
+
+    def logits(self, items: list[VerifyItem]) -> torch.Tensor:
+        """All items' logit rows, one after the other (on this host: rank 0 sends them)."""
+        return self.collect(self.submit(items))
+
+    def submit(self, items: list[VerifyItem]) -> list[ray.ObjectRef]:
+        """Send one forward (with the queued commits and releases) to every rank; returns at once."""
+        with self._failing():
             if not self.shards:  # the last group failed (or its rebuild did)
                 self.build()
             refs = [shard.step.remote(self._commits, self._releases, items) for shard in self.shards]
             self._commits, self._releases = [], []
+            return refs
+
+    def collect(self, refs: list[ray.ObjectRef]) -> torch.Tensor:
+        """Rank 0's logits of a submitted forward: all its items' logit rows, one after the other."""
+        with self._failing():
             # Raises as soon as any rank fails, not after the slowest (a survivor may be stuck in a collective).
-            return ray.get(refs, timeout=self.spec.timeout_s)[0]
+            logits, self._kv_usage = ray.get(refs, timeout=self.spec.timeout_s)[0]
+            return logits
+
+    def kv_usage(self) -> float | None:
+        """Rank 0's KV pool usage after the last collected forward (None without a pool)."""
+        return self._kv_usage
+
+    def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
+        """VerifierShard.tune on every rank at once; rank 0's answer."""
+        with self._failing():
+            refs = [shard.tune.remote(key) for shard in self.shards]
+            return ray.get(refs)[0]  # no step timeout: the first measurement may take minutes
+
+    @contextlib.contextmanager
+    def _failing(self) -> Iterator[None]:
+        try:
+            yield
         except RayError as err:  # includes GetTimeoutError
             self.shutdown()
             self._commits, self._releases = [], []  # their caches are gone with the group
             reason = (str(err).strip().splitlines() or [""])[0]
             raise ShardGroupError(f"verifier shard group failed ({type(err).__name__}: {reason}); rebuilding it") from err
-
-    def logits(self, items: list[VerifyItem]) -> torch.Tensor:
-        """All items' logit rows, one after the other (on this host: rank 0 sends them)."""
-        return torch.cat(self.forward(items))
 
     def commit(self, request_id: int, keep: list[int]) -> None:
         self._commits.append((request_id, keep))

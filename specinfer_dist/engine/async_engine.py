@@ -2,22 +2,32 @@
 
 The engine is not thread-safe, so only the loop thread touches it; callers hand requests
 and aborts over through an inbox. A client that stops iterating (disconnects) aborts its
-request, which frees its KV cache. If a step fails (say, a verifier shard died), the requests
-in it end with ``EngineStepError`` and the loop keeps serving the others.
+request, which frees its KV cache. A request whose own processing fails (the engine ends it with
+``FinishReason.ERROR``) ends with ``EngineStepError`` while the others go on untouched; if the
+LLM forward fails (say, a verifier shard died, taking every cache with it), every running
+request ends with ``EngineStepError`` and the loop keeps serving new ones. Failures are logged
+and counted.
+
+Admission: ``generate`` refuses a sequence with ``EngineOverloadedError`` when
+``max_queued_seqs`` are already waiting (counting those still in the inbox); ``check_capacity``
+lets the serving layer test a whole request (prompts x n) before starting any of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from specinfer_dist.engine.engine import LLMEngine, Prompt
-from specinfer_dist.engine.sequence import Sequence, SpecStats
+from specinfer_dist.engine.sequence import Sequence, SpecStats, TokenLogprob
 from specinfer_dist.runtime.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class EngineStepError(RuntimeError):
@@ -34,6 +44,7 @@ class RequestDelta:
     text: str
     finish_reason: str | None = None  # set on the last delta
     stats: SpecStats = field(default_factory=SpecStats)
+    logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -46,6 +57,7 @@ class Counters:
 
     requests_finished: int = 0
     requests_aborted: int = 0
+    requests_failed: int = 0  # ended by an error in the engine (their own, or their step's)
     prompt_tokens: int = 0
     generation_tokens: int = 0
     spec_decode_num_drafts: int = 0  # verification steps that carried a draft
@@ -66,7 +78,10 @@ class _Stream:
         self.last_stats = SpecStats()  # at the previous delta, for per-step counters
 
     def push(self, item: RequestDelta | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
+            pass
 
 
 class AsyncLLMEngine:
@@ -75,6 +90,8 @@ class AsyncLLMEngine:
         self.counters = Counters()
         self._inbox: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[int, _Stream] = {}
+        self._inbox_adds = 0  # sequences handed over but not yet queued in the engine
+        self._adds_lock = threading.Lock()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="specinfer-engine", daemon=True)
         self._thread.start()
@@ -85,7 +102,10 @@ class AsyncLLMEngine:
         """Deltas of one request until it finishes. Bad input raises before the first one."""
         seq = self.engine.new_sequence(prompt, params, chat)  # validates; raises SpecInferError
         stream = _Stream(seq, asyncio.get_running_loop())
-        self._inbox.put(("add", stream))
+        with self._adds_lock:
+            self.check_capacity(1)
+            self._inbox_adds += 1
+            self._inbox.put(("add", stream))
         finished = False
         try:
             while True:
@@ -104,6 +124,12 @@ class AsyncLLMEngine:
     def tokenizer(self) -> Any:
         """The LLM's tokenizer (the serving layer renders chat templates with it)."""
         return self.engine.tokenizer
+
+    def check_capacity(self, num_seqs: int) -> None:
+        """Raise InvalidRequestError if one request may never start ``num_seqs`` sequences
+        (prompts x n, ``max_seqs_per_request``), EngineOverloadedError if the queue has no room
+        for them now (``max_queued_seqs``)."""
+        self.engine.check_capacity(num_seqs, queued=self.engine.num_waiting() + self._inbox_adds)
 
     @property
     def max_model_len(self) -> int:
@@ -152,8 +178,14 @@ class AsyncLLMEngine:
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "add":
             stream: _Stream = payload
+            with self._adds_lock:
+                self._inbox_adds -= 1
+                try:
+                    self.engine.add(stream.seq)
+                except Exception as err:  # noqa: BLE001 - refused (overloaded): tell this caller only
+                    stream.push(err)
+                    return
             self._streams[stream.seq.request_id] = stream
-            self.engine.add(stream.seq)
             self.counters.prompt_tokens += len(stream.seq.prompt_ids)
         elif kind == "abort" and payload in self._streams:
             del self._streams[payload]
@@ -161,18 +193,39 @@ class AsyncLLMEngine:
                 self.counters.requests_aborted += 1
 
     def _fail_running(self, err: Exception) -> None:
-        for seq in self.engine.running():
+        running = self.engine.running()
+        logger.error("engine step failed; ending its %d requests %s", len(running),
+                     [seq.request_id for seq in running], exc_info=err)
+        for seq in running:
             self.engine.abort(seq.request_id)
             stream = self._streams.pop(seq.request_id, None)
             if stream is not None:
+                self.counters.requests_failed += 1
                 stream.push(EngineStepError(f"generation failed: {err}"))
+        # Requests that failed on their own earlier in the step have already left the engine.
+        for stream in [s for s in self._streams.values() if s.seq.error is not None]:
+            self._emit(stream)
 
     def _emit(self, stream: _Stream) -> None:
         seq = stream.seq
+        if seq.error is None:
+            try:
+                text = seq.text if seq.finished else self._visible_text(seq)
+            except Exception as err:  # noqa: BLE001 - detokenising this request failed: end it alone
+                self.engine.abort(seq.request_id)
+                seq.error = f"request {seq.request_id} failed while detokenising: {type(err).__name__}: {err}"
+                logger.error("%s", seq.error, exc_info=err)
+        if seq.error is not None:  # the engine logged it; what was streamed so far stands
+            self.counters.requests_failed += 1
+            del self._streams[seq.request_id]
+            stream.push(EngineStepError(seq.error))
+            return
         new_tokens = seq.output_ids[stream.sent_tokens :]
+        logprobs = None if seq.logprobs is None else seq.logprobs[stream.sent_tokens :]
         stream.sent_tokens = len(seq.output_ids)
-        text = seq.text if seq.finished else self._visible_text(seq)
-        delta = RequestDelta(seq.request_id, len(seq.prompt_ids), new_tokens, text[stream.sent_text :])
+        delta = RequestDelta(
+            seq.request_id, len(seq.prompt_ids), new_tokens, text[stream.sent_text :], logprobs=logprobs
+        )
         stream.sent_text = max(stream.sent_text, len(text))
         self._count_step(stream, len(new_tokens))
         if seq.finished:

@@ -24,6 +24,7 @@ from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.device import default_dtype, resolve_device
 from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
 from specinfer_dist.tree.spec import TreeSpec
@@ -65,10 +66,18 @@ class EngineParts:
     verify: str
     max_num_seqs: int
     speculation_max_batch: int | None
+    max_num_batched_tokens: int | None
+    max_queued_seqs: int | None
+    max_seqs_per_request: int | None
 
 
-def load_target(config: EngineConfig, progress: bool = False) -> Target:
-    model, tokenizer, model_dir = load_model(config.llm, dtype=config.dtype, progress=progress)
+def load_target(config: EngineConfig, progress: bool = False, weights: bool = True) -> Target:
+    """The LLM on ``config.device`` in ``config.dtype`` (defaults: runtime/device.py). Without
+    ``weights`` it stays on the meta device (a process that only drafts: SSMs read the tensors
+    they share from its checkpoint)."""
+    device = resolve_device(config.device)
+    dtype = config.dtype or default_dtype(device)
+    model, tokenizer, model_dir = load_model(config.llm, dtype=dtype, device=device, progress=progress, weights=weights)
     defaults = sampling_defaults(model_dir) if config.generation_config == "auto" else {}
     return Target(model, tokenizer, model_dir, eos_ids(model_dir, model.config, tokenizer), defaults)
 
@@ -77,8 +86,12 @@ def load_ssms(config: EngineConfig, target: Target, progress: bool = False) -> l
     """The configured SSMs, checked against the LLM's vocabulary. SSMs trained by boost-tuning
     take their embedding and head from the LLM (the same tensors, no copy)."""
     ssms = []
+    param = target.model.model.norm.weight  # never shared, so it shows the LLM's dtype and device even on meta
+    device = resolve_device(config.device)
     for source in ssm_sources(config.llm, config.ssms):
-        model, tokenizer, model_dir = load_model(source, dtype=config.dtype, progress=progress, shared_from=target.model)
+        model, tokenizer, model_dir = load_model(
+            source, dtype=param.dtype, device=device, progress=progress, shared_from=target.model
+        )
         check_same_vocabulary(target.tokenizer, tokenizer, target.model.config, model.config, source)
         token_ids = read_draft_vocab(model_dir, model.config.vocab_size) if config.draft_vocab else None
         if token_ids is not None:  # score only the tokens the LLM emits often (models/draft_vocab.py)
@@ -98,6 +111,8 @@ def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer],
         return DraftPlan("incremental", config.tree_spec or TreeSpec(token_budget=config.tree_budget))
     spec = config.tree_spec
     if spec is None and ssms:
+        if target.model.model.norm.weight.is_meta:
+            raise InvalidConfigError("tree 'auto' is measured where the LLM runs: resolve it there (the verifier) first")
         key = [config.llm, *ssm_sources(config.llm, config.ssms), f"draft_vocab={config.draft_vocab}"]
         spec, chosen = auto_tree(target.model, target.tokenizer, ssms, key, config.tree_budget, progress)
         ssms = [ssms[i] for i in chosen]
@@ -147,6 +162,9 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
         verify=config.verify,
         max_num_seqs=config.max_num_seqs,
         speculation_max_batch=config.speculation_max_batch,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        max_queued_seqs=config.max_queued_seqs,
+        max_seqs_per_request=config.max_seqs_per_request,
     )
 
 

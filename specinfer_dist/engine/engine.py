@@ -2,13 +2,21 @@
 
 Incremental decoding, sequence speculation and tree speculation are the same loop:
 incremental drafts nothing (the tree is just the root), sequence drafts a chain.
+
+Failure isolation: an error in one request's own work (drafting it, verifying or committing
+its tree, detokenising, stop strings) ends that request alone with ``FinishReason.ERROR``; the
+others' outputs are what they would have been without it. Only a failure of the LLM forward,
+which every request in the step shares, raises out of ``step``.
+
+Chunked prefill: with a per-step token budget, a long prompt goes through the LLM over several
+steps (chunks cached, no logits needed), interleaved with the other requests' steps.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
-from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Iterable
 from typing import Sequence as Seq
 
@@ -20,17 +28,18 @@ from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.engine.builder import Target, build_parts
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.scheduler import Scheduler
-from specinfer_dist.engine.sequence import FinishReason, Sequence
-from specinfer_dist.errors import InvalidConfigError, InvalidRequestError
+from specinfer_dist.engine.sequence import FinishReason, Sequence, TokenLogprob
+from specinfer_dist.errors import EngineOverloadedError, InvalidConfigError, InvalidRequestError
 from specinfer_dist.runtime.model_runner import chain_parents
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.runtime.verifier import Verifier, VerifyItem
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
-from specinfer_dist.tree.verify import verify_batch
+from specinfer_dist.tree.verify import verify_batch, verify_tree
 
 Prompt = str | list[int]
+logger = logging.getLogger(__name__)
 
 
 class LLMEngine:
@@ -58,7 +67,9 @@ class LLMEngine:
         max_num_seqs: int = 16,
         speculation_max_batch: int | None = None,
         sampling_defaults: dict[str, Any] | None = None,
-        pipeline: bool = False,
+        max_num_batched_tokens: int | None = None,
+        max_queued_seqs: int | None = None,
+        max_seqs_per_request: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -82,12 +93,11 @@ class LLMEngine:
         # A step's tree is the merge of every drafter's, capped by the token budget.
         max_drafted = min(spec.token_budget, sum(d.spec.num_tokens for d in self.drafters))
         self.scheduler = Scheduler(max_num_seqs, verifier.release, verifier.kv_capacity, max_drafted)
+        self.max_num_batched_tokens = max_num_batched_tokens  # LLM rows per step (None: no budget)
+        self.max_queued_seqs = max_queued_seqs
+        self.max_seqs_per_request = max_seqs_per_request
         self._ids = itertools.count()
         self.timing = {"draft_s": 0.0, "verify_s": 0.0}
-        # Pipelining (remote stages): trees drafted in one step are verified in the next.
-        self.pipeline = pipeline
-        self._drafted: dict[int, TokenTree] = {}
-        self._forwards = ThreadPoolExecutor(1, thread_name_prefix="verify")  # no thread until used
 
     @classmethod
     def from_config(cls, config: EngineConfig, progress: bool = False, target: Target | None = None) -> "LLMEngine":
@@ -155,17 +165,33 @@ class LLMEngine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise InvalidRequestError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
-        # Validate every prompt before queueing any, so a bad one leaves nothing behind.
+        # Validate every prompt before queueing any, so a bad one leaves nothing behind. Offline,
+        # every prompt is queued (no max_queued_seqs: nobody else is waiting).
         seqs = [self.new_sequence(p, sp, chat) for p, sp in zip(prompts, params)]
         for seq in seqs:
-            self.add(seq)
+            self.scheduler.add(seq)
         with tqdm(total=len(seqs), disable=not use_tqdm, desc="generating") as bar:
             while self.scheduler.has_unfinished():
                 bar.update(sum(seq.finished for seq in self.step()))
         return [self.output(seq) for seq in seqs]
 
     def add(self, seq: Sequence) -> None:
+        """Queue a request (serving); raises EngineOverloadedError if the queue is full."""
+        self.check_capacity(1, queued=len(self.scheduler.waiting))
         self.scheduler.add(seq)
+
+    def check_capacity(self, num_seqs: int, queued: int) -> None:
+        """Whether one serving request may start ``num_seqs`` sequences (prompts x n) with
+        ``queued`` already waiting: InvalidRequestError if it never may, EngineOverloadedError
+        if not now."""
+        if self.max_seqs_per_request is not None and num_seqs > self.max_seqs_per_request:
+            raise InvalidRequestError(
+                f"a request may start at most {self.max_seqs_per_request} sequences (prompts x n), got {num_seqs}"
+            )
+        if self.max_queued_seqs is not None and queued + num_seqs > self.max_queued_seqs:
+            raise EngineOverloadedError(
+                f"the engine is overloaded: {queued} sequences are waiting (limit {self.max_queued_seqs}); retry later"
+            )
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -192,56 +218,41 @@ class LLMEngine:
         return seq is not None
 
     def output(self, seq: Sequence) -> RequestOutput:
-        return RequestOutput(seq.request_id, seq.prompt_ids, seq.text, list(seq.output_ids), seq.finish_reason.value, seq.stats)
+        return RequestOutput(
+            seq.request_id, seq.prompt_ids, seq.text or "", list(seq.output_ids), seq.finish_reason.value, seq.stats,
+            None if seq.logprobs is None else list(seq.logprobs), seq.error,
+        )
 
     # ---- one iteration --------------------------------------------------------------------
 
     def step(self) -> list[Sequence]:
-        """Draft, verify and commit once for every running request; returns them all
-        (the ones that ended have ``finished`` set and have left the engine)."""
+        """One step for the running requests: draft, verify and commit for those that run whole,
+        a prompt chunk for one prefilled in parts (``max_num_batched_tokens``). Returns the
+        requests that emitted tokens or ended (ended ones have ``finished`` set and have left the
+        engine; one that failed on its own has ``FinishReason.ERROR`` and ``error``)."""
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
-        if self.pipeline and self.drafters:
-            return self._pipelined_step(seqs)
+        whole, chunks = self.scheduler.split(seqs, self.max_num_batched_tokens, self._drafting())
         start = time.perf_counter()
-        trees = self.draft(seqs)
+        whole, trees, failed = self._drop_failed(whole, self.draft(whole))
         drafted = time.perf_counter()
-        items = self.verify_items(seqs, trees)
-        self.apply(seqs, trees, items, self.verifier.logits(items))
+        items = self.verify_items(whole, trees) + self.chunk_items(chunks)  # chunks have no logit rows
+        if items:
+            try:
+                logits = self.verifier.logits(items)
+            except Exception as err:
+                self._fail_step([*whole, *(seq for seq, _ in chunks)], err)
+                raise
+            self.apply(whole, trees, items, logits)
+        self.commit_chunks(chunks)
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted
-        return seqs
-
-    def _pipelined_step(self, seqs: list[Sequence]) -> list[Sequence]:
-        """Verify the requests drafted last step while drafting the others; returns the verified.
-
-        The two halves of the batch alternate, so the drafters and the LLM (remote actors) work
-        at the same time. A tree is drafted from the same tokens as without pipelining, so
-        outputs are the same; each request just advances every other step.
-        """
-        start = time.perf_counter()
-        now = [seq for seq in seqs if seq.request_id in self._drafted]
-        if not now:  # nothing drafted ahead (start-up): draft half the batch first
-            now = seqs[: (len(seqs) + 1) // 2]
-            self._drafted.update(zip((seq.request_id for seq in now), self.draft(now)))
-        later = [seq for seq in seqs if seq.request_id not in self._drafted]
-        trees = [self._drafted.pop(seq.request_id) for seq in now]
-        items = self.verify_items(now, trees)
-        logits = self._forwards.submit(self.verifier.logits, items)
-        try:
-            self._drafted.update(zip((seq.request_id for seq in later), self.draft(later) if later else []))
-            drafted = time.perf_counter()
-        finally:
-            wait([logits])  # between steps, only one thread ever uses the verifier
-        self.apply(now, trees, items, logits.result())
-        self.timing["draft_s"] += drafted - start
-        self.timing["verify_s"] += time.perf_counter() - drafted  # verification time not hidden behind drafting
-        return now
+        return failed + whole + [seq for seq, _ in chunks if seq.finished]
 
     def verify_items(self, seqs: list[Sequence], trees: list[TokenTree]) -> list[VerifyItem]:
-        """The LLM's input per request: tokens committed but not yet cached (the prompt, at
-        first), then the tree hanging below the last of them."""
+        """The LLM's input per request: tokens committed but not yet cached (the prompt, or its
+        last chunk, at first), then the tree hanging below the last of them."""
         items = []
         for seq, tree in zip(seqs, trees):
             chain = seq.tokens[seq.num_cached : -1]
@@ -250,38 +261,126 @@ class LLMEngine:
             items.append(VerifyItem(seq.request_id, chain + tree.tokens, parents, rows))
         return items
 
+    def chunk_items(self, chunks: list[tuple[Sequence, int]]) -> list[VerifyItem]:
+        """The next ``n`` uncached prompt tokens of each request, as a chain needing no logits."""
+        return [
+            VerifyItem(seq.request_id, seq.tokens[seq.num_cached : seq.num_cached + n], chain_parents(n), [])
+            for seq, n in chunks
+        ]
+
+    def commit_chunks(self, chunks: list[tuple[Sequence, int]]) -> None:
+        """Cache the prompt chunks the forward ran."""
+        for seq, n in chunks:
+            try:
+                self.verifier.commit(seq.request_id, list(range(n)))
+                seq.num_cached += n
+            except Exception as err:  # noqa: BLE001 - one request's failure is its own
+                self._fail(seq, "caching a prompt chunk", err)
+
     def apply(
         self, seqs: list[Sequence], trees: list[TokenTree], items: list[VerifyItem], logits: torch.Tensor
     ) -> None:
-        """Verify the trees against the LLM's logits (all trees' rows, where the LLM ran), commit
-        the accepted paths, end finished requests."""
+        """Verify the trees against the LLM's logits (all trees' rows, one tree after another, where
+        the LLM ran) as one batch, commit the accepted paths, end finished requests. A request whose
+        own verification or commit raises ends alone, with its error: if the batch raises, each
+        request is verified again on its own on the host."""
+        if not seqs:
+            return
+        per_request = logits.split([len(item.logit_rows) for item in items[: len(seqs)]])
         settings = [(seq.params.temperature, seq.params.top_k, seq.params.top_p) for seq in seqs]
-        results = verify_batch(trees, logits, settings, [seq.generator for seq in seqs], self.verify)
-        for seq, tree, item, (accepted, bonus) in zip(seqs, trees, items, results):
-            chain_len = len(item.tokens) - len(tree)
-            keep = [*range(chain_len), *(chain_len + n for n in [0, *accepted])]
-            self.verifier.commit(seq.request_id, keep)
-            seq.num_cached += len(keep)
-            appended = self._append(seq, [tree.tokens[n] for n in accepted] + [bonus])
-            # Drafted tokens cut by EOS, a stop string or max_tokens were not accepted.
-            seq.stats.record(tree.num_drafted, min(len(accepted), appended), len(seq.output_ids))
-            if seq.finished:
-                self._finish(seq)
+        results: list[tuple[list[int], int] | None]
+        try:
+            results = verify_batch(trees, logits, settings, [seq.generator for seq in seqs], self.verify)
+        except Exception:  # noqa: BLE001 - find which request it was: verify each alone below
+            results = [None] * len(seqs)
+        for seq, tree, item, node_logits, result in zip(seqs, trees, items, per_request, results):
+            try:
+                self._apply_one(seq, tree, item, node_logits, result)
+            except Exception as err:  # noqa: BLE001 - one request's failure is its own
+                self._fail(seq, "verifying its step", err)
 
-    def draft(self, seqs: list[Sequence]) -> list[TokenTree]:
-        """One merged, DFS-ordered tree per request from every drafter (just the root without)."""
-        roots = [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
+    def _apply_one(
+        self, seq: Sequence, tree: TokenTree, item: VerifyItem, node_logits: torch.Tensor,
+        result: tuple[list[int], int] | None,
+    ) -> None:
+        """Commit one request's verified step; ``result`` None: verify it here, on the host."""
+        params = seq.params
+        accepted, bonus = result or verify_tree(
+            tree, node_logits.float().cpu(), seq.generator, temperature=params.temperature, top_k=params.top_k,
+            top_p=params.top_p, method=self.verify,
+        )
+        chain_len = len(item.tokens) - len(tree)
+        keep = [*range(chain_len), *(chain_len + n for n in [0, *accepted])]
+        self.verifier.commit(seq.request_id, keep)
+        seq.num_cached += len(keep)
+        tokens = [tree.tokens[n] for n in accepted] + [bonus]
+        appended = self._append(seq, tokens)
+        if seq.logprobs is not None:  # row n of node_logits is the LLM's prediction after node n
+            rows = [0, *accepted][:appended]
+            seq.logprobs.extend(token_logprobs(node_logits[rows], tokens[:appended], params.logprobs))
+        # Drafted tokens cut by EOS, a stop string or max_tokens were not accepted.
+        seq.stats.record(tree.num_drafted, min(len(accepted), appended), len(seq.output_ids))
+        if seq.finished:
+            self._finish(seq)
+
+    def _drafting(self) -> bool:
+        # Verifying trees for a big batch costs more than it saves (see speculation_max_batch).
         busy = self.speculation_max_batch is not None and len(self.scheduler.running) > self.speculation_max_batch
-        if not self.drafters or busy:  # SSM caches catch up on the skipped tokens when drafting resumes
-            return roots
+        return bool(self.drafters) and not busy
+
+    def draft(self, seqs: list[Sequence]) -> list[TokenTree | Exception]:
+        """One merged, DFS-ordered tree per request from every drafter (just the root without),
+        or the error that drafting this request raised."""
+        if not self._drafting():  # SSM caches catch up on the skipped tokens when drafting resumes
+            return [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
         # A step yields at most depth + 1 tokens: never draft past max_tokens.
         max_depths = [seq.remaining - 1 for seq in seqs]
         requests = [DraftRequest(seq.request_id, seq.tokens, seq.params) for seq in seqs]
-        proposals = [d.propose(requests, max_depths) for d in self.drafters]
-        return [
-            merge_trees(list(trees), seq.params.greedy, self.spec.token_budget).dfs()
-            for seq, trees in zip(seqs, zip(*proposals))
-        ]
+        proposals = [self._propose(d, requests, max_depths) for d in self.drafters]
+        trees: list[TokenTree | Exception] = []
+        for seq, own in zip(seqs, zip(*proposals)):
+            error = next((t for t in own if isinstance(t, Exception)), None)
+            try:
+                trees.append(error or merge_trees(list(own), seq.params.greedy, self.spec.token_budget).dfs())
+            except Exception as err:  # noqa: BLE001 - one request's failure is its own
+                trees.append(err)
+        return trees
+
+    def _propose(self, drafter: Drafter, requests: list[DraftRequest], max_depths: list[int]) -> list[TokenTree | Exception]:
+        """``drafter``'s trees for a batch. If it raises, each request is drafted alone after
+        dropping the drafter's state for it (a failed batch may have left it half-updated; the
+        drafter rebuilds it from the request's tokens), so only requests whose own drafting
+        raises get an error. Greedy trees are the same either way; a seeded sampled request
+        restarts its drafter's random stream (its output stays exact in distribution)."""
+        try:
+            return drafter.propose(requests, max_depths)
+        except Exception as err:  # noqa: BLE001 - find out whose failure it is
+            if len(requests) == 1:
+                return [err]
+            logger.warning("drafter %s failed on a batch of %d requests (%s); drafting each alone",
+                           drafter.name, len(requests), err)
+        trees: list[TokenTree | Exception] = []
+        for request, max_depth in zip(requests, max_depths):
+            drafter.release(request.request_id)
+            try:
+                trees.extend(drafter.propose([request], [max_depth]))
+            except Exception as err:  # noqa: BLE001 - this request's own failure
+                trees.append(err)
+        return trees
+
+    def _drop_failed(
+        self, seqs: list[Sequence], trees: list[TokenTree | Exception]
+    ) -> tuple[list[Sequence], list[TokenTree], list[Sequence]]:
+        """(requests with a tree, their trees, requests whose drafting failed, now ended)."""
+        ok, ok_trees, failed = [], [], []
+        for seq, tree in zip(seqs, trees):
+            if isinstance(tree, Exception):
+                self._fail(seq, "drafting", tree)
+                failed.append(seq)
+            else:
+                ok.append(seq)
+                ok_trees.append(tree)
+        return ok, ok_trees, failed
 
     def _append(self, seq: Sequence, tokens: Iterable[int]) -> int:
         """Add verified tokens, ending the request at EOS, a stop string or max_tokens; returns
@@ -317,9 +416,36 @@ class LLMEngine:
         self.scheduler.finish(seq)
         self._release(seq)
 
+    def _fail(self, seq: Sequence, stage: str, err: BaseException, log: bool = True) -> None:
+        """End one request with its own error, logged with its id; the others never see it."""
+        seq.finish_reason = FinishReason.ERROR
+        seq.error = f"request {seq.request_id} failed while {stage}: {type(err).__name__}: {err}"
+        if log:
+            logger.error("%s", seq.error, exc_info=err)
+        if seq in self.scheduler.running:
+            self.scheduler.finish(seq)
+        self._release(seq)
+
+    def _fail_step(self, seqs: list[Sequence], err: BaseException) -> None:
+        """The LLM forward failed: end every request it held (their caches may hold rows of a
+        forward that never finished), so the engine stays usable for the rest."""
+        logger.error("LLM forward failed; ending requests %s", [seq.request_id for seq in seqs], exc_info=err)
+        for seq in seqs:
+            self._fail(seq, "running the LLM forward of its step", err, log=False)
+
     def _release(self, seq: Sequence) -> None:
-        self._drafted.pop(seq.request_id, None)
         self.verifier.release(seq.request_id)
         for drafter in self.drafters:
             drafter.release(seq.request_id)
 
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """Each token's log-probability under the raw distribution of its row of ``logits`` (the
+    log-softmax, before any temperature/top-k/top-p), with the ``k`` most likely tokens there."""
+    logp = logits.double().log_softmax(dim=-1)
+    top_values, top_ids = logp.topk(k, dim=-1)
+    return [
+        TokenLogprob(token, logp[i, token].item(), list(zip(top_ids[i].tolist(), top_values[i].tolist())))
+        for i, token in enumerate(tokens)
+    ]

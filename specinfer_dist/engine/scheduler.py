@@ -4,6 +4,10 @@ With a KV pool, a batch is scheduled only if every request in it can hold its wo
 the step (its tokens plus a full draft tree), so the LLM never runs out of KV memory and no
 request fails for it: new requests wait, and when running requests outgrow the pool the most
 recently admitted one is preempted (its LLM cache freed, its prefix recomputed once it is back).
+
+With a per-step token budget (chunked prefill), ``split`` bounds the rows a step sends through the
+LLM: every decoding request runs, and prompts are prefilled in chunks with what is left, so a long
+prompt never holds up the others for more than a step's worth of work.
 """
 
 from __future__ import annotations
@@ -60,6 +64,34 @@ class Scheduler:
         while self.waiting and len(self.running) < self.max_num_seqs and self._fits([*self.running, self.waiting[0]]):
             self.running.append(self.waiting.popleft())
         return list(self.running)
+
+    def split(
+        self, seqs: list[Sequence], budget: int | None, drafting: bool
+    ) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+        """Which of ``seqs`` run a whole step now (decode/verify, or a prompt's last part with
+        its first tree), and which only prefill a chunk of that many rows, given ``budget``
+        LLM rows per step (None: no budget, everything runs whole).
+
+        Decode/verify rows (the root and, when ``drafting``, a full tree each) come first. Then
+        prompts whose rest fits run whole (in admission order: a short prompt is not held up by
+        a long one), and the oldest prompt that does not fit gets a chunk of what is left. Prompts
+        get at least half the budget however many requests decode, so a long one keeps advancing.
+        Prompts that get nothing wait for the next step.
+        """
+        if budget is None:
+            return list(seqs), []
+        step_rows = 1 + (self.max_drafted if drafting else 0)
+        prefilling = [s for s in seqs if s.prefilling]
+        left = max(budget - step_rows * (len(seqs) - len(prefilling)), budget // 2)
+        waiting: set[int] = set()
+        for seq in prefilling:
+            chain = len(seq.prompt_ids) + len(seq.output_ids) - 1 - seq.num_cached
+            if chain <= left:  # the rest of the prompt, then its first tree: a whole step
+                left -= chain + step_rows
+            else:
+                waiting.add(seq.request_id)
+        chunks = [(s, left) for s in prefilling if s.request_id in waiting][:1] if left > 0 else []
+        return [s for s in seqs if s.request_id not in waiting], chunks
 
     def _fits(self, seqs: Iterable[Sequence]) -> bool:
         """Whether a step of ``seqs`` fits the KV pool even if each gets a full draft tree:

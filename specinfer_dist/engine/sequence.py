@@ -1,4 +1,8 @@
-"""A request's state inside the engine: its tokens, its LLM cache, and how it ends."""
+"""A request's state inside the engine: its tokens, its LLM cache, and how it ends.
+
+A request ends once: at EOS, a stop string or max_tokens, or with an error of its own
+(``finish_reason`` ERROR and ``error`` set), which ends no other request.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,17 @@ from specinfer_dist.runtime.sampling_params import SamplingParams
 class FinishReason(str, Enum):
     STOP = "stop"  # EOS or a stop string
     LENGTH = "length"  # max_tokens reached
+    ERROR = "error"  # processing this request raised (``Sequence.error`` says what)
+
+
+@dataclass
+class TokenLogprob:
+    """An emitted token's log-probability under the LLM's raw distribution, and the most
+    likely tokens there as (id, log-probability), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -53,9 +68,13 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     num_cached: int = 0  # tokens whose K/V the LLM holds (all but the newest, after a step)
+    error: str | None = None  # why the request failed (finish_reason ERROR)
+    logprobs: list[TokenLogprob] | None = None  # one per output token, when params.logprobs is set
     generator: torch.Generator = field(init=False)  # the verifier's random draws for this request
 
     def __post_init__(self) -> None:
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
         self.generator = torch.Generator()
         if self.params.seed is None:
             self.generator.seed()
@@ -69,6 +88,12 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def prefilling(self) -> bool:
+        """Whether tokens before the newest are still uncached (a prompt, or a preempted
+        request's prefix, not yet fully through the LLM)."""
+        return self.num_cached < len(self.prompt_ids) + len(self.output_ids) - 1
 
     @property
     def remaining(self) -> int:

@@ -2,17 +2,26 @@
 
 Sources: the default model, a local Hugging Face directory, a GGUF file (converted once
 into the cache) or a Hugging Face hub id. Every failure surfaces as ModelLoadError.
+
+Loading never holds a full copy of the checkpoint: the model is built on the meta device,
+optionally restructured into a tensor-parallel shard, and each parameter is then read from
+safetensors (only this rank's slice, ``Sharding.index``) in the target dtype straight onto
+the target device. Peak host memory is about one tensor above what the process keeps.
+Buffers (RoPE frequencies, embedding scales) are computed by the constructors, never cast.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-import safetensors.torch
+import safetensors
 import torch
 import transformers
+from accelerate import init_empty_weights
+from torch import nn
 
 from specinfer_dist.errors import InvalidConfigError, ModelLoadError
 from specinfer_dist.models.architectures import check_supported
@@ -83,44 +92,152 @@ def _download_from_hub(repo_id: str) -> Path:
     return path
 
 
-def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+class Sharding(Protocol):
+    """How one rank keeps part of the model (tensor parallelism: distributed/tp.py). The loader
+    applies it to the empty model, then reads from the checkpoint only what ``index`` names."""
+
+    def apply(self, model: Transformer) -> None:
+        """Restructure ``model`` (on the meta device) into this rank's shard."""
+        ...
+
+    def index(self, name: str, shape: tuple[int, ...], config: Any) -> tuple[int, list[tuple[slice, ...]]] | None:
+        """The parts of parameter ``name`` (full stored ``shape``) to read, concatenated along
+        the returned dim; None: all of it."""
+        ...
+
+
+@dataclass(frozen=True)
+class _Stored:
+    file: Path
+    key: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class _Checkpoint:
+    """What a loaded model needs to read more of its own tensors later (``materialize``)."""
+
+    index: dict[str, _Stored]
+    sharding: Sharding | None
+
+
+def _checkpoint_index(model_dir: Path) -> dict[str, _Stored]:
+    """Where every tensor is and its shape, from the safetensors headers only."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ValueError("no *.safetensors files")
-    state: dict[str, torch.Tensor] = {}
+    index: dict[str, _Stored] = {}
     for f in files:  # sharded checkpoints: every shard holds disjoint keys
-        state.update(safetensors.torch.load_file(f))
-    return state
+        with safetensors.safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                index[key] = _Stored(f, key, tuple(st.get_slice(key).get_shape()))
+    return index
 
 
-def _check_state_dict(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+def _check_shapes(expected: dict[str, tuple[int, ...]], index: dict[str, _Stored]) -> None:
     """Describe key and shape mismatches in one line (load_state_dict lists every key)."""
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(index))
+    unexpected = sorted(set(index) - set(expected))
     if missing:
         raise ValueError(f"{len(missing)} missing weights, e.g. {missing[0]}")
     if unexpected:
         raise ValueError(f"{len(unexpected)} unexpected weights, e.g. {unexpected[0]}")
-    for k, v in state.items():
-        if v.shape != expected[k].shape:
-            raise ValueError(
-                f"weight {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}"
-            )
+    for k, stored in index.items():
+        if stored.shape != expected[k]:
+            raise ValueError(f"weight {k} has shape {stored.shape}, config expects {expected[k]}")
+
+
+@torch.no_grad()
+def _read_into(param: torch.Tensor, stored: _Stored, index: tuple[int, list[tuple[slice, ...]]] | None) -> None:
+    """Copy a stored tensor (or the parts ``index`` names, one after another along its dim) into
+    ``param``, converting the dtype on the way. The file is opened per tensor, so at most one
+    tensor's pages of its memory map are resident; parts shorter than ``param`` (the padded last
+    vocabulary shard) leave zeros behind them."""
+    with safetensors.safe_open(stored.file, framework="pt") as st:
+        if index is None:
+            param.copy_(st.get_tensor(stored.key))
+            return
+        dim, parts = index
+        at = 0
+        for part in (st.get_slice(stored.key)[i] for i in parts):
+            param.narrow(dim, at, part.shape[dim]).copy_(part)
+            at += part.shape[dim]
+    if at < param.shape[dim]:
+        param.narrow(dim, at, param.shape[dim] - at).zero_()
+
+
+def _build(
+    config: Any, model_dir: Path, dtype: torch.dtype, device: torch.device, shared: list[str],
+    sharding: Sharding | None, weights: bool,
+) -> Transformer:
+    """The model built with its parameters on the meta device, sharded, then each parameter read
+    straight from safetensors in ``dtype`` onto ``device``: no full copy of the checkpoint
+    exists. Buffers (RoPE frequencies, embedding scales: non-persistent, not in checkpoints)
+    are computed by the constructors on the CPU, as they are, in fp32, then moved."""
+    with init_empty_weights(include_buffers=False):
+        model = Transformer(config)
+    for param in model.parameters():
+        param.data = param.data.to(dtype)  # still meta; in place, so tied parameters stay tied
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in shared}
+    index = _checkpoint_index(model_dir)
+    # Tied checkpoints usually omit lm_head.weight; it is the embedding matrix.
+    tied = config.tie_word_embeddings and "model.embed_tokens.weight" in index
+    if tied and "lm_head.weight" in expected:
+        index.setdefault("lm_head.weight", index["model.embed_tokens.weight"])
+    _check_shapes(expected, index)
+    if sharding is not None:
+        sharding.apply(model)
+    model.checkpoint = _Checkpoint(index, sharding)
+    if weights:
+        materialize(model, [k for k, _ in model.named_parameters(remove_duplicate=False) if k not in shared], device)
+        for module in model.modules():
+            for key, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[key] = buf.to(device)
+    return model
+
+
+def materialize(model: Transformer, names: list[str], device: torch.device | str) -> None:
+    """Read parameters ``names`` of a model made by ``load_model`` from its checkpoint onto
+    ``device`` (those already there are kept); the rest stays as it is, e.g. on the meta
+    device: a draft worker's LLM holds only the tensors its SSMs share."""
+    checkpoint: _Checkpoint = model.checkpoint
+    device = torch.device(device)
+    tie = model.config.tie_word_embeddings and checkpoint.sharding is None
+    for name in names:
+        if model.get_parameter(name).device == device:
+            continue
+        old = model.get_parameter(name)
+        real = nn.Parameter(torch.empty(old.shape, dtype=old.dtype, device=device), requires_grad=False)
+        stored = checkpoint.index[name]
+        _read_into(real, stored, checkpoint.sharding.index(name, stored.shape, model.config) if checkpoint.sharding else None)
+        if tie and name in ("lm_head.weight", "model.embed_tokens.weight"):
+            model.lm_head.weight = model.model.embed_tokens.weight = real
+        else:
+            module_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(module_name), attr, real)
 
 
 def load_model(
     source: str | None,
     *,
     dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
     progress: bool = True,
     shared_from: Transformer | None = None,
+    sharding: Sharding | None = None,
+    weights: bool = True,
 ) -> tuple[Transformer, Any, Path]:
     """Load (model, tokenizer, model_dir) from a source accepted by `resolve_model_dir`.
 
-    A checkpoint whose config names tensors under SHARED_FROM_LLM_KEY gets them from
-    ``shared_from`` (its LLM, already loaded in the same dtype): the same tensors, not copies.
+    Tensors go straight from the checkpoint to ``device`` in ``dtype``, and with ``sharding``
+    only this rank's slices are read. ``weights=False`` reads none (the model stays on the meta
+    device; see ``materialize``). A checkpoint whose config names tensors under
+    SHARED_FROM_LLM_KEY gets them from ``shared_from`` (its LLM, in the same dtype): the same
+    tensors, not copies, read from the LLM's checkpoint first if it has not read them yet.
     """
     dtype = parse_dtype(dtype)
+    device = torch.device(device)
     model_dir = resolve_model_dir(source, progress=progress)
     source = source or "default"
     try:
@@ -138,22 +255,12 @@ def load_model(
             "load it as an SSM of that LLM"
         )
     try:
-        # Built on CPU rather than the meta device: the model's non-persistent buffers
-        # (e.g. rotary frequencies) must be computed by its constructor.
-        model = Transformer(config)
-        state = _load_state_dict(model_dir)
-        expected = {k: v for k, v in model.state_dict().items() if k not in shared}
-        # Tied checkpoints usually omit lm_head.weight; it is the embedding matrix.
-        tied = config.tie_word_embeddings and "model.embed_tokens.weight" in state
-        if tied and "lm_head.weight" in expected:
-            state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-        _check_state_dict(expected, state)
-        model.load_state_dict(state, strict=not shared)
+        model = _build(config, model_dir, dtype, device, shared, sharding, weights)
     except Exception as e:
         raise ModelLoadError(f"could not load model from {source}: weights: {reason(e)}") from e
-    model = model.to(dtype).eval().requires_grad_(False)
+    model = model.eval().requires_grad_(False)
     if shared:
-        _share_tensors(model, shared_from, shared, source)
+        _share_tensors(model, shared_from, shared, source, device)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
     except Exception as e:
@@ -161,13 +268,16 @@ def load_model(
     return model, tokenizer, model_dir
 
 
-def _share_tensors(model: Transformer, llm: Transformer, names: list[str], source: str) -> None:
+def _share_tensors(model: Transformer, llm: Transformer, names: list[str], source: str, device: torch.device) -> None:
     """Point ``model``'s parameters ``names`` at ``llm``'s (no copy; the dtype must match)."""
     for name in names:
         module_name, _, attr = name.rpartition(".")
         try:
             mine, theirs = model.get_parameter(name), llm.get_parameter(name)
-        except AttributeError as e:
+            if theirs.is_meta:  # an LLM loaded without weights reads just what its SSMs share
+                materialize(llm, [name], device)
+                theirs = llm.get_parameter(name)
+        except (AttributeError, KeyError) as e:
             raise ModelLoadError(f"could not load model from {source}: shared weight {name}: {reason(e)}") from e
         if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
             raise ModelLoadError(

@@ -1,10 +1,33 @@
-"""Labels for the device numbers were measured on (benchmarks, the tuned-tree cache)."""
+"""Which device a process computes on, its default dtype, and labels for the device numbers
+were measured on (benchmarks, the tuned-tree cache)."""
 
 from __future__ import annotations
 
 import platform
 
 import torch
+
+from specinfer_dist.config import DEVICES
+from specinfer_dist.errors import InvalidConfigError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``auto``: the (first visible) GPU when there is one, else the CPU. ``cuda`` without a GPU
+    is a configuration error, not a silent fallback."""
+    if isinstance(device, torch.device):
+        return device
+    if device not in DEVICES:
+        raise InvalidConfigError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidConfigError("device 'cuda' was asked for but torch sees no GPU (CPU-only wheel or no driver?)")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> str:
+    """bfloat16 on GPUs (tensor cores, half the memory), float32 on CPUs (bf16 matmuls are slow there)."""
+    return "bfloat16" if device.type == "cuda" else "float32"
 
 
 def machine() -> str:

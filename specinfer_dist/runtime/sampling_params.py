@@ -33,6 +33,7 @@ def _is_int(value: object) -> bool:
 # Filled from the model's generation_config.json, else these (OpenAI's; top_k 0 = off).
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 SAMPLING_DEFAULT_FIELDS = tuple(OPENAI_DEFAULTS)
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs
 
 
 @dataclass
@@ -50,6 +51,10 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)  # generation ends before the first occurrence
     ignore_eos: bool = False  # keep going past EOS (benchmarks)
+    # Log-probabilities of each emitted token under the LLM's raw distribution (log-softmax of
+    # its logits, before temperature/top-k/top-p, as OpenAI and vLLM's default report them),
+    # plus the ``logprobs`` most likely alternatives; None: none computed.
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,6 +75,8 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be an integer >= 0 (0 disables it), got {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
 

@@ -43,10 +43,27 @@ class Verifier(Protocol):
     def release(self, request_id: int) -> None: ...
 
 
+def pool_capacity(
+    model: Transformer,
+    kv_blocks: int | None = None,
+    kv_block_size: int = DEFAULT_BLOCK_SIZE,
+    max_num_seqs: int = 16,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+) -> KVCapacity:
+    """The LLM's KV pool (the one sizing policy, also for each TP shard): ``kv_blocks`` blocks,
+    or (None) as many as memory allows (runtime/block_pool.py: auto_capacity), capped by what
+    ``max_num_seqs`` requests at the model's full context need. Call it after loading the weights."""
+    if kv_blocks is not None:
+        return KVCapacity(kv_blocks, kv_block_size)
+    param = next(model.parameters())
+    return auto_capacity(
+        model.num_layers, model.num_kv_heads, model.head_dim, param.dtype, param.device, kv_block_size,
+        max_num_seqs * model.max_positions, gpu_memory_utilization,
+    )
+
+
 class LocalVerifier:
-    """All caches share one preallocated block pool: ``kv_blocks`` blocks, or (None) as many as
-    memory allows (runtime/block_pool.py: auto_capacity), capped by what ``max_num_seqs``
-    requests at the model's full context need."""
+    """All caches share one preallocated block pool, sized by ``pool_capacity``."""
 
     def __init__(
         self,
@@ -56,14 +73,7 @@ class LocalVerifier:
         max_num_seqs: int = 16,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
     ) -> None:
-        param = next(model.parameters())
-        if kv_blocks is None:
-            capacity = auto_capacity(
-                model.num_layers, model.num_kv_heads, model.head_dim, param.dtype, param.device, kv_block_size,
-                max_num_seqs * model.max_positions, gpu_memory_utilization,
-            )
-        else:
-            capacity = KVCapacity(kv_blocks, kv_block_size)
+        capacity = pool_capacity(model, kv_blocks, kv_block_size, max_num_seqs, gpu_memory_utilization)
         self.runner = ModelRunner(model, capacity)
         self.pool = self.runner.pool
         self.kv_capacity = capacity

@@ -7,13 +7,14 @@ from typing import Any
 import grpc
 
 from specinfer_dist.engine.async_engine import EngineStepError
-from specinfer_dist.errors import SpecInferError
+from specinfer_dist.errors import EngineOverloadedError, SpecInferError
 
 _GRPC_CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL,
 }
 
@@ -38,6 +39,8 @@ class ApiError(Exception):
         """The client-facing form of anything a request can raise."""
         if isinstance(err, ApiError):
             return err
+        if isinstance(err, EngineOverloadedError):  # the queue is full now: try again later
+            return cls(429, str(err), type="rate_limit_error", code="engine_overloaded")
         if isinstance(err, SpecInferError):  # the engine's verdict on the request
             return cls(400, str(err))
         if isinstance(err, EngineStepError):

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import uuid
 from contextlib import aclosing
-from typing import AsyncIterator, NoReturn
+from typing import Any, AsyncIterator, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -44,14 +44,15 @@ async def generate(service: Service, request: pb.GenerateRequest, context: RaySe
         if which is None:
             raise ApiError(400, "a prompt is required: set text or token_ids", param="prompt")
         prompt = request.text if which == "text" else list(request.token_ids.ids)
-        top_logprobs_requested(request.top_logprobs if request.HasField("top_logprobs") else None, "top_logprobs")
-        deltas = service.generate([(prompt, _sampling_params(request))], chat=request.chat)
+        top = top_logprobs_requested(request.top_logprobs if request.HasField("top_logprobs") else None, "top_logprobs")
+        deltas = service.generate([(prompt, _sampling_params(request, top))], chat=request.chat)
+        tokenizer = service.engine.tokenizer if top is not None else None
         async with aclosing(deltas):
             if request.stream:
                 async for _, delta in deltas:
-                    yield _response(request_id, [delta])
+                    yield _response(request_id, [delta], tokenizer)
             else:
-                yield _response(request_id, [delta async for _, delta in deltas])
+                yield _response(request_id, [delta async for _, delta in deltas], tokenizer)
     except Exception as err:
         api = ApiError.of(err)
         if api.status >= 500:
@@ -64,13 +65,18 @@ async def generate(service: Service, request: pb.GenerateRequest, context: RaySe
     service.metrics.api_requests.labels("grpc", grpc.StatusCode.OK.name).inc()
 
 
-def _response(request_id: str, deltas: list[RequestDelta]) -> pb.GenerateResponse:
-    """One message for consecutive deltas of a request: their tokens and text, and the usage
-    if the last one finished it."""
+def _response(request_id: str, deltas: list[RequestDelta], tokenizer: Any = None) -> pb.GenerateResponse:
+    """One message for consecutive deltas of a request: their tokens and text, the usage if the
+    last one finished it, and (with a ``tokenizer``: logprobs were asked for) per-token logprobs."""
     last = deltas[-1]
+    logprobs = [] if tokenizer is None else [
+        pb.TokenLogprob(token_id=e.token_id, token=tokenizer.decode([e.token_id]), logprob=e.logprob,
+                        top=[pb.TopLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp) for t, lp in e.top])
+        for d in deltas for e in d.logprobs
+    ]
     return pb.GenerateResponse(
         request_id=request_id, token_ids=[t for d in deltas for t in d.token_ids], text="".join(d.text for d in deltas),
-        finish_reason=last.finish_reason or "", usage=_usage(last) if last.finished else None,
+        finish_reason=last.finish_reason or "", usage=_usage(last) if last.finished else None, logprobs=logprobs,
     )
 
 
@@ -81,9 +87,9 @@ def _fail(context: RayServegRPCContext, code: grpc.StatusCode, message: str) -> 
     raise RuntimeError(message) from None
 
 
-def _sampling_params(request: pb.GenerateRequest) -> SamplingParams:
+def _sampling_params(request: pb.GenerateRequest, logprobs: int | None) -> SamplingParams:
     given = {f: getattr(request, f) for f in ("max_tokens", "temperature", "top_p", "top_k", "seed") if request.HasField(f)}
-    return SamplingParams(**given, stop=list(request.stop), ignore_eos=request.ignore_eos)
+    return SamplingParams(**given, stop=list(request.stop), ignore_eos=request.ignore_eos, logprobs=logprobs)
 
 
 def _usage(last: RequestDelta) -> pb.Usage:

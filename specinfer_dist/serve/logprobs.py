@@ -1,11 +1,10 @@
 """Per-token log-probabilities in OpenAI's shapes: the one place that asks for them and the one
 place that turns the engine's per-token entries into what chat and completions return.
 
-The engine does not report logprobs yet, so ``top_logprobs_requested`` refuses every request
-for them (400 "logprobs is not supported yet"). Enabling them: the engine attaches to each
-``RequestDelta`` a ``logprobs`` list with one ``TokenLogprob`` per token of ``token_ids``
-(computed from the LLM's own distribution, so speculation cannot change them), the request's
-SamplingParams carry how many alternatives to compute, and the refusal below goes.
+The engine attaches to each ``RequestDelta`` a ``logprobs`` list with one ``TokenLogprob`` per
+token of ``token_ids`` when the request's SamplingParams ask for them (``logprobs``: how many
+alternatives). They are the LLM's raw log-softmax at each emitted token (as OpenAI and vLLM
+report them), from the verification logits, so speculation cannot change them.
 
 Shapes (OpenAI's; streamed chunks carry the entries of their own tokens):
 
@@ -20,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
+from specinfer_dist.runtime.sampling_params import MAX_LOGPROBS
 from specinfer_dist.serve.api_errors import ApiError
 
 
@@ -33,10 +33,9 @@ class TokenLogprob(Protocol):
 
 def top_logprobs_requested(top: int | None, param: str = "logprobs") -> int | None:
     """``top``: how many alternatives per token a request wants (0: the chosen token's logprob
-    only), None when it wants no logprobs. Every protocol asks here; refused (400 /
-    INVALID_ARGUMENT) until the engine reports them."""
-    if top is not None:
-        raise ApiError(400, "logprobs is not supported yet", param=param)
+    only), None when it wants no logprobs. Every protocol asks here."""
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise ApiError(400, f"{param} must be between 0 and {MAX_LOGPROBS}, got {top}", param=param)
     return top
 
 

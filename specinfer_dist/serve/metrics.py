@@ -25,6 +25,7 @@ _COUNTERS = (  # (name, Counters field, help)
     ("generation_tokens", "generation_tokens", "Tokens generated."),
     ("request_success", "requests_finished", "Requests that finished (EOS, stop string or max_tokens)."),
     ("request_aborted", "requests_aborted", "Requests dropped unfinished (client went away, step failed)."),
+    ("request_failure", "requests_failed", "Requests ended by an error in their own processing (logged by id)."),
     ("spec_decode_num_drafts", "spec_decode_num_drafts", "Verification steps that carried a draft."),
     ("spec_decode_num_draft_tokens", "spec_decode_num_draft_tokens", "Drafted tokens verified."),
     ("spec_decode_num_accepted_tokens", "spec_decode_num_accepted_tokens", "Drafted tokens the LLM accepted."),

@@ -15,11 +15,14 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from specinfer_dist.engine.engine import Prompt
-from specinfer_dist.runtime.sampling_params import MAX_SEED, SamplingParams
+from specinfer_dist.runtime.sampling_params import (
+    MAX_LOGPROBS,
+    MAX_SEED,
+    SamplingParams,
+)
 from specinfer_dist.serve.api_errors import ApiError
 
 MAX_CHOICES = 16
-MAX_TOP_LOGPROBS = 20  # OpenAI's cap on chat top_logprobs (and vLLM's default max_logprobs)
 
 # OpenAI options we do not implement, with the values that mean "not used": those are accepted
 # (clients and SDKs send them), any other value is refused with a 400 naming the option.
@@ -137,7 +140,7 @@ class SamplingRequest(_Request):
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=0 if self.top_k == -1 else self.top_k,  # -1: vLLM's "off"
             seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
-            stop=self.stop or [], ignore_eos=self.ignore_eos,
+            stop=self.stop or [], ignore_eos=self.ignore_eos, logprobs=self.top_logprobs_wanted(),
         )
 
     def top_logprobs_wanted(self) -> int | None:
@@ -156,7 +159,7 @@ class SamplingRequest(_Request):
 
 class CompletionRequest(SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # the legacy API: alternatives per token
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the legacy API: alternatives per token
 
     def prompts(self) -> list[Prompt]:
         """One prompt (text or token ids) or a batch of them."""
@@ -187,7 +190,7 @@ class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> "ChatCompletionRequest":

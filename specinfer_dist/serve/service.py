@@ -42,7 +42,9 @@ class Service:
 
     def generate(self, jobs: list[tuple[Prompt, SamplingParams]], chat: bool = False) -> AsyncIterator[tuple[int, RequestDelta]]:
         """Run every job at once (they batch in the engine); deltas tagged with their job's index.
-        Bad input raises from the iteration, normally before any delta (so HTTP can still 400)."""
+        Bad input raises from the iteration, normally before any delta (so HTTP can still 400); a
+        request for more sequences than the engine may queue raises here (429 when the queue is full)."""
+        self.engine.check_capacity(len(jobs))
         return merge([self.metrics.timed(self.engine.generate(p, sp, chat)) for p, sp in jobs])
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:

@@ -194,4 +194,11 @@ def verify_mss_batch(
         active = active & ~stop
         node = torch.where(active, chosen, node)
         p = torch.where(active[:, None], target[batch.rows[arange_b, node]], p)
-    return _paths(trees, torch.stack((leaf, bonus)))
+    # A tree with a non-finite probability (e.g. a tiny temperature overflowed) gets bonus -1:
+    # flagged within the one host copy, refused below.
+    finite = (target.isfinite().all(dim=1)[batch.rows] | ~batch.valid).all(dim=1)
+    paths = _paths(trees, torch.stack((leaf, torch.where(finite, bonus, -1))))
+    bad = [i for i, (_, token) in enumerate(paths) if token < 0]
+    if bad:
+        raise FloatingPointError(f"non-finite sampling probabilities in the trees of batch rows {bad}")
+    return paths

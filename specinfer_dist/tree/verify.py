@@ -22,9 +22,15 @@ def verify_tree(
 ) -> tuple[list[int], int]:
     """Verify one request's tree with its sampling settings: greedy at temperature 0, else
     ``method`` ("mss" or "naive") against the LLM's processed distribution."""
+    # Refuse to verify against numbers that are not probabilities (a model producing NaN, or a
+    # temperature so small that logits / temperature overflows): the caller fails this request.
+    if logits.isnan().any() or logits.isposinf().any():
+        raise FloatingPointError("the LLM's logits contain NaN or +inf")
     if temperature == 0:
         return verify_greedy(tree, logits)
     target = sampling_probs(logits, temperature, top_k, top_p)
+    if not target.isfinite().all():
+        raise FloatingPointError(f"temperature {temperature:g} turns the LLM's logits into non-finite probabilities")
     return SAMPLED_VERIFIERS[method](tree, target, generator)
 
 
