@@ -35,6 +35,7 @@ from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.runtime.verifier import Verifier, VerifyItem
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import TreeSpec
+from specinfer_dist.tree.device_verify import NonFiniteProbabilities
 from specinfer_dist.tree.token_tree import TokenTree
 from specinfer_dist.tree.verify import verify_batch, verify_tree
 
@@ -283,7 +284,8 @@ class LLMEngine:
         """Verify the trees against the LLM's logits (all trees' rows, one tree after another, where
         the LLM ran) as one batch, commit the accepted paths, end finished requests. A request whose
         own verification or commit raises ends alone, with its error: if the batch raises, each
-        request is verified again on its own on the host."""
+        request it did not verify is verified again on its own on the host (a sampled one with
+        fresh draws: exact in distribution)."""
         if not seqs:
             return
         per_request = logits.split([len(item.logit_rows) for item in items[: len(seqs)]])
@@ -291,6 +293,8 @@ class LLMEngine:
         results: list[tuple[list[int], int] | None]
         try:
             results = verify_batch(trees, logits, settings, [seq.generator for seq in seqs], self.verify)
+        except NonFiniteProbabilities as err:  # the others' results stand; the bad ones fail below
+            results = err.results
         except Exception:  # noqa: BLE001 - find which request it was: verify each alone below
             results = [None] * len(seqs)
         for seq, tree, item, node_logits, result in zip(seqs, trees, items, per_request, results):

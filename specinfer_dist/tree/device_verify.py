@@ -53,6 +53,17 @@ def tree_shape(parents: tuple[int, ...]) -> TreeShape:
     )
 
 
+class NonFiniteProbabilities(FloatingPointError):
+    """Some trees' processed probabilities were not finite (e.g. a tiny temperature overflowed).
+    ``results`` holds every other tree's verified (path, bonus) and None for those: the others
+    were verified with their own random draws, exactly as without the bad ones."""
+
+    def __init__(self, results: list[tuple[list[int], int] | None]) -> None:
+        bad = [i for i, r in enumerate(results) if r is None]
+        super().__init__(f"non-finite sampling probabilities in the trees at batch positions {bad}")
+        self.results = results
+
+
 class _Batch:
     """The trees of a batch padded to [B, T] (and [B, T, W] children), as device tensors."""
 
@@ -198,7 +209,6 @@ def verify_mss_batch(
     # flagged within the one host copy, refused below.
     finite = (target.isfinite().all(dim=1)[batch.rows] | ~batch.valid).all(dim=1)
     paths = _paths(trees, torch.stack((leaf, torch.where(finite, bonus, -1))))
-    bad = [i for i, (_, token) in enumerate(paths) if token < 0]
-    if bad:
-        raise FloatingPointError(f"non-finite sampling probabilities in the trees of batch rows {bad}")
+    if any(token < 0 for _, token in paths):
+        raise NonFiniteProbabilities([None if token < 0 else (path, token) for path, token in paths])
     return paths

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specinfer_dist.tree.device_verify import mss_draws, verify_greedy_batch, verify_mss_batch
+from specinfer_dist.tree.device_verify import NonFiniteProbabilities, mss_draws, verify_greedy_batch, verify_mss_batch
 from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.token_tree import TokenTree
 
@@ -146,7 +146,12 @@ def verify_batch(
             rows = torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in members]).to(logits.device)
             target[rows] = sampling_probs(torch.cat([per_tree[sampled[j]] for j in members]), *setting)
         draws = [mss_draws(trees[i], generators[i]) for i in sampled]
-        got = verify_mss_batch([trees[i] for i in sampled], target, draws)
+        try:
+            got = verify_mss_batch([trees[i] for i in sampled], target, draws)
+        except NonFiniteProbabilities as err:  # raise it for the whole batch, with the others' results
+            for i, result in zip(sampled, err.results):
+                out[i] = result
+            raise NonFiniteProbabilities(out) from None
         for i, result in zip(sampled, got):
             out[i] = result
     return out  # type: ignore[return-value]
