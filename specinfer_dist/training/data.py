@@ -267,6 +267,22 @@ def build_prompts(tokenizer: Any, model: PreTrainedModel, model_dir: Path, cfg: 
     return prompts
 
 
+def llm_answers(model: PreTrainedModel, tokenizer: Any, model_dir: Path, cfg: DataConfig, work: Path,
+                corpus: str, progress: bool, extra_params: dict[str, Any] | None = None
+                ) -> tuple[list[P.Prompt], list[list[int]]]:
+    """The prompts and the LLM's continuations of them (half greedy, half sampled), cached in
+    ``work``; a work directory made with other parameters is refused."""
+    params = {k: v for k, v in asdict(cfg).items() if k != "workers"}  # workers do not change the data
+    _check_params(work, {**params, **(extra_params or {}), "corpus_chars": len(corpus), "llm": str(model_dir)})
+    eos = eos_ids(model_dir, model.config, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    prompts = build_prompts(tokenizer, model, model_dir, cfg, corpus, work, eos, pad_id, progress)
+    sampled = [i % 2 == 1 for i in range(len(prompts))]
+    conts = generate(model, model_dir, [p.ids for p in prompts], sampled, cfg, eos, pad_id, cfg.max_new_tokens,
+                     work / "continuations", "LLM continuations", progress)
+    return prompts, conts
+
+
 def build_distill_set(model: PreTrainedModel, tokenizer: Any, model_dir: Path, cfg: DataConfig, work: Path,
                       corpus: str | None = None, progress: bool = True, soft_targets: bool = True) -> DistillSet:
     """Prompts -> LLM continuations (half greedy, half sampled) -> targets; all cached in ``work``.
@@ -279,14 +295,7 @@ def build_distill_set(model: PreTrainedModel, tokenizer: Any, model_dir: Path, c
     evaluation compares against the LLM's argmax.
     """
     corpus = P.fetch_corpus(progress) if corpus is None else corpus
-    params = {k: v for k, v in asdict(cfg).items() if k != "workers"}  # workers do not change the data
-    _check_params(work, {**params, "corpus_chars": len(corpus), "llm": str(model_dir)})
-    eos = eos_ids(model_dir, model.config, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    prompts = build_prompts(tokenizer, model, model_dir, cfg, corpus, work, eos, pad_id, progress)
-    sampled = [i % 2 == 1 for i in range(len(prompts))]
-    conts = generate(model, model_dir, [p.ids for p in prompts], sampled, cfg, eos, pad_id, cfg.max_new_tokens,
-                     work / "continuations", "LLM continuations", progress)
+    prompts, conts = llm_answers(model, tokenizer, model_dir, cfg, work, corpus, progress)
     keep = [i for i, c in enumerate(conts) if c]
     tokens = [torch.tensor(prompts[i].ids + conts[i]) for i in keep]
     plens = [len(prompts[i].ids) for i in keep]

@@ -34,12 +34,17 @@ from tqdm import tqdm
 from specinfer_dist.engine.builder import eos_ids
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.models.draft_vocab import frequent_tokens
-from specinfer_dist.models.eagle3 import Eagle3Head, default_aux_layers, eagle3_config, save_eagle3
+from specinfer_dist.models.eagle3 import (
+    Eagle3Head,
+    default_aux_layers,
+    eagle3_config,
+    save_eagle3,
+)
 from specinfer_dist.models.loader import resolve_model_dir
 from specinfer_dist.models.transformer import Segment
 from specinfer_dist.runtime.model_runner import RunItem, chain_parents
 from specinfer_dist.training import prompts as P
-from specinfer_dist.training.data import DataConfig, _check_params, build_prompts, generate, load_hf
+from specinfer_dist.training.data import DataConfig, llm_answers, load_hf
 from specinfer_dist.training.train import TrainConfig, batch_order, lr_at
 
 SHARED = ["embed_tokens.weight", "lm_head.weight"]
@@ -181,14 +186,7 @@ def build_sequences(cfg: FeatureTrainConfig, llm, tokenizer, llm_dir: Path, work
     data_cfg = DataConfig(num_prompts=cfg.prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
                           workers=cfg.workers)
     corpus = P.fetch_corpus(progress) if corpus is None else corpus
-    _check_params(work, {**{k: v for k, v in asdict(data_cfg).items() if k != "workers"},
-                         "corpus_chars": len(corpus), "llm": str(llm_dir)})
-    eos = eos_ids(llm_dir, llm.config, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    prompts = build_prompts(tokenizer, llm, llm_dir, data_cfg, corpus, work, eos, pad_id, progress)
-    sampled = [i % 2 == 1 for i in range(len(prompts))]
-    conts = generate(llm, llm_dir, [p.ids for p in prompts], sampled, data_cfg, eos, pad_id, cfg.max_new_tokens,
-                     work / "continuations", "LLM continuations", progress)
+    prompts, conts = llm_answers(llm, tokenizer, llm_dir, data_cfg, work, corpus, progress)
     train, held = [], []
     for p, c in zip(prompts, conts):
         if c:
