@@ -7,24 +7,13 @@ import asyncio
 
 import pytest
 import torch
-import transformers
-from helpers import make_tiny_checkpoint
-from test_engine_exact import noisy_copy
+from test_chunked_prefill import models  # noqa: F401, F811 - the same tiny LLM + noisy SSM + HF fixture
 
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
 from specinfer_dist.engine.async_engine import AsyncLLMEngine
 
 PROMPTS = [[5, 17, 99, 200, 31], [44, 45, 46], list(range(60, 100))]
 K = 5
-
-
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("logprobs")
-    llm = make_tiny_checkpoint(tmp, "llama", seed=1, num_hidden_layers=3)
-    near = noisy_copy(llm, tmp / "ssm-near", noise=0.3)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
-    return str(llm), str(near), hf
 
 
 def hf_logprobs(hf, prompt: list[int], output: list[int]) -> torch.Tensor:
