@@ -6,6 +6,8 @@
 # speedup and latency plots, and summary.md with the table.
 # Smaller runs: CONCURRENCY=1,2 NUM_REQUESTS=4 MAX_TOKENS=8 OUT=/tmp/serve ./scripts/bench_serve.sh
 # Mixed lengths (short requests' TTFT behind long prompts): LONG_FRACTION=0.1 LONG_PROMPT_TOKENS=8000
+# Against an older commit in the same run: BASELINE=<commit> also serves that commit's code (a
+# temporary worktree on PYTHONPATH, its configs/serve.yaml, this venv) as labels <mode>-<commit>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
@@ -16,6 +18,7 @@ LONG_FRACTION="${LONG_FRACTION:-0}"  # > 0: that share of requests has a LONG_PR
 LONG_PROMPT_TOKENS="${LONG_PROMPT_TOKENS:-8000}"
 OUT="${OUT:-docs/bench/cpu/serve}"
 START_TIMEOUT_S="${START_TIMEOUT_S:-600}"
+BASELINE="${BASELINE:-}"
 
 work=$(mktemp -d)
 server_pid=""
@@ -26,7 +29,12 @@ stop_server() {  # SIGTERM: the server shuts down Serve and the Ray cluster it s
   fi
   server_pid=""
 }
-trap 'stop_server; rm -rf "$work"' EXIT
+cleanup() {
+  stop_server
+  if [ -n "$BASELINE" ]; then git worktree remove --force "$work/base" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
 
 # A random API key in a file only we can read: the server reads the file, the client the
 # environment (neither shows it on a command line).
@@ -36,33 +44,40 @@ free_port() {
   .venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
 }
 
-for mode in incremental tree; do
-  .venv/bin/python - "$mode" "$work/$mode.yaml" <<'EOF'
+run_setup() {  # $1 mode, $2 label, $3 the checkout whose code and configs/serve.yaml serve
+  local mode=$1 label=$2 checkout=$3
+  .venv/bin/python - "$mode" "$checkout/configs/serve.yaml" "$work/$label.yaml" <<'EOF'
 import sys, yaml
-config = yaml.safe_load(open("configs/serve.yaml"))
+config = yaml.safe_load(open(sys.argv[2]))
 config["engine"]["mode"] = sys.argv[1]  # incremental drafts nothing; tree: the config's SSMs and tree
-open(sys.argv[2], "w").write(yaml.safe_dump(config))
+open(sys.argv[3], "w").write(yaml.safe_dump(config))
 EOF
   port=$(free_port)
   grpc_port=$(free_port)
   # No --address: a private local Ray cluster, with Ray's token authentication on (its default).
-  SPECINFER_API_KEY_FILE="$work/api_key" .venv/bin/specinfer-dist serve --config "$work/$mode.yaml" \
-    --port "$port" --grpc-port "$grpc_port" > "$work/$mode.log" 2>&1 &
+  PYTHONPATH="$checkout" SPECINFER_API_KEY_FILE="$work/api_key" .venv/bin/specinfer-dist serve \
+    --config "$work/$label.yaml" --port "$port" --grpc-port "$grpc_port" > "$work/$label.log" 2>&1 &
   server_pid=$!
   deadline=$((SECONDS + START_TIMEOUT_S))
   until .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
       "http://127.0.0.1:$port/health" > /dev/null 2>&1; do
     if ! kill -0 "$server_pid" 2>/dev/null || [ "$SECONDS" -ge "$deadline" ]; then
-      echo "bench_serve.sh: the $mode server did not come up; its log:" >&2
-      tail -n 50 "$work/$mode.log" >&2
+      echo "bench_serve.sh: the $label server did not come up; its log:" >&2
+      tail -n 50 "$work/$label.log" >&2
       exit 1
     fi
     sleep 2
   done
   SPECINFER_API_KEY="$(cat "$work/api_key")" .venv/bin/specinfer-dist bench-serve \
-    --url "http://127.0.0.1:$port" --label "$mode" --out "$OUT" --concurrency "$CONCURRENCY" \
+    --url "http://127.0.0.1:$port" --label "$label" --out "$OUT" --concurrency "$CONCURRENCY" \
     --max-tokens "$MAX_TOKENS" ${NUM_REQUESTS:+--num-requests "$NUM_REQUESTS"} \
     --long-fraction "$LONG_FRACTION" --long-prompt-tokens "$LONG_PROMPT_TOKENS"
   stop_server
-done
+}
+
+if [ -n "$BASELINE" ]; then
+  git worktree add --detach "$work/base" "$BASELINE" > /dev/null
+  for mode in incremental tree; do run_setup "$mode" "$mode-$BASELINE" "$work/base"; done
+fi
+for mode in incremental tree; do run_setup "$mode" "$mode" "$PWD"; done
 .venv/bin/specinfer-dist bench-serve --compare "$OUT" --baseline incremental | tee "$OUT/summary.md"

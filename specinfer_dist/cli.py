@@ -100,7 +100,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         engine=_engine_config(args), modes=args.modes.split(","), prompts=args.prompts, max_tokens=args.max_tokens,
-        temperature=args.temperature, sweep=args.sweep, out=args.out,
+        temperature=args.temperature, sweep=args.sweep, batch=args.batch, out=args.out,
     )
     result = run_bench(config)
     print(format_summary(result))
@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--max-tokens", type=int, default=64)
     bench.add_argument("--out", default="bench-out")
     bench.add_argument("--sweep", action="store_true", help="also time LLM forwards for 1..128 tree tokens")
+    bench.add_argument("--batch", type=int, default=1, help="prompts decoded at once (HF: one padded generate())")
     add_options(bench, EngineConfig)
     bench.set_defaults(run=_bench)
 

@@ -14,6 +14,7 @@ from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.tree.spec import DEFAULT_TOKEN_BUDGET, TreeSpec
 
 DEFAULT_BLOCK_SIZE = 16  # token rows per KV block
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # fraction of a GPU's memory the process may fill (weights + KV pool)
 
 
 MODES = ("incremental", "sequence", "tree")
@@ -93,11 +94,11 @@ class EngineConfig(_Section):
         256, "most sequences waiting for a place in the running batch; beyond it serving refuses new ones (429); "
         "None: no limit")
     max_seqs_per_request: int = option(64, "most sequences (prompts x n) one serving request may start")
-    kv_blocks: int | None = option(None, "LLM KV pool size in blocks (default: sized by --kv-memory-fraction)")
-    kv_memory_fraction: float | None = option(
-        None, "fraction of the memory free after loading that the KV pool takes (default: 0.9 on CUDA; "
-        "on CPU caches grow on demand)")
+    kv_blocks: int | None = option(
+        None, "LLM KV pool size in blocks (default: from memory: 1 GiB on a CPU, gpu_memory_utilization on a GPU)")
     kv_block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV block")
+    gpu_memory_utilization: float = option(
+        DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA: fraction of device memory for weights + KV pool (sizes the pool)")
     generation_config: str = option(
         "auto", "auto: requests that leave temperature/top_p/top_k unset get the model's generation_config.json "
         "values; none: the OpenAI defaults", choices=GENERATION_CONFIGS)
@@ -117,8 +118,6 @@ class EngineConfig(_Section):
                f"verify must be one of {', '.join(VERIFY_METHODS)}, got {self.verify!r}")
         _check(self.dtype is None or self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         _check(self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        f = self.kv_memory_fraction
-        _check(f is None or (isinstance(f, (int, float)) and 0 < f <= 1), f"kv_memory_fraction must be in (0, 1], got {f!r}")
         _check(self.generation_config in GENERATION_CONFIGS,
                f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}, got {self.generation_config!r}")
         for name in ("tree_budget", "max_num_seqs", "kv_block_size", "max_seqs_per_request"):
@@ -126,6 +125,8 @@ class EngineConfig(_Section):
         for name in ("speculation_max_batch", "kv_blocks", "max_num_batched_tokens", "max_queued_seqs"):
             value = getattr(self, name)
             _check(value is None or _positive_int(value), f"{name} must be a positive integer, got {value!r}")
+        u = self.gpu_memory_utilization
+        _check(isinstance(u, (int, float)) and 0 < u <= 1, f"gpu_memory_utilization must be in (0, 1], got {u!r}")
         t = self.draft_temperature
         _check(t is None or (isinstance(t, (int, float)) and 0 < t < float("inf")),
                f"draft_temperature must be positive, got {t!r}")

@@ -84,16 +84,16 @@ def test_bad_input_raises_before_streaming_and_service_continues(engines):
 
 def test_failed_step_ends_its_requests_with_an_error_and_serving_continues(engines, monkeypatch):
     _, served = engines
-    real_forward = served.engine.verifier.forward
+    real_logits = served.engine.verifier.logits
     calls = {"n": 0}
 
     def flaky(items):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("verifier shard died")
-        return real_forward(items)
+        return real_logits(items)
 
-    monkeypatch.setattr(served.engine.verifier, "forward", flaky)
+    monkeypatch.setattr(served.engine.verifier, "logits", flaky)
     with pytest.raises(EngineStepError, match="shard died"):
         asyncio.run(collect(served, "hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)))
     deltas = asyncio.run(collect(served, "hello", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)))

@@ -43,13 +43,13 @@ class ForwardLog:
 
     def __init__(self, engine: LLMEngine) -> None:
         self.forwards: list[list[tuple[int, int, int]]] = []
-        real = engine.verifier.forward
+        real = engine.verifier.logits
 
-        def forward(items):
+        def logits(items):
             self.forwards.append([(i.request_id, len(i.tokens), len(i.logit_rows)) for i in items])
             return real(items)
 
-        engine.verifier.forward = forward
+        engine.verifier.logits = logits
 
 
 @pytest.mark.parametrize("mode,kv_blocks", [("tree", None), ("tree", 64), ("incremental", None)])

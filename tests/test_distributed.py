@@ -87,10 +87,10 @@ def run_all(client, batch, params) -> list[tuple[list[int], list]]:
 class EagerVerifier(LocalVerifier):
     """The local stage with the remote one's submit/collect (its forward runs at submit)."""
 
-    def submit(self, items: list[VerifyItem]) -> list[torch.Tensor]:
-        return self.forward(items)
+    def submit(self, items: list[VerifyItem]) -> torch.Tensor:
+        return self.logits(items)
 
-    def collect(self, logits: list[torch.Tensor]) -> list[torch.Tensor]:
+    def collect(self, logits: torch.Tensor) -> torch.Tensor:
         return logits
 
 

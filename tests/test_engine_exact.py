@@ -130,7 +130,7 @@ def test_kv_cache_after_speculative_steps_equals_incremental(models):
         engine.step()
     assert seq.stats.accepted_tokens > 0 and not seq.finished
     spec_cache = engine.verifier.caches[seq.request_id].committed()
-    assert spec_cache.shape[3] == len(seq.tokens) - 1  # everything but the newest token
+    assert spec_cache.shape[2] == len(seq.tokens) - 1  # everything but the newest token
     runner = engine.verifier.runner
     cache = runner.new_cache()
     for token in seq.tokens[:-1]:  # plain incremental decoding, one token per forward

@@ -15,16 +15,20 @@ from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.cli import main
 from specinfer_dist.models.eagle3 import load_eagle3
 from specinfer_dist.models.loader import load_model
-from specinfer_dist.training.feature import CKPT_NAME, FeatureTrainConfig, train_feature_drafter, ttt_mask
+from specinfer_dist.training.feature import CKPT_NAME, FeatureTrainConfig, UnrolledAttention, train_feature_drafter
 
 
 def test_ttt_mask_matches_the_rows_a_drafted_chain_sees():
     # Unrolled step 2, row 4: feature rows 0..2, then its chain's step-1 row 3 and step-2 row 4.
-    mask = ttt_mask(6, 2, torch.device("cpu"))
+    mask = UnrolledAttention([6], torch.device("cpu")).mask(2)
     assert mask.shape == (6, 18)
     assert mask[4].nonzero().flatten().tolist() == [0, 1, 2, 6 + 3, 12 + 4]
     assert mask[0].nonzero().flatten().tolist() == [12]  # no chain (t < j): only itself, never scored
-    assert ttt_mask(3, 0, torch.device("cpu")).equal(torch.ones(3, 3, dtype=torch.bool).tril())
+    assert UnrolledAttention([3], torch.device("cpu")).mask(0).equal(torch.ones(3, 3, dtype=torch.bool).tril())
+    # Two sequences side by side: each row sees only its own sequence's rows.
+    two = UnrolledAttention([3, 2], torch.device("cpu")).mask(1)
+    assert two[4].nonzero().flatten().tolist() == [3, 5 + 4]  # sequence 1, t=1: feature row t=0, its step-1 row
+    assert not two[:3, 3:5].any() and not two[3:, :3].any()
 
 
 @pytest.fixture(scope="module")

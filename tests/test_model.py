@@ -5,6 +5,7 @@ import torch
 import transformers
 
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.block_pool import KVCapacity
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.tree import TokenTree
 
@@ -99,6 +100,43 @@ def test_two_requests_in_one_forward_equal_each_alone():
     together = runner.forward(items)
     for x, y in zip(alone, together):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 6})])
+def test_prompts_trees_and_single_tokens_in_one_forward_equal_each_alone(arch, overrides):
+    """One batched attention call per layer: a prompt, a tree after a cached prefix (with part of
+    the prefix uncached, as after a preemption) and a single token give the logits they give alone."""
+    _, ours = pair(arch, **overrides)
+    runner = ModelRunner(ours, KVCapacity(64, 4))  # small blocks: tables of different lengths
+    gen = torch.Generator().manual_seed(4)
+    prompt, prefix, single_prefix = (torch.randint(0, VOCAB, (n,), generator=gen).tolist() for n in (13, 11, 5))
+    tree = TokenTree.from_root(prefix[-1])
+    a, b = tree.add(0, 5), tree.add(0, 6)
+    tree.add(a, 7)
+    tree.add(b, 9)
+    tree = tree.dfs()
+    chain = [3, 4]  # committed but uncached, then the tree below them
+    tree_tokens = chain + tree.tokens
+    tree_parents = chain_parents(2) + [p + 2 if p >= 0 else 1 for p in tree.parents]
+
+    def items():
+        caches = [runner.new_cache() for _ in range(3)]
+        prefill(runner, caches[1], prefix[:-1])
+        prefill(runner, caches[2], single_prefix)
+        return [
+            RunItem(caches[0], prompt, chain_parents(len(prompt)), [0, 6, 12]),
+            RunItem(caches[1], tree_tokens, tree_parents, list(range(len(tree_tokens)))),
+            RunItem(caches[2], [42], [-1], [0]),
+        ]
+
+    batch = items()
+    together = runner.forward(batch)
+    for item in batch:
+        item.cache.free()
+    alone = [runner.forward([item])[0] for item in items()]
+    for x, y in zip(together, alone):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+    assert runner.pool.num_used > 0
 
 
 def test_rotary_frequencies_stay_fp32_in_a_bfloat16_model():

@@ -14,28 +14,26 @@ from specinfer_dist import (
     LLMEngine,
     SamplingParams,
 )
-from specinfer_dist.runtime.block_pool import BlockPool, KVCapacity
-from specinfer_dist.runtime.kv_cache import KVCache, PagedKVCache
+from specinfer_dist.runtime.block_pool import (
+    DEFAULT_CPU_KV_BYTES,
+    BlockPool,
+    KVCapacity,
+    auto_capacity,
+    block_bytes,
+)
+from specinfer_dist.runtime.kv_cache import PagedKVCache
 
 LAYERS, HEADS, HEAD_DIM, BLOCK = 2, 2, 8, 4
 
 
-def test_paged_cache_ops_equal_contiguous_cache():
+def test_paged_cache_ops_keep_the_right_rows():
+    """Rows written through slots, then commits (scattered keeps across block boundaries,
+    nothing, everything): the committed K/V are exactly the kept rows, in order, and the
+    cache holds exactly the blocks they need."""
     pool = BlockPool(KVCapacity(12, BLOCK), LAYERS, HEADS, HEAD_DIM, torch.float32)
-    paged, plain = PagedKVCache(pool), KVCache(LAYERS, HEADS, HEAD_DIM, torch.float32, capacity=2)
+    cache = PagedKVCache(pool)
     gen = torch.Generator().manual_seed(0)
-
-    @torch.inference_mode()  # like ModelRunner.forward; commits happen outside it
-    def forward(n: int) -> None:
-        for cache in (paged, plain):
-            cache.reserve(n)
-        for layer in range(LAYERS):
-            k, v = torch.randn(2, HEADS, n, HEAD_DIM, generator=gen)
-            for got, want in zip(paged.append(layer, k, v), plain.append(layer, k, v)):
-                torch.testing.assert_close(got, want, rtol=0, atol=0)
-
-    # (rows per forward, kept rows): prompts, trees fed in two forwards, scattered keeps across
-    # block boundaries, nothing kept, everything kept.
+    want = torch.empty(LAYERS, 2, 0, HEADS, HEAD_DIM)
     for sizes, keep in [
         ([5], [0, 1, 2, 3, 4]),
         ([7], [0, 2, 5, 6]),
@@ -44,21 +42,63 @@ def test_paged_cache_ops_equal_contiguous_cache():
         ([2], [0, 1]),
         ([11], [0, 1, 2, 6, 7, 10]),
     ]:
-        for n in sizes:
-            forward(n)
-        assert pool.num_used == -(-(paged.length + paged.pending) // BLOCK)
-        for cache in (paged, plain):
-            cache.commit(keep)
-        torch.testing.assert_close(paged.committed(), plain.committed(), rtol=0, atol=0)
-        assert paged.length == plain.length and len(paged.blocks) == pool.num_used == -(-paged.length // BLOCK)
+        pending = []
+        for n in sizes:  # one forward each: write the new rows where the runner would
+            first = cache.length + cache.pending
+            cache.reserve(n)
+            rows = torch.randn(LAYERS, 2, n, HEADS, HEAD_DIM, generator=gen)
+            pool.kv[:, :, cache.slots(range(first, first + n))] = rows
+            pending.append(rows)
+        assert pool.num_used == -(-(cache.length + cache.pending) // BLOCK)
+        cache.commit(keep)
+        want = torch.cat((want, torch.cat(pending, dim=2)[:, :, keep]), dim=2)
+        torch.testing.assert_close(cache.committed(), want, rtol=0, atol=0)
+        assert len(cache.blocks) == pool.num_used == -(-cache.length // BLOCK)
 
-    forward(6)
-    paged.rollback()
-    assert len(paged.blocks) == -(-paged.length // BLOCK)
-    paged.free()
-    assert pool.num_free == 12 and not paged.blocks
+    cache.reserve(6)
+    cache.rollback()
+    assert len(cache.blocks) == -(-cache.length // BLOCK)
+    cache.free()
+    assert pool.num_free == 12 and not cache.blocks
     with pytest.raises(RuntimeError, match="exhausted"):
-        paged.reserve(12 * BLOCK + 1)
+        cache.reserve(12 * BLOCK + 1)
+
+
+def test_growable_pool_keeps_rows_when_it_grows():
+    pool = BlockPool(KVCapacity(2, BLOCK), LAYERS, HEADS, HEAD_DIM, torch.float32, growable=True)
+    a, b = PagedKVCache(pool), PagedKVCache(pool)
+    a.reserve(7)
+    pool.kv[:, :, a.slots(range(7))] = rows = torch.randn(LAYERS, 2, 7, HEADS, HEAD_DIM)
+    a.commit(range(7))
+    b.reserve(3 * BLOCK)  # needs 3 more blocks than the 2 there are
+    assert pool.capacity.num_blocks >= 5 and pool.num_used == 5
+    torch.testing.assert_close(a.committed(), rows, rtol=0, atol=0)
+
+
+def test_stale_pool_memory_never_reaches_attention():
+    """The pool is not zeroed up front: garbage (here NaN) in blocks must not leak into logits
+    through masked rows or padded block tables."""
+    from test_model import pair
+
+    from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
+
+    _, model = pair("llama")
+    runner = ModelRunner(model, KVCapacity(16, BLOCK))
+    want = [runner.forward([RunItem(runner.new_cache(), ids, chain_parents(len(ids)), [len(ids) - 1])])[0]
+            for ids in ([5, 6, 7], list(range(20, 33)))]
+    runner = ModelRunner(model, KVCapacity(16, BLOCK))
+    runner.pool.kv.fill_(float("nan"))
+    items = [RunItem(runner.new_cache(), ids, chain_parents(len(ids)), [len(ids) - 1])
+             for ids in ([5, 6, 7], list(range(20, 33)))]
+    for got, ref in zip(runner.forward(items), want):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_capacity_fits_the_cpu_budget_and_the_requests():
+    cap = auto_capacity(2, 2, 8, torch.float32, torch.device("cpu"), BLOCK, max_rows=1000)
+    assert cap == KVCapacity(250, BLOCK)  # 1000 rows is far below 1 GiB
+    big = auto_capacity(32, 8, 128, torch.float32, torch.device("cpu"), 16, max_rows=10**9)
+    assert big.num_blocks * block_bytes(32, 8, 128, torch.float32, 16) <= DEFAULT_CPU_KV_BYTES
 
 
 @pytest.fixture(scope="module")

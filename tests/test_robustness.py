@@ -121,16 +121,16 @@ def test_forward_failure_ends_its_step_and_the_engine_stays_usable(llm, monkeypa
     engine = LLMEngine.load(llm, ssms=[llm], tree="1,2,1")
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     [want] = engine.generate(PROMPTS[:1], greedy)
-    real_forward = engine.verifier.forward
+    real_logits = engine.verifier.logits
     calls = {"n": 0}
 
     def flaky(items):
         calls["n"] += 1
         if calls["n"] == 2:  # mid-generation: the caches hold rows of this unfinished forward
             raise RuntimeError("device lost")
-        return real_forward(items)
+        return real_logits(items)
 
-    monkeypatch.setattr(engine.verifier, "forward", flaky)
+    monkeypatch.setattr(engine.verifier, "logits", flaky)
     seqs = [engine.add_request(p, greedy) for p in PROMPTS[:2]]
     engine.step()
     with pytest.raises(RuntimeError, match="device lost"):

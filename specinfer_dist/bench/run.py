@@ -1,7 +1,10 @@
 """Side-by-side benchmark: our engine's decoding modes against Hugging Face greedy generate().
 
-Every mode runs the same prompts one at a time (concurrency 1) in the same process, so the
-ratios are measured side by side. Greedy outputs are compared with incremental decoding's.
+Every mode runs the same prompts in the same process, so the ratios are measured side by
+side: one at a time (``batch`` 1), or ``batch`` prompts at once (our engine decodes them as
+one continuous batch; Hugging Face runs a left-padded batched ``generate()`` on the same
+groups; the prompt set is cycled to fill a batch). Greedy outputs are compared with
+incremental decoding's.
 """
 
 from __future__ import annotations
@@ -68,14 +71,25 @@ class BenchConfig:
     max_tokens: int = 64
     temperature: float = 1.0  # for the sampled (-mss / -naive) modes
     sweep: bool = False  # also time LLM forwards for 1..128 tree tokens at a few context lengths
+    batch: int = 1  # prompts decoded together (ours: one engine batch; HF: one padded generate())
     out: str = "bench-out"
 
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise InvalidConfigError(f"batch must be positive, got {self.batch}")
 
-def _run_engine(engine: LLMEngine, prompt_ids: list[list[int]], params: list[SamplingParams]) -> dict[str, Any]:
-    engine.generate(prompt_ids[0], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+
+def _groups(items: list, batch: int) -> list[list]:
+    return [items[i : i + batch] for i in range(0, len(items), batch)]
+
+
+def _run_engine(
+    engine: LLMEngine, prompt_ids: list[list[int]], params: list[SamplingParams], batch: int
+) -> dict[str, Any]:
+    engine.generate(prompt_ids[:batch], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     engine.timing = {"draft_s": 0.0, "verify_s": 0.0}
     outs, start = [], time.perf_counter()
-    for ids, sp in zip(prompt_ids, params):
+    for ids, sp in zip(_groups(prompt_ids, batch), _groups(params, batch)):
         outs.extend(engine.generate(ids, sp))
     elapsed = time.perf_counter() - start
     depth_counts: list[int] = []
@@ -112,25 +126,34 @@ def _first_ssm(config: EngineConfig, llm: Transformer, dtype: torch.dtype) -> Tr
 
 
 def _run_hf(
-    llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int,
+    llm_dir: Path, dtype: torch.dtype, prompt_ids: list[list[int]], max_tokens: int, batch: int = 1,
     assistant: transformers.PreTrainedModel | None = None,
 ) -> dict[str, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype).eval()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+    pad = next(iter(eos_ids), 0)
 
-    def generate(ids: list[int], n: int) -> list[int]:
+    def generate(group: list[list[int]], n: int) -> list[list[int]]:
+        width = max(map(len, group))  # left padding, as batched generation needs
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in group])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in group])
         with torch.inference_mode():
             out = model.generate(
-                torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                max_new_tokens=n, do_sample=False, pad_token_id=model.generation_config.eos_token_id,
+                ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad,
                 assistant_model=assistant,
             )
-        return out[0, len(ids):].tolist()
+        rows = []
+        for row in out[:, width:].tolist():  # cut each row after its EOS (the rest is padding)
+            end = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))
+            rows.append(row[:end])
+        return rows
 
-    generate(prompt_ids[0], 4)  # warm-up
+    generate(prompt_ids[:batch], 4)  # warm-up
     forwards = []  # LLM forward passes: one per token, or one per verified draft when assisted
     hook = model.register_forward_hook(lambda *_: forwards.append(1))
     start = time.perf_counter()
-    outs = [generate(ids, max_tokens) for ids in prompt_ids]
+    outs = [row for group in _groups(prompt_ids, batch) for row in generate(group, max_tokens)]
     elapsed = time.perf_counter() - start
     hook.remove()
     return {"outputs": outs, "elapsed_s": elapsed, "steps": len(forwards)}
@@ -140,14 +163,20 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     unknown = set(config.modes) - set(MODES)
     if unknown:
         raise InvalidConfigError(f"unknown bench mode(s) {sorted(unknown)}; choose from {', '.join(MODES)}")
+    if config.batch > 1 and "hf-assisted" in config.modes:
+        raise InvalidConfigError("Hugging Face assisted generation runs one prompt at a time: drop hf-assisted or --batch")
     rows = load_prompts(config.prompts or BENCH_PROMPTS)
-    target = load_target(config.engine, progress)  # every engine mode shares these weights
+    engine_config = config.engine.replace(max_num_seqs=max(config.engine.max_num_seqs, config.batch))
+    target = load_target(engine_config, progress)  # every engine mode shares these weights
     dtype = target.model.model.norm.weight.dtype  # the configured dtype, or the device's default
-    base = LLMEngine.from_config(config.engine.replace(mode="incremental"), target=target)
+    base = LLMEngine.from_config(engine_config.replace(mode="incremental"), target=target)
     prompt_ids = [base.encode(r["prompt"], chat=bool(r.get("chat"))) for r in rows]
-    greedy = [SamplingParams(max_tokens=config.max_tokens, temperature=0)] * len(rows)
+    if config.batch > len(prompt_ids):  # cycle the set to fill one batch
+        prompt_ids = [prompt_ids[i % len(prompt_ids)] for i in range(config.batch)]
+    greedy = [SamplingParams(max_tokens=config.max_tokens, temperature=0)] * len(prompt_ids)
     sampled = [
-        SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, seed=i) for i in range(len(rows))
+        SamplingParams(max_tokens=config.max_tokens, temperature=config.temperature, seed=i)
+        for i in range(len(prompt_ids))
     ]
     raw: dict[str, dict[str, Any]] = {}
     for mode in tqdm(config.modes, desc="bench modes", disable=not progress):
@@ -157,7 +186,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
                 assistant = _hf_assistant(_first_ssm(config.engine, target.model, dtype))
             llm_dir = target.model_dir
             with PeakMemory() as peak:
-                raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, assistant)
+                raw[mode] = _run_hf(llm_dir, dtype, prompt_ids, config.max_tokens, config.batch, assistant)
             raw[mode].update(peak.as_dict())
             continue
         settings = dict(ENGINE_MODES[mode])
@@ -167,8 +196,8 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         is_sampled = "verify" in settings
         with PeakMemory() as peak:
             engine = base if mode == "incremental" else LLMEngine.from_config(
-                config.engine.replace(**settings), progress=progress, target=target)
-            raw[mode] = _run_engine(engine, prompt_ids, sampled if is_sampled else greedy)
+                engine_config.replace(**settings), progress=progress, target=target)
+            raw[mode] = _run_engine(engine, prompt_ids, sampled if is_sampled else greedy, config.batch)
         raw[mode].update(sampled=is_sampled, **peak.as_dict())
         del engine
     reference = raw.get("incremental") or raw.get("hf")
@@ -196,7 +225,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "config": asdict(config),
-        "num_prompts": len(rows),
+        "num_prompts": len(prompt_ids),
         "summary": summary,
         "outputs": {mode: r["outputs"] for mode, r in raw.items()},
     }
@@ -212,7 +241,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
 def format_summary(result: dict[str, Any]) -> str:
     cols = ("tokens_per_step", "ms_per_token", "speedup_vs_incremental", "speedup_vs_hf",
             "draft_time_fraction", "outputs_equal_reference")
-    lines = [f"machine: {result['machine']}; prompts: {result['num_prompts']}",
+    lines = [f"machine: {result['machine']}; prompts: {result['num_prompts']}; batch: {result['config']['batch']}",
              "| mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for mode, s in result["summary"].items():
         cells = [f"{s[c]:.3g}" if isinstance(s.get(c), float) else str(s.get(c, "-")) for c in cols]

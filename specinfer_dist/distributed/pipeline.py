@@ -26,6 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.engine.sequence import Sequence
 from specinfer_dist.runtime.verifier import VerifyItem
@@ -80,7 +82,10 @@ class PipelinedEngine(LLMEngine):
         keep = [i for i, (seq, cached) in enumerate(zip(done.seqs, done.cached))
                 if seq.request_id in now and seq.num_cached == cached and not seq.finished]
         pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
-        self.apply(pick(done.seqs), pick(done.trees), pick(done.items), pick(logits))
+        if len(keep) < len(done.items):  # the kept requests' logit rows, still one after another
+            per_item = logits.split([len(item.logit_rows) for item in done.items])
+            logits = torch.cat(pick(per_item)) if keep else logits[:0]
+        self.apply(pick(done.seqs), pick(done.trees), pick(done.items), logits)
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted  # forward time not hidden by drafting
         return failed + pick(done.seqs)

@@ -37,9 +37,8 @@ from specinfer_dist.distributed.tp import TensorParallel
 from specinfer_dist.engine.builder import load_ssms, load_target
 from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.device import default_dtype, resolve_device
-from specinfer_dist.runtime.memory import kv_capacity_for
 from specinfer_dist.runtime.block_pool import KVCapacity
-from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
+from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem, pool_capacity
 from specinfer_dist.tuning.tune import auto_tree
 
 
@@ -71,9 +70,10 @@ class VerifierShard:
             port = sock.getsockname()[1]
         return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
-    def join(self, init_method: str | None) -> KVCapacity | None:
+    def join(self, init_method: str | None) -> KVCapacity:
         """Join the group (every rank must be called at once), load this rank's shard, and say
-        how big a KV pool fits here (runtime/memory.py); ``allocate`` then makes the pool."""
+        how big a KV pool fits here (runtime/verifier.py: pool_capacity); ``allocate`` then makes
+        the pool."""
         engine = self.spec.engine
         device = resolve_device(engine.device)  # Ray made this rank's GPU the only one visible
         if self.spec.world_size > 1:
@@ -85,10 +85,12 @@ class VerifierShard:
         sharding = TensorParallel(self.rank, self.spec.world_size)
         dtype = engine.dtype or default_dtype(device)
         self.model = load_model(engine.llm, dtype=dtype, device=device, progress=False, sharding=sharding)[0]
-        return kv_capacity_for(self.model, engine.kv_blocks, engine.kv_block_size, engine.kv_memory_fraction)
+        return pool_capacity(
+            self.model, engine.kv_blocks, engine.kv_block_size, engine.max_num_seqs, engine.gpu_memory_utilization
+        )
 
-    def allocate(self, capacity: KVCapacity | None) -> None:
-        self.verifier = LocalVerifier(self.model, capacity)
+    def allocate(self, capacity: KVCapacity) -> None:
+        self.verifier = LocalVerifier(self.model, capacity.num_blocks, capacity.block_size)
 
     def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
         """``tree: auto`` measured on this rank's device (every rank at once): the tree widths
@@ -105,18 +107,17 @@ class VerifierShard:
 
     def step(
         self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem]
-    ) -> tuple[list[torch.Tensor], float | None] | None:
-        """Apply the queued commits and releases, then one forward; rank 0 returns the logits
-        and its KV pool's usage."""
+    ) -> tuple[torch.Tensor, float | None] | None:
+        """Apply the queued commits and releases, then one forward; rank 0 returns all items'
+        logit rows (one tensor, as ``LocalVerifier.logits``) and its KV pool's usage."""
         for request_id, keep in commits:
             self.verifier.commit(request_id, keep)
         for request_id in releases:
             self.verifier.release(request_id)
-        logits = self.verifier.forward(items)
+        logits = self.verifier.logits(items)
         if self.rank:
             return None
-        # Copies: each request's logits are a view of one batch tensor, and pickling a view ships all of it.
-        return [x.to("cpu", copy=True) for x in logits], self.verifier.kv_usage()
+        return logits.to("cpu", copy=True), self.verifier.kv_usage()  # a copy: pickling a view ships its base
 
 
 class ShardGroupVerifier:
@@ -129,10 +130,9 @@ class ShardGroupVerifier:
 
     def __init__(self, engine: EngineConfig, cluster: ClusterConfig, pg: PlacementGroup) -> None:
         self.spec = ShardSpec(engine, cluster.tp, max(1, int(cluster.cpus_per_shard)), cluster.step_timeout_s)
-        self.kv_capacity: KVCapacity | None = None
         self._kv_usage: float | None = None
-        self._built = False
         self.cluster, self.pg = cluster, pg
+        self.kv_capacity: KVCapacity | None = None  # known once the shards have allocated their pools
         self.shards: list[ray.actor.ActorHandle] = []
         self._commits: list[tuple[int, list[int]]] = []
         self._releases: list[int] = []
@@ -150,12 +150,23 @@ class ShardGroupVerifier:
         timeout = self.spec.timeout_s
         init_method = ray.get(self.shards[0].rendezvous.remote(), timeout=timeout) if len(self.shards) > 1 else None
         fits = ray.get([shard.join.remote(init_method) for shard in self.shards], timeout=timeout)
-        if not self._built:  # every rank, and every rebuilt group, keeps the first group's pool size
-            self.kv_capacity = None if None in fits else min(fits, key=lambda c: c.num_blocks)
-            self._built = True
+        # Every shard holds at least this many blocks, so admitting by it holds for all of them.
+        smallest = min(fits, key=lambda cap: cap.num_blocks)
+        if self.kv_capacity is None:
+            self.kv_capacity = smallest
+        elif smallest.num_blocks < self.kv_capacity.num_blocks:  # the scheduler admits by the first group's
+            raise ShardGroupError(
+                f"rebuilt shards hold {smallest.num_blocks} KV blocks, fewer than the {self.kv_capacity.num_blocks} "
+                "the scheduler admits by"
+            )
+        # Every rank, and every rebuilt group, allocates the first group's pool size.
         ray.get([shard.allocate.remote(self.kv_capacity) for shard in self.shards], timeout=timeout)
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
+        return list(self.logits(items).float().split([len(item.logit_rows) for item in items]))
+
+    def logits(self, items: list[VerifyItem]) -> torch.Tensor:
+        """All items' logit rows, one after the other (on this host: rank 0 sends them)."""
         return self.collect(self.submit(items))
 
     def submit(self, items: list[VerifyItem]) -> list[ray.ObjectRef]:
@@ -167,8 +178,8 @@ class ShardGroupVerifier:
             self._commits, self._releases = [], []
             return refs
 
-    def collect(self, refs: list[ray.ObjectRef]) -> list[torch.Tensor]:
-        """Rank 0's logits of a submitted forward."""
+    def collect(self, refs: list[ray.ObjectRef]) -> torch.Tensor:
+        """Rank 0's logits of a submitted forward: all its items' logit rows, one after the other."""
         with self._failing():
             # Raises as soon as any rank fails, not after the slowest (a survivor may be stuck in a collective).
             logits, self._kv_usage = ray.get(refs, timeout=self.spec.timeout_s)[0]

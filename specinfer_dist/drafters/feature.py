@@ -23,7 +23,7 @@ import torch
 from specinfer_dist.drafters.base import DraftRequest
 from specinfer_dist.drafters.ssm import SSMDrafter, _Expansion
 from specinfer_dist.models.eagle3 import Eagle3Head
-from specinfer_dist.runtime.kv_cache import KVCache
+from specinfer_dist.runtime.kv_cache import PagedKVCache
 from specinfer_dist.tree.spec import TreeSpec
 
 
@@ -56,7 +56,7 @@ class FeatureDrafter(SSMDrafter):
             fused = self.head.fuse(aux.to(self.runner.dtype))
         self.features[request_id] = fused if pending is None else torch.cat((pending, fused))
 
-    def _chain(self, request: DraftRequest, cache: KVCache) -> list[int]:
+    def _chain(self, request: DraftRequest, cache: PagedKVCache) -> list[int]:
         pending = self.features.get(request.request_id)
         # Rows cache.length .. len(tokens) - 2 must all have features (the root's row is the last).
         if pending is None or cache.length + len(pending) < len(request.tokens) - 1:
@@ -74,8 +74,8 @@ class FeatureDrafter(SSMDrafter):
                 self.features[rid] = self.features[rid][n:]
             else:  # a new depth: each node reads its parent row's output
                 hidden.append(state.outputs[state.item.parents[-n:]])
-        ids, positions, segments, rows = self.runner.prepare([s.item for s in states])
-        out = self.head.step(ids, torch.cat(hidden), positions, segments)
+        (ids, positions, rows), meta = self.runner.prepare([s.item for s in states])
+        out = self.head.step(ids, torch.cat(hidden), positions, meta, self.runner.pool.kv[0])
         for state, chunk in zip(states, out.split([len(s.item.tokens) for s in states])):
             state.outputs = chunk if state.outputs is None else torch.cat((state.outputs, chunk))
         logits = self.head.target_logits(out[rows]).float().cpu()

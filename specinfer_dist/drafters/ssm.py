@@ -8,7 +8,7 @@ import torch
 
 from specinfer_dist.drafters.base import Drafter, DraftRequest, draft_generator
 from specinfer_dist.models.transformer import Transformer
-from specinfer_dist.runtime.kv_cache import KVCache
+from specinfer_dist.runtime.kv_cache import PagedKVCache
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.tree.dynamic import best_nodes, prune_tree
 from specinfer_dist.tree.sampling import sampling_probs
@@ -21,7 +21,7 @@ class _Expansion:
     """One request's tree under construction and how its nodes map to pending cache rows."""
 
     request: DraftRequest
-    cache: KVCache
+    cache: PagedKVCache
     tree: TokenTree
     chain_len: int  # committed tokens fed this step (the root is the last of them)
     max_depth: int
@@ -51,7 +51,7 @@ class SSMDrafter(Drafter):
         super().__init__(name, spec)
         self.draft_temperature = draft_temperature
         self.runner = ModelRunner(model)
-        self.caches: dict[int, KVCache] = {}
+        self.caches: dict[int, PagedKVCache] = {}
         self.generators: dict[int, torch.Generator] = {}
 
     def propose(self, requests: list[DraftRequest], max_depths: list[int]) -> list[TokenTree]:
@@ -109,7 +109,7 @@ class SSMDrafter(Drafter):
             step = q[token].log().item() if q is not None else log_q[rows[parent], token].item()
             state.scores.append(state.scores[parent] + step)
 
-    def _chain(self, request: DraftRequest, cache: KVCache) -> list[int]:
+    def _chain(self, request: DraftRequest, cache: PagedKVCache) -> list[int]:
         """Tokens fed before the tree: those committed since the last step, ending with the root
         (empty: nothing to draft from this step)."""
         return request.tokens[cache.length :]
@@ -142,5 +142,7 @@ class SSMDrafter(Drafter):
         state.item = RunItem(state.cache, tokens, parents, list(range(len(tokens))))
 
     def release(self, request_id: int) -> None:
-        self.caches.pop(request_id, None)
+        cache = self.caches.pop(request_id, None)
+        if cache is not None:
+            cache.free()
         self.generators.pop(request_id, None)

@@ -27,7 +27,6 @@ from specinfer_dist.models.eagle3 import Eagle3Head, load_eagle3
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.device import default_dtype, resolve_device
-from specinfer_dist.runtime.memory import kv_capacity_for
 from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
 from specinfer_dist.tree.spec import TreeSpec
@@ -167,13 +166,14 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
     ssms = load_ssms(config, target, progress) if config.mode != "incremental" else []
     head = load_feature_head(config, target) if config.mode != "incremental" else None
     plan = plan_drafting(config, target, ssms, progress)
-    capacity = kv_capacity_for(target.model, config.kv_blocks, config.kv_block_size, config.kv_memory_fraction)
     return EngineParts(
         tokenizer=target.tokenizer,
         model_config=target.model.config,
         eos_ids=target.eos_ids,
         sampling_defaults=target.sampling_defaults,
-        verifier=LocalVerifier(target.model, capacity),
+        verifier=LocalVerifier(
+            target.model, config.kv_blocks, config.kv_block_size, config.max_num_seqs, config.gpu_memory_utilization
+        ),
         drafters=make_drafters(config, plan, head),
         spec=plan.spec,
         mode=plan.mode,

@@ -36,8 +36,9 @@ from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.runtime.verifier import Verifier, VerifyItem
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import TreeSpec
+from specinfer_dist.tree.device_verify import NonFiniteProbabilities
 from specinfer_dist.tree.token_tree import TokenTree
-from specinfer_dist.tree.verify import verify_tree
+from specinfer_dist.tree.verify import verify_batch, verify_tree
 
 Prompt = str | list[int]
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ class LLMEngine:
         if len(self.feature_drafters) > 1:
             raise InvalidConfigError("at most one feature drafter")
         self.aux_layers = self.feature_drafters[0].aux_layers if self.feature_drafters else []
-        if self.feature_drafters and not hasattr(verifier, "forward_hidden"):
+        if self.feature_drafters and not hasattr(verifier, "logits_hidden"):
             raise InvalidConfigError("feature drafters need the in-process verifier (not the Ray runtime yet)")
         self.spec = spec
         self.mode = mode
@@ -246,18 +247,18 @@ class LLMEngine:
         start = time.perf_counter()
         whole, trees, failed = self._drop_failed(whole, self.draft(whole))
         drafted = time.perf_counter()
-        items = self.verify_items(whole, trees) + self.chunk_items(chunks)
-        try:
-            if not items:
-                logits, hidden = [], None
-            elif self.feature_drafters:  # they read the hidden states this forward computes anyway
-                logits, hidden = self.verifier.forward_hidden(items, self.aux_layers)
-            else:
-                logits, hidden = self.verifier.forward(items), None
-        except Exception as err:
-            self._fail_step([*whole, *(seq for seq, _ in chunks)], err)
-            raise
-        self.apply(whole, trees, items, logits, hidden)
+        items = self.verify_items(whole, trees) + self.chunk_items(chunks)  # chunks have no logit rows
+        hidden: list[torch.Tensor] | None = None
+        if items:
+            try:
+                if self.feature_drafters:  # they read the hidden states this forward computes anyway
+                    logits, hidden = self.verifier.logits_hidden(items, self.aux_layers)
+                else:
+                    logits = self.verifier.logits(items)
+            except Exception as err:
+                self._fail_step([*whole, *(seq for seq, _ in chunks)], err)
+                raise
+            self.apply(whole, trees, items, logits, hidden)
         self.commit_chunks(chunks, None if hidden is None else hidden[len(whole):])
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted
@@ -297,24 +298,39 @@ class LLMEngine:
         seqs: list[Sequence],
         trees: list[TokenTree],
         items: list[VerifyItem],
-        logits: list[torch.Tensor],
+        logits: torch.Tensor,
         hidden: list[torch.Tensor] | None = None,
     ) -> None:
-        """Verify each tree against the LLM's logits, commit the accepted path, end finished
-        requests; a request whose own verification or commit raises ends alone, with its error.
-        Feature drafters get the committed rows' ``hidden`` states."""
-        for i, (seq, tree, item, node_logits) in enumerate(zip(seqs, trees, items, logits)):
+        """Verify the trees against the LLM's logits (all trees' rows, one tree after another, where
+        the LLM ran) as one batch, commit the accepted paths, end finished requests. A request whose
+        own verification or commit raises ends alone, with its error: if the batch raises, each
+        request it did not verify is verified again on its own on the host (a sampled one with
+        fresh draws: exact in distribution). Feature drafters get the committed rows' ``hidden`` states."""
+        if not seqs:
+            return
+        per_request = logits.split([len(item.logit_rows) for item in items[: len(seqs)]])
+        settings = [(seq.params.temperature, seq.params.top_k, seq.params.top_p) for seq in seqs]
+        results: list[tuple[list[int], int] | None]
+        try:
+            results = verify_batch(trees, logits, settings, [seq.generator for seq in seqs], self.verify)
+        except NonFiniteProbabilities as err:  # the others' results stand; the bad ones fail below
+            results = err.results
+        except Exception:  # noqa: BLE001 - find which request it was: verify each alone below
+            results = [None] * len(seqs)
+        for i, (seq, tree, item, node_logits, result) in enumerate(zip(seqs, trees, items, per_request, results)):
             try:
-                self._apply_one(seq, tree, item, node_logits, None if hidden is None else hidden[i])
+                self._apply_one(seq, tree, item, node_logits, result, None if hidden is None else hidden[i])
             except Exception as err:  # noqa: BLE001 - one request's failure is its own
                 self._fail(seq, "verifying its step", err)
 
     def _apply_one(
-        self, seq: Sequence, tree: TokenTree, item: VerifyItem, node_logits: torch.Tensor, hidden: torch.Tensor | None
+        self, seq: Sequence, tree: TokenTree, item: VerifyItem, node_logits: torch.Tensor,
+        result: tuple[list[int], int] | None, hidden: torch.Tensor | None,
     ) -> None:
+        """Commit one request's verified step; ``result`` None: verify it here, on the host."""
         params = seq.params
-        accepted, bonus = verify_tree(
-            tree, node_logits, seq.generator, temperature=params.temperature, top_k=params.top_k,
+        accepted, bonus = result or verify_tree(
+            tree, node_logits.float().cpu(), seq.generator, temperature=params.temperature, top_k=params.top_k,
             top_p=params.top_p, method=self.verify,
         )
         chain_len = len(item.tokens) - len(tree)

@@ -25,7 +25,7 @@ Heads we train share the LLM's embedding and (restricted to the draft vocabulary
 config.json lists them under ``specinfer_shared_from_llm`` and the file omits them, so a head
 for the default LLM fits in the repository; ``save_eagle3(..., include_shared=True)`` writes a
 self-contained checkpoint for other engines. Like models/transformer.py, the module is
-cache-agnostic (KV stores come in ``segments``).
+cache-agnostic (the step's ``StepAttention`` says where K/V rows live).
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from specinfer_dist.errors import ModelLoadError
 from specinfer_dist.models.linear import Linear
 from specinfer_dist.models.architectures import family
 from specinfer_dist.models.layers import MLP, RMSNorm, RotaryEmbedding
-from specinfer_dist.models.transformer import Attention, Segment, Transformer
+from specinfer_dist.models.attention import StepAttention
+from specinfer_dist.models.transformer import Attention, Transformer
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
 # Other names published heads use for the same layout.
@@ -120,11 +121,11 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(hidden, config.rms_norm_eps)
         self.norm_before_residual = bool(getattr(config, "norm_before_residual", False))
 
-    def forward(self, embeds, hidden, cos, sin, positions, segments):
+    def forward(self, embeds, hidden, cos, sin, meta, kv):
         normed = self.hidden_norm(hidden)
         residual = normed if self.norm_before_residual else hidden
         x = torch.cat((self.input_layernorm(embeds), normed), dim=-1)
-        x = residual + self.self_attn(x, cos, sin, positions, segments)
+        x = residual + self.self_attn(x, cos, sin, meta, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -176,11 +177,13 @@ class Eagle3Head(nn.Module):
         return self.fc(aux)
 
     def step(
-        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, segments: Sequence[Segment]
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor, meta: StepAttention,
+        kv: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Pre-norm outputs [n, hidden] of the layer: fed back as the next step's hidden state."""
+        """Pre-norm outputs [n, hidden] of the layer: fed back as the next step's hidden state.
+        ``kv``: the layer's pool (inference) or None (``meta`` keeps the rows itself: training)."""
         cos, sin = self.rotary_emb(positions, hidden.dtype)
-        return self.midlayer(self.embed_tokens(input_ids), hidden, cos, sin, positions, segments)
+        return self.midlayer(self.embed_tokens(input_ids), hidden, cos, sin, meta, kv)
 
     def draft_logits(self, out: torch.Tensor) -> torch.Tensor:
         """Scores over the draft vocabulary [n, draft_vocab]."""

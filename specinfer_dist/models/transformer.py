@@ -1,9 +1,10 @@
 """A plain PyTorch decoder for the Llama family and its relatives (Llama 2/3.x, Mistral, Qwen2,
 Qwen3, Gemma 2, Gemma 3 text, Phi-3/4) that runs token trees.
 
-One forward takes a flat run of new tokens from several requests. Each request brings
-its own KV store and a boolean mask over [its stored rows + its new tokens], so a whole
-token tree (or a prompt, or one token) is one pass. Parameter names equal Hugging Face's
+One forward takes a flat run of new tokens from several requests (prompt chunks, token
+trees, single tokens) with an ``AttentionMetadata`` and one KV pool tensor per layer
+(models/attention.py): each layer writes the new K/V rows into the pool and runs one
+attention call for the whole batch. Parameter names equal Hugging Face's
 ``*ForCausalLM`` state dicts, so checkpoints load without renaming. The model knows
 nothing of ranks: tensor parallelism is applied to it from outside (it reads head counts
 from ``Attention.num_heads``/``num_kv_heads``, which a shard divides). How the families
@@ -12,15 +13,14 @@ differ, and what is refused: ``models/architectures.py``; the per-token pieces: 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 
 from specinfer_dist.models.architectures import Family, family
+from specinfer_dist.models.attention import StepAttention
 from specinfer_dist.models.layers import (
     MLP,
     FusedMLP,
@@ -32,24 +32,6 @@ from specinfer_dist.models.layers import (
     softcap,
 )
 from specinfer_dist.models.linear import Linear
-
-
-class KVStore(Protocol):
-    """What attention needs from a request's cache (see runtime/kv_cache.py)."""
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this forward's k/v ([kv_heads, n, head_dim]) and return all rows so far."""
-        ...
-
-
-@dataclass
-class Segment:
-    """One request's slice ``[start, end)`` of a flattened forward batch."""
-
-    start: int
-    end: int
-    cache: KVStore
-    mask: torch.Tensor  # bool [end - start, rows stored before + (end - start)]; True = may attend
 
 
 class Attention(nn.Module):
@@ -100,46 +82,12 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def forward(
-        self,
-        x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        positions: torch.Tensor,
-        segments: Sequence[Segment],
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepAttention, kv: torch.Tensor | None
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = self._qkv(x, cos, sin)
-        out = torch.empty_like(q)
-        for seg in segments:
-            keys, values = seg.cache.append(self.layer, k[:, seg.start : seg.end], v[:, seg.start : seg.end])
-            mask = seg.mask
-            if self.sliding_window is not None:
-                mask = mask & self._window_mask(positions[seg.start : seg.end], keys.shape[1], seg)
-            out[:, seg.start : seg.end] = attend(
-                q[None, :, seg.start : seg.end], keys[None], values[None], mask, self.scale, self.softcap
-            )[0]
-        return self.o_proj(out.transpose(0, 1).reshape(n, -1))
-
-    def _window_mask(self, q_pos: torch.Tensor, num_keys: int, seg: Segment) -> torch.Tensor:
-        # Stored rows hold consecutive positions 0..stored-1; the new rows' positions are q_pos.
-        stored = num_keys - q_pos.shape[0]
-        k_pos = torch.cat((torch.arange(stored, device=q_pos.device), q_pos))
-        return (q_pos[:, None] - k_pos[None, :]) < self.sliding_window
-
-
-def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, cap: float | None
-) -> torch.Tensor:
-    """Attention of q [1, heads, n, d] over k/v [1, kv_heads, rows, d] with a bool mask [n, rows]."""
-    if cap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-    # Attention-logit soft-capping (Gemma 2 configs that set attn_logit_softcapping): SDPA cannot cap
-    # its scores, so this path materialises them, in the order of HF's eager attention (scale,
-    # cap, mask, fp32 softmax, cast back).
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = softcap((q @ k.transpose(-1, -2)) * scale, cap).masked_fill(~mask, float("-inf"))
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        q, k, v = (t.transpose(0, 1) for t in self._qkv(x, cos, sin))  # [tokens, heads, head_dim]
+        out = meta.attend(q, k, v, kv, self.scale, self.sliding_window, self.softcap)
+        return self.o_proj(out.reshape(n, -1))
 
 
 def _sliding_window(config: PretrainedConfig, layer: int) -> int | None:
@@ -168,12 +116,12 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = fam.norm(hidden, eps)
             self.post_feedforward_layernorm = fam.norm(hidden, eps)
 
-    def forward(self, x, rope, positions, segments):
+    def forward(self, x, rope, meta, kv):
         cos, sin = rope[self.self_attn.rope]
         if not self.sandwich:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, segments)
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
             return x + self.mlp(self.post_attention_layernorm(x))
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, positions, segments))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, meta, kv))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
@@ -224,11 +172,13 @@ class Transformer(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        segments: Sequence[Segment],
+        meta: StepAttention,
+        kv: Sequence[torch.Tensor],
         logit_rows: torch.Tensor | None = None,
         aux_layers: Sequence[int] = (),
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits ([len(logit_rows) or tokens, vocab]) for a flat run of new tokens.
+        """Logits ([len(logit_rows) or tokens, vocab]) for a flat run of new tokens; ``kv[i]``
+        is layer i's pool, where this forward's K/V rows are written.
 
         Only ``logit_rows`` get the vocabulary projection: a prompt's earlier tokens need none.
         With ``aux_layers`` (feature drafters, models/eagle3.py) it returns (logits, aux): the
@@ -237,10 +187,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)
         rope = {key: emb(positions, x.dtype) for key, emb in self.model.rotary_emb.items()}
         captured = {}
-        for i, layer in enumerate(self.model.layers):
+        for i, (layer, layer_kv) in enumerate(zip(self.model.layers, kv)):
             if i in aux_layers:
                 captured[i] = x
-            x = layer(x, rope, positions, segments)
+            x = layer(x, rope, meta, layer_kv)
         if logit_rows is not None:
             x = x[logit_rows]
         logits = self.lm_head(self.model.norm(x))

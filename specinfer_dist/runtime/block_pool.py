@@ -4,6 +4,12 @@ Bounding memory by a pool (vLLM's PagedAttention idea) is what lets the schedule
 what fits, instead of requests failing or the process running out of memory mid-generation.
 Every tensor-parallel shard holds a pool of the same ``KVCapacity`` (its own share of the KV
 heads), so block accounting done once on the scheduler side holds for all of them.
+
+Layout: ``kv[layer]`` is ``[2, slots, kv_heads, head_dim]`` with slot = block * block_size +
+offset, the form attention reads and writes (models/attention.py). Blocks are zeroed when
+handed out, and block 0 (where block tables are padded) at once: attention masks out rows no
+one wrote, but a masked NaN would still poison a softmax. Memory is not touched up front, so on
+a CPU the resident set grows with use although the pool is reserved.
 """
 
 from __future__ import annotations
@@ -12,8 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from specinfer_dist.config import DEFAULT_BLOCK_SIZE
+from specinfer_dist.config import DEFAULT_BLOCK_SIZE, DEFAULT_GPU_MEMORY_UTILIZATION
 from specinfer_dist.errors import InvalidConfigError
+
+DEFAULT_CPU_KV_BYTES = 1 << 30  # KV pool budget on a CPU when kv_blocks is not given
 
 
 @dataclass(frozen=True)
@@ -31,8 +39,49 @@ class KVCapacity:
         return -(-rows // self.block_size)
 
 
+def block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, block_size: int) -> int:
+    return num_layers * 2 * num_kv_heads * head_dim * block_size * dtype.itemsize
+
+
+def auto_capacity(
+    num_layers: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    max_rows: int | None = None,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+) -> KVCapacity:
+    """A pool sized from memory. CUDA: what is left of ``gpu_memory_utilization`` of the device
+    after everything allocated so far (load the weights first), as vLLM does. Elsewhere:
+    ``DEFAULT_CPU_KV_BYTES``. Never more than ``max_rows`` rows need (all requests at full length)."""
+    per_block = block_bytes(num_layers, num_kv_heads, head_dim, dtype, block_size)
+    if device.type == "cuda":
+        if not 0 < gpu_memory_utilization <= 1:
+            raise InvalidConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        free, total = torch.cuda.mem_get_info(device)
+        budget = free - (1 - gpu_memory_utilization) * total
+    else:
+        budget = DEFAULT_CPU_KV_BYTES
+    blocks = int(budget // per_block)
+    if max_rows is not None:
+        blocks = min(blocks, -(-max_rows // block_size))
+    if blocks < 1:
+        raise InvalidConfigError(
+            f"no memory left for a KV pool on {device} ({budget / 2**20:.0f} MiB free within the budget, a block "
+            f"needs {per_block / 2**20:.1f} MiB); lower the model size or raise gpu_memory_utilization"
+        )
+    return KVCapacity(blocks, block_size)
+
+
 class BlockPool:
-    """Preallocated K/V for ``capacity.num_blocks`` blocks, and which of them are free."""
+    """Preallocated K/V for ``capacity.num_blocks`` blocks, and which of them are free.
+
+    A ``growable`` pool (drafters' caches, tools) doubles its storage instead of running out;
+    block ids stay valid, so caches do not notice. The LLM's pool never grows: the scheduler
+    admits by its capacity.
+    """
 
     def __init__(
         self,
@@ -42,14 +91,15 @@ class BlockPool:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        growable: bool = False,
     ) -> None:
         self.capacity = capacity
-        # Blocks on dim 3: one index_select gathers a request's K and V of a layer, and the
-        # result views as [2, kv_heads, rows, head_dim] without a second copy.
+        self.growable = growable
         self.kv = torch.empty(
-            num_layers, 2, num_kv_heads, capacity.num_blocks, capacity.block_size, head_dim, dtype=dtype, device=device
+            num_layers, 2, capacity.num_blocks * capacity.block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
         self._free = list(range(capacity.num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._zero([0])
 
     @property
     def block_size(self) -> int:
@@ -65,9 +115,25 @@ class BlockPool:
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
-            # The scheduler reserves every step's worst case, so this is a bug, not load.
-            raise RuntimeError(f"KV block pool exhausted: {n} blocks wanted, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+            if not self.growable:
+                # The scheduler reserves every step's worst case, so this is a bug, not load.
+                raise RuntimeError(f"KV block pool exhausted: {n} blocks wanted, {len(self._free)} free")
+            self._grow(max(2 * self.capacity.num_blocks, self.num_used + n))
+        blocks = [self._free.pop() for _ in range(n)]
+        self._zero(blocks)
+        return blocks
+
+    def _zero(self, blocks: list[int]) -> None:
+        if blocks:
+            self.kv.unflatten(2, (-1, self.block_size))[:, :, blocks] = 0
+
+    def _grow(self, num_blocks: int) -> None:
+        old = self.capacity.num_blocks
+        grown = self.kv.new_empty(*self.kv.shape[:2], num_blocks * self.block_size, *self.kv.shape[3:])
+        grown[:, :, : self.kv.shape[2]] = self.kv
+        self.kv = grown
+        self.capacity = KVCapacity(num_blocks, self.block_size)
+        self._free[:0] = range(num_blocks - 1, old - 1, -1)  # new blocks handed out after the old free ones
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))

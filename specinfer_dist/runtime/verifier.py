@@ -1,8 +1,9 @@
 """The LLM side of a step: one forward over every request's new tokens, then commits.
 
-``LocalVerifier`` keeps the LLM and the per-request KV caches in this process. A group of
-tensor-parallel shards offers the same calls, so the engine does not care where the
-LLM runs; it only tracks how many of each request's tokens are cached (``Sequence.num_cached``).
+``LocalVerifier`` keeps the LLM and the per-request KV caches (blocks of one pool) in this
+process. A group of tensor-parallel shards offers the same calls, so the engine does not care
+where the LLM runs; it only tracks how many of each request's tokens are cached
+(``Sequence.num_cached``).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from typing import Protocol
 
 import torch
 
+from specinfer_dist.config import DEFAULT_BLOCK_SIZE
 from specinfer_dist.models.transformer import Transformer
-from specinfer_dist.runtime.block_pool import BlockPool, KVCapacity
-from specinfer_dist.runtime.kv_cache import KVCacheBase, PagedKVCache
+from specinfer_dist.runtime.block_pool import DEFAULT_GPU_MEMORY_UTILIZATION, KVCapacity, auto_capacity
+from specinfer_dist.runtime.kv_cache import PagedKVCache
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem
 
 
@@ -29,47 +31,75 @@ class VerifyItem:
 
 
 class Verifier(Protocol):
-    # The KV pool every shard holds (None: caches grow unbounded); the scheduler admits by it.
-    kv_capacity: KVCapacity | None
+    # The KV pool every shard holds; the scheduler admits by it.
+    kv_capacity: KVCapacity
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]: ...
+
+    def logits(self, items: list[VerifyItem]) -> torch.Tensor: ...
 
     def commit(self, request_id: int, keep: list[int]) -> None: ...
 
     def release(self, request_id: int) -> None: ...
 
 
-class LocalVerifier:
-    """``kv_capacity`` None keeps each request's cache in its own growing tensor; otherwise
-    all caches share one preallocated block pool of that size."""
+def pool_capacity(
+    model: Transformer,
+    kv_blocks: int | None = None,
+    kv_block_size: int = DEFAULT_BLOCK_SIZE,
+    max_num_seqs: int = 16,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+) -> KVCapacity:
+    """The LLM's KV pool (the one sizing policy, also for each TP shard): ``kv_blocks`` blocks,
+    or (None) as many as memory allows (runtime/block_pool.py: auto_capacity), capped by what
+    ``max_num_seqs`` requests at the model's full context need. Call it after loading the weights."""
+    if kv_blocks is not None:
+        return KVCapacity(kv_blocks, kv_block_size)
+    param = next(model.parameters())
+    return auto_capacity(
+        model.num_layers, model.num_kv_heads, model.head_dim, param.dtype, param.device, kv_block_size,
+        max_num_seqs * model.max_positions, gpu_memory_utilization,
+    )
 
-    def __init__(self, model: Transformer, kv_capacity: KVCapacity | None = None) -> None:
-        self.runner = ModelRunner(model)
-        self.kv_capacity = kv_capacity
-        self.pool = None if kv_capacity is None else BlockPool(
-            kv_capacity, model.num_layers, model.num_kv_heads, model.head_dim, self.runner.dtype, self.runner.device
-        )
-        self.caches: dict[int, KVCacheBase] = {}
+
+class LocalVerifier:
+    """All caches share one preallocated block pool, sized by ``pool_capacity``."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        kv_blocks: int | None = None,
+        kv_block_size: int = DEFAULT_BLOCK_SIZE,
+        max_num_seqs: int = 16,
+        gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    ) -> None:
+        capacity = pool_capacity(model, kv_blocks, kv_block_size, max_num_seqs, gpu_memory_utilization)
+        self.runner = ModelRunner(model, capacity)
+        self.pool = self.runner.pool
+        self.kv_capacity = capacity
+        self.caches: dict[int, PagedKVCache] = {}
 
     def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
         """Logits for each item's ``logit_rows``; the items' tokens stay pending in the caches."""
-        return self.runner.forward(self._run_items(items))
+        return list(self.logits(items).float().cpu().split([len(item.logit_rows) for item in items]))
 
-    def forward_hidden(self, items: list[VerifyItem], aux_layers: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """``forward`` that also returns every item row's hidden states entering ``aux_layers``
-        (feature drafters read them; the same forward, no extra LLM pass)."""
-        return self.runner.forward_hidden(self._run_items(items), aux_layers)
+    def logits(self, items: list[VerifyItem]) -> torch.Tensor:
+        """All items' logit rows, one after the other, on the LLM's device."""
+        return self.runner.run(self._run_items(items))
+
+    def logits_hidden(self, items: list[VerifyItem], aux_layers: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``logits`` plus every item row's hidden states entering ``aux_layers``, per item and on
+        the device (feature drafters read them; the same forward, no extra LLM pass)."""
+        logits, aux = self.runner.run(self._run_items(items), aux_layers)
+        return logits, list(aux.split([len(item.tokens) for item in items]))
 
     def _run_items(self, items: list[VerifyItem]) -> list[RunItem]:
         run = []
         for item in items:
             if item.request_id not in self.caches:
-                self.caches[item.request_id] = self._new_cache()
+                self.caches[item.request_id] = self.runner.new_cache()
             run.append(RunItem(self.caches[item.request_id], item.tokens, item.parents, item.logit_rows))
         return run
-
-    def _new_cache(self) -> KVCacheBase:
-        return self.runner.new_cache() if self.pool is None else PagedKVCache(self.pool)
 
     def commit(self, request_id: int, keep: list[int]) -> None:
         """Keep these pending rows (the uncached prefix and the accepted path); drop the rest."""
@@ -80,6 +110,6 @@ class LocalVerifier:
         if cache is not None:
             cache.free()
 
-    def kv_usage(self) -> float | None:
-        """Fraction of the pool's blocks in use (None without a pool: nothing to fill)."""
-        return None if self.pool is None else self.pool.num_used / self.pool.capacity.num_blocks
+    def kv_usage(self) -> float:
+        """Fraction of the pool's blocks in use."""
+        return self.pool.num_used / self.pool.capacity.num_blocks

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import transformers
 from torch import nn
 from tqdm import tqdm
@@ -41,7 +42,6 @@ from specinfer_dist.models.eagle3 import (
     save_eagle3,
 )
 from specinfer_dist.models.loader import resolve_model_dir
-from specinfer_dist.models.transformer import Segment
 from specinfer_dist.runtime.model_runner import RunItem, chain_parents
 from specinfer_dist.training import prompts as P
 from specinfer_dist.training.data import DataConfig, llm_answers, load_hf
@@ -78,27 +78,37 @@ class FeatureTrainConfig:
     compare_ssms: list[str] | None = None  # SSM sources scored on the same held-out rows (None: the default's)
 
 
-class _TrainKV:
-    """A KV store that keeps every unrolled step's rows (with gradients) for Attention."""
+class UnrolledAttention:
+    """The head's attention during training (a ``StepAttention``, models/attention.py): keeps
+    every unrolled step's K/V rows, with gradients, and lets row t of step j see exactly the rows
+    it sees when drafting: its sequence's feature rows <= t - j and, at each step i in 1..j, its
+    own chain's row t - (j - i). Rows of all sequences are flat; they never see each other."""
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    def __init__(self, rows: list[int], device: torch.device) -> None:
+        self.seq = torch.cat([torch.full((r,), b, device=device) for b, r in enumerate(rows)])
+        self.t = torch.cat([torch.arange(r, device=device) for r in rows])
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
 
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.k = k if self.k is None else torch.cat((self.k, k), dim=1)
-        self.v = v if self.v is None else torch.cat((self.v, v), dim=1)
-        return self.k, self.v
+    def mask(self, step: int) -> torch.Tensor:
+        """Bool [rows, (step + 1) * rows] for unrolled step ``step``."""
+        same = self.seq[:, None] == self.seq[None, :]
+        blocks = [same & (self.t[None, :] <= (self.t - step)[:, None])]
+        for i in range(1, step + 1):
+            blocks.append(same & (self.t[None, :] == (self.t - (step - i))[:, None]))
+        return torch.cat(blocks, dim=1)
 
-
-def ttt_mask(rows: int, step: int, device: torch.device) -> torch.Tensor:
-    """Bool [rows, (step + 1) * rows]: row t of unrolled step j sees feature rows <= t - j and,
-    at each step i in 1..j, its own chain's row t - (j - i)."""
-    t = torch.arange(rows, device=device)
-    blocks = [torch.arange(rows, device=device)[None, :] <= (t - step)[:, None]]
-    for i in range(1, step + 1):
-        blocks.append(torch.arange(rows, device=device)[None, :] == (t - (step - i))[:, None])
-    return torch.cat(blocks, dim=1)
+    def attend(self, q, k, v, pool, scale, sliding_window, softcap):
+        assert pool is None and sliding_window is None and softcap is None, "an EAGLE-3 head's plain attention"
+        self.k.append(k)
+        self.v.append(v)
+        step = len(self.k) - 1
+        keys, values = (torch.cat(t).transpose(0, 1)[None] for t in (self.k, self.v))  # [1, kv_heads, keys, d]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None], keys, values, attn_mask=self.mask(step), scale=scale,
+            enable_gqa=q.shape[1] != k.shape[1],
+        )
+        return out[0].transpose(0, 1)
 
 
 def unroll(head: Eagle3Head, aux: torch.Tensor, ids: torch.Tensor, lengths: list[int], steps: int) -> list[torch.Tensor]:
@@ -109,12 +119,11 @@ def unroll(head: Eagle3Head, aux: torch.Tensor, ids: torch.Tensor, lengths: list
     tokens = torch.cat([ids[b, 1:n] for b, n in enumerate(lengths)])
     positions = torch.cat([torch.arange(r, device=device) for r in rows])
     hidden = head.fuse(torch.cat([aux[b, : n - 1] for b, n in enumerate(lengths)]))
-    stores = [_TrainKV() for _ in rows]
+    attention = UnrolledAttention(rows, device)
     starts = [0, *torch.tensor(rows).cumsum(0).tolist()]
     logits = []
-    for j in range(steps):
-        segments = [Segment(starts[b], starts[b + 1], stores[b], ttt_mask(r, j, device)) for b, r in enumerate(rows)]
-        out = head.step(tokens, hidden, positions, segments)
+    for _ in range(steps):
+        out = head.step(tokens, hidden, positions, attention, None)
         logits.append(head.draft_logits(out))
         # Next step: row t reads this step's output of row t - 1 (row 0 has none: zeros, never scored).
         hidden = torch.cat([torch.cat((out[s : s + 1] * 0, out[s : e - 1])) for s, e in zip(starts, starts[1:])])

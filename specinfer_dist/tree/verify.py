@@ -6,8 +6,12 @@ so every step yields ``len(accepted) + 1`` tokens.
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
+from specinfer_dist.tree.device_verify import NonFiniteProbabilities, mss_draws, verify_greedy_batch, verify_mss_batch
 from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.token_tree import TokenTree
 
@@ -103,3 +107,51 @@ def verify_naive(tree: TokenTree, target: torch.Tensor, generator: torch.Generat
 
 
 SAMPLED_VERIFIERS = {"mss": verify_mss, "naive": verify_naive}
+
+
+def verify_batch(
+    trees: Sequence[TokenTree],
+    logits: torch.Tensor,
+    settings: Sequence[tuple[float, int, float]],
+    generators: Sequence[torch.Generator],
+    method: str = "mss",
+) -> list[tuple[list[int], int]]:
+    """Verify a batch where its logits are: greedy (temperature 0) and MSS as batched tensor ops
+    (tree/device_verify.py), the naive baseline per request on the host. ``settings[i]`` is
+    request i's (temperature, top_k, top_p); ``logits`` holds the trees' node rows one tree
+    after another."""
+    sizes = [len(tree) for tree in trees]
+    per_tree = logits.split(sizes)
+    out: list[tuple[list[int], int] | None] = [None] * len(trees)
+    greedy = [i for i, (temperature, _, _) in enumerate(settings) if temperature == 0]
+    if greedy:
+        rows = logits if len(greedy) == len(trees) else torch.cat([per_tree[i] for i in greedy])
+        got = verify_greedy_batch([trees[i] for i in greedy], rows)
+        for i, result in zip(greedy, got):
+            out[i] = result
+    sampled = [i for i, (temperature, _, _) in enumerate(settings) if temperature != 0]
+    if sampled and method == "naive":
+        for i in sampled:
+            temperature, top_k, top_p = settings[i]
+            out[i] = verify_tree(trees[i], per_tree[i].float().cpu(), generators[i], temperature=temperature,
+                                 top_k=top_k, top_p=top_p, method=method)
+    elif sampled:
+        # One processed-p call per distinct setting (most batches share one).
+        target = torch.empty(sum(sizes[i] for i in sampled), logits.shape[1], dtype=torch.float64, device=logits.device)
+        offsets = np.cumsum([0] + [sizes[i] for i in sampled])
+        groups: dict[tuple[float, int, float], list[int]] = {}
+        for j, i in enumerate(sampled):
+            groups.setdefault(settings[i], []).append(j)
+        for setting, members in groups.items():
+            rows = torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in members]).to(logits.device)
+            target[rows] = sampling_probs(torch.cat([per_tree[sampled[j]] for j in members]), *setting)
+        draws = [mss_draws(trees[i], generators[i]) for i in sampled]
+        try:
+            got = verify_mss_batch([trees[i] for i in sampled], target, draws)
+        except NonFiniteProbabilities as err:  # raise it for the whole batch, with the others' results
+            for i, result in zip(sampled, err.results):
+                out[i] = result
+            raise NonFiniteProbabilities(out) from None
+        for i, result in zip(sampled, got):
+            out[i] = result
+    return out  # type: ignore[return-value]
