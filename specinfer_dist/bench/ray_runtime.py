@@ -1,5 +1,6 @@
-"""Throughput of the Ray runtime, side by side in one run: TP=1/2 x pipelining off/on, and the
-in-process engine, at several concurrencies (generated tokens per second).
+"""Throughput of the Ray runtime, side by side in one run: TP=1/2 x pipelining off/on x drafters
+in draft workers or co-located in the coordinator, and the in-process engine, at several
+concurrencies (generated tokens per second).
 
     python -m specinfer_dist.bench.ray_runtime --tp 1,3 --concurrency 1,4,16 --max-tokens 16 --repeats 2 \
         --out docs/bench/cpu/ray/results.json
@@ -53,11 +54,13 @@ def run(config: EngineConfig, tps: list[int], concurrency: list[int], max_tokens
     torch.set_num_threads(1)  # the local engine gets what one shard gets (cpus_per_shard: 1)
     engines: dict[str, Any] = {"local": AsyncLLMEngine(LLMEngine.from_config(config))}
     # Logical CPUs: every setup's actors stay placed at once.
-    ray.init(address="local", num_cpus=4 * len(tps) * (max(tps) + 2), include_dashboard=False)
+    ray.init(address="local", num_cpus=8 * len(tps) * (max(tps) + 2), include_dashboard=False)
     for tp in tps:
         for pipeline in (False, True):
-            name = f"ray tp={tp} pipeline={'on' if pipeline else 'off'}"
-            engines[name] = CoordinatorClient.from_config(config, ClusterConfig(tp=tp, pipeline=pipeline))
+            for colocate in (False, True):
+                name = f"ray tp={tp} pipeline={'on' if pipeline else 'off'} drafters={'colocated' if colocate else 'worker'}"
+                cluster = ClusterConfig(tp=tp, pipeline=pipeline, colocate_drafters=colocate)
+                engines[name] = CoordinatorClient.from_config(config, cluster)
     rows = []
     try:
         for engine in engines.values():
