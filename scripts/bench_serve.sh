@@ -6,8 +6,11 @@
 # speedup and latency plots, and summary.md with the table.
 # Smaller runs: CONCURRENCY=1,2 NUM_REQUESTS=4 MAX_TOKENS=8 OUT=/tmp/serve ./scripts/bench_serve.sh
 # Mixed lengths (short requests' TTFT behind long prompts): LONG_FRACTION=0.1 LONG_PROMPT_TOKENS=8000
+# Other setups: SETUPS="label:key=value,key=value ..." (engine options over configs/serve.yaml,
+# values in YAML; the first label is the baseline of the table), e.g. chunked prefill off vs on:
+#   SETUPS="whole-prompts:max_num_batched_tokens=null chunked:" LONG_FRACTION=0.1 ...
 # Against an older commit in the same run: BASELINE=<commit> also serves that commit's code (a
-# temporary worktree on PYTHONPATH, its configs/serve.yaml, this venv) as labels <mode>-<commit>.
+# temporary worktree on PYTHONPATH, its configs/serve.yaml, this venv) as labels <label>-<commit>.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/bootstrap.sh
@@ -18,7 +21,9 @@ LONG_FRACTION="${LONG_FRACTION:-0}"  # > 0: that share of requests has a LONG_PR
 LONG_PROMPT_TOKENS="${LONG_PROMPT_TOKENS:-8000}"
 OUT="${OUT:-docs/bench/cpu/serve}"
 START_TIMEOUT_S="${START_TIMEOUT_S:-600}"
+SETUPS="${SETUPS:-incremental:mode=incremental tree:mode=tree}"
 BASELINE="${BASELINE:-}"
+venv="$PWD/.venv"
 
 work=$(mktemp -d)
 server_pid=""
@@ -44,19 +49,22 @@ free_port() {
   .venv/bin/python -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"
 }
 
-run_setup() {  # $1 mode, $2 label, $3 the checkout whose code and configs/serve.yaml serve
-  local mode=$1 label=$2 checkout=$3
-  .venv/bin/python - "$mode" "$checkout/configs/serve.yaml" "$work/$label.yaml" <<'EOF'
+run_setup() {  # $1 engine overrides (key=value,...), $2 label, $3 the checkout whose code and configs/serve.yaml serve
+  local overrides=$1 label=$2 checkout=$3
+  .venv/bin/python - "$overrides" "$checkout/configs/serve.yaml" "$work/$label.yaml" <<'EOF'
 import sys, yaml
 config = yaml.safe_load(open(sys.argv[2]))
-config["engine"]["mode"] = sys.argv[1]  # incremental drafts nothing; tree: the config's SSMs and tree
+for pair in filter(None, sys.argv[1].split(",")):  # e.g. mode=incremental: drafts nothing
+    key, _, value = pair.partition("=")
+    config["engine"][key] = yaml.safe_load(value)
 open(sys.argv[3], "w").write(yaml.safe_dump(config))
 EOF
   port=$(free_port)
   grpc_port=$(free_port)
   # No --address: a private local Ray cluster, with Ray's token authentication on (its default).
-  PYTHONPATH="$checkout" SPECINFER_API_KEY_FILE="$work/api_key" .venv/bin/specinfer-dist serve \
-    --config "$work/$label.yaml" --port "$port" --grpc-port "$grpc_port" > "$work/$label.log" 2>&1 &
+  # Started from the checkout: Ray puts the driver's directory first on its workers' sys.path.
+  (cd "$checkout" && PYTHONPATH="$checkout" SPECINFER_API_KEY_FILE="$work/api_key" exec "$venv/bin/specinfer-dist" \
+    serve --config "$work/$label.yaml" --port "$port" --grpc-port "$grpc_port" > "$work/$label.log" 2>&1) &
   server_pid=$!
   deadline=$((SECONDS + START_TIMEOUT_S))
   until .venv/bin/python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)" \
@@ -77,7 +85,8 @@ EOF
 
 if [ -n "$BASELINE" ]; then
   git worktree add --detach "$work/base" "$BASELINE" > /dev/null
-  for mode in incremental tree; do run_setup "$mode" "$mode-$BASELINE" "$work/base"; done
+  for setup in $SETUPS; do run_setup "${setup#*:}" "${setup%%:*}-$BASELINE" "$work/base"; done
 fi
-for mode in incremental tree; do run_setup "$mode" "$mode" "$PWD"; done
-.venv/bin/specinfer-dist bench-serve --compare "$OUT" --baseline incremental | tee "$OUT/summary.md"
+for setup in $SETUPS; do run_setup "${setup#*:}" "${setup%%:*}" "$PWD"; done
+first=${SETUPS%% *}
+.venv/bin/specinfer-dist bench-serve --compare "$OUT" --baseline "${first%%:*}${BASELINE:+-$BASELINE}" | tee "$OUT/summary.md"

@@ -87,9 +87,10 @@ class EngineConfig(_Section):
     max_num_seqs: int = option(16, "requests decoded together per step")
     speculation_max_batch: int | None = option(
         None, "with more requests running, decode without drafting (default: always draft)")
-    max_num_batched_tokens: int | None = option(
-        2048, "most LLM tokens per step: decode/verify rows of running requests first, then prompt chunks "
-        "(chunked prefill: a long prompt is prefilled over several steps; None: each prompt in one step)")
+    max_num_batched_tokens: int | str | None = option(
+        "auto", "most LLM tokens per step: decode/verify rows of running requests first, then prompt chunks "
+        "(chunked prefill: a long prompt is prefilled over several steps). auto: 2048 on CUDA, 128 on a CPU; "
+        "None (YAML null): each prompt in one step")
     max_queued_seqs: int | None = option(
         256, "most sequences waiting for a place in the running batch; beyond it serving refuses new ones (429); "
         "None: no limit")
@@ -122,7 +123,10 @@ class EngineConfig(_Section):
                f"generation_config must be one of {', '.join(GENERATION_CONFIGS)}, got {self.generation_config!r}")
         for name in ("tree_budget", "max_num_seqs", "kv_block_size", "max_seqs_per_request"):
             _check(_positive_int(getattr(self, name)), f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("speculation_max_batch", "kv_blocks", "max_num_batched_tokens", "max_queued_seqs"):
+        budget = self.max_num_batched_tokens
+        _check(budget in (None, "auto") or _positive_int(budget),
+               f"max_num_batched_tokens must be a positive integer, 'auto' or null, got {budget!r}")
+        for name in ("speculation_max_batch", "kv_blocks", "max_queued_seqs"):
             value = getattr(self, name)
             _check(value is None or _positive_int(value), f"{name} must be a positive integer, got {value!r}")
         u = self.gpu_memory_utilization

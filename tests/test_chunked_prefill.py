@@ -5,8 +5,6 @@ sampling exact by G-test and seed for seed)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections import Counter
 
 import pytest
@@ -18,7 +16,12 @@ from test_engine_exact import noisy_copy
 from test_mss import NEW_TOKENS, VOCAB, ckpts, exact_distribution, g_test  # noqa: F401 - ckpts is a fixture
 
 from specinfer_dist import LLMEngine, SamplingParams
+from specinfer_dist.bench.chunked_prefill import head_of_line, long_prompt
+from specinfer_dist.config import EngineConfig
 from specinfer_dist.engine.async_engine import AsyncLLMEngine
+from specinfer_dist.engine.builder import scheduling_options
+from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.runtime.device import default_max_batched_tokens
 
 BUDGET = 32
 
@@ -50,6 +53,18 @@ class ForwardLog:
             return real(items)
 
         engine.verifier.logits = logits
+
+
+def test_step_budget_auto_follows_the_device():
+    """auto: vLLM's 2048 where the LLM runs on a GPU, 128 on a CPU (the README's head-of-line
+    measurement); a number or null (no chunks) as given; anything else refused."""
+    assert default_max_batched_tokens(torch.device("cuda")) == 2048
+    assert scheduling_options(EngineConfig(device="cpu"))["max_num_batched_tokens"] == 128
+    assert scheduling_options(EngineConfig(max_num_batched_tokens=512))["max_num_batched_tokens"] == 512
+    assert scheduling_options(EngineConfig(max_num_batched_tokens=None))["max_num_batched_tokens"] is None
+    for bad in (0, "big", 1.5):
+        with pytest.raises(InvalidConfigError, match="max_num_batched_tokens"):
+            EngineConfig(max_num_batched_tokens=bad)
 
 
 @pytest.mark.parametrize("mode,kv_blocks", [("tree", None), ("tree", 64), ("incremental", None)])
@@ -135,41 +150,20 @@ def test_async_stream_with_chunked_prompt_matches_generate(models):
 
 @pytest.mark.slow
 def test_short_request_ttft_while_an_8k_prompt_is_prefilled():
-    """Head-of-line blocking, on the default SmolLM2 (context 8192): 4-token requests sent while
-    an 8000-token prompt is being prefilled in chunks. Without chunks each would wait for the
-    whole prefill (~100 s). What is checked is the order, not a time: each short request gets its
-    first token while the long prompt is still being prefilled. The times are printed (a chunk
-    step costs more late in the prompt, as each chunk attends to everything cached so far)."""
-    chunk = 128
-    engine = LLMEngine.load("default", ssms=["none"], mode="incremental", max_num_batched_tokens=chunk)
+    """Head-of-line blocking, on the default SmolLM2 (context 8192) with the default step budget:
+    4-token requests sent while an 8000-token prompt is being prefilled in chunks. Without chunks
+    each would wait for the whole prefill. What is checked is the order, not a time: each short
+    request gets its first token while the long prompt is still being prefilled. The times are
+    printed; `python -m specinfer_dist.bench.chunked_prefill` compares chunk sizes."""
+    engine = LLMEngine.load("default", ssms=["none"], mode="incremental")
+    chunk = engine.max_num_batched_tokens
+    assert chunk == default_max_batched_tokens(engine.verifier.runner.device)
     served = AsyncLLMEngine(engine)
-    long_prompt = [(i * 7919) % 40000 + 100 for i in range(8000)]
-    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-
-    async def ttft_once_cached(tokens: int) -> float:
-        while not any(c.length >= tokens for c in list(engine.verifier.caches.values())):
-            await asyncio.sleep(0.05)
-        sent = time.perf_counter()
-        gen = served.generate([1, 2, 3, 4], params)
-        await gen.__anext__()
-        ttft = time.perf_counter() - sent
-        await gen.aclose()
-        cached = max(c.length for c in list(engine.verifier.caches.values()))
-        assert cached < len(long_prompt) - 1, "the short request waited for the whole long prefill"
-        return ttft
-
-    async def main():
-        long_stream = served.generate(long_prompt, SamplingParams(temperature=0, max_tokens=1))
-        long_task = asyncio.create_task(long_stream.__anext__())
-        ttfts = [await ttft_once_cached(n) for n in (1000, 6000)]
-        long_task.cancel()  # the generator's cleanup aborts the long request
-        with contextlib.suppress(asyncio.CancelledError):
-            await long_task
-        return ttfts
-
+    prompt = long_prompt(8000)
     try:
-        early, late = asyncio.run(main())
+        (early, seen_early), (late, seen_late) = head_of_line(served, prompt, [1000, 6000])
     finally:
         served.shutdown()
+    assert max(seen_early, seen_late) < len(prompt) - 1, "a short request waited for the whole long prefill"
     print(f"TTFT of a 4-token request with an 8000-token prompt in flight (chunk {chunk} tokens): "
           f"{early:.2f} s at 1000 tokens cached, {late:.2f} s at 6000")

@@ -80,7 +80,7 @@ class Coordinator:
             **parts,
             verifier=self.verifier,
             drafters=drafters,
-            **scheduling_options(engine),
+            **scheduling_options(shard_engine),  # the budget for the shards' device
         )
         self.served = AsyncLLMEngine(llm)
         return self.served.tokenizer

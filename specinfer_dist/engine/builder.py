@@ -26,7 +26,7 @@ from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.eagle3 import Eagle3Head, load_eagle3
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.models.transformer import Transformer
-from specinfer_dist.runtime.device import default_dtype, resolve_device
+from specinfer_dist.runtime.device import default_dtype, default_max_batched_tokens, resolve_device
 from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
 from specinfer_dist.tree.spec import TreeSpec
@@ -182,12 +182,16 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
 
 
 def scheduling_options(config: EngineConfig) -> dict[str, Any]:
-    """The ``LLMEngine`` arguments taken from the config as they are, wherever its parts run."""
+    """The ``LLMEngine`` arguments taken from the config, wherever its parts run (``config.device``:
+    where the LLM runs, which sets the ``auto`` step budget)."""
+    budget = config.max_num_batched_tokens
+    if budget == "auto":
+        budget = default_max_batched_tokens(resolve_device(config.device))
     return {
         "verify": config.verify,
         "max_num_seqs": config.max_num_seqs,
         "speculation_max_batch": config.speculation_max_batch,
-        "max_num_batched_tokens": config.max_num_batched_tokens,
+        "max_num_batched_tokens": budget,
         "max_queued_seqs": config.max_queued_seqs,
         "max_seqs_per_request": config.max_seqs_per_request,
     }
