@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import json
 import time
-from pathlib import Path
 from typing import Any
 
+from specinfer_dist.bench.common import report
 from specinfer_dist.engine.async_engine import AsyncLLMEngine
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.runtime.device import machine
@@ -100,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     chunks = [None if c == "none" else int(c) for c in args.chunks.split(",")]
     rows = run(chunks, args.prompt_tokens, [int(n) for n in args.cached_at.split(",")], args.prefill_tokens)
-    result = json.dumps({"machine": machine(), "prompt_tokens": args.prompt_tokens, "results": rows}, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(result + "\n")
-    print(result)
+    report({"machine": machine(), "prompt_tokens": args.prompt_tokens, "results": rows}, args.out)
     return 0
 
 

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from importlib import resources
+from pathlib import Path
+from typing import Any
 
 import torch
 
 # Held out: tree tuning calibrates on its own prompts (tuning/calibration.jsonl).
 BENCH_PROMPTS = str(resources.files(__package__).joinpath("prompts.jsonl"))
+
+
+def report(result: dict[str, Any], out: str | None) -> None:
+    """Print a benchmark's JSON result, and write it to ``out`` when given."""
+    text = json.dumps(result, indent=1)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text + "\n")
+    print(text)
 
 
 class PeakMemory:

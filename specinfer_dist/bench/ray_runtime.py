@@ -18,13 +18,12 @@ import asyncio
 import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
-from specinfer_dist.bench.common import BENCH_PROMPTS
+from specinfer_dist.bench.common import BENCH_PROMPTS, report
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import CoordinatorClient
 from specinfer_dist.engine.async_engine import AsyncLLMEngine
@@ -98,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(llm=args.llm, ssms=[args.ssm], tree=args.tree)
     tps = [int(t) for t in args.tp.split(",")]
     rows = run(config, tps, [int(c) for c in args.concurrency.split(",")], args.max_tokens, args.repeats)
-    result = json.dumps({"machine": machine(), "engine": vars(config), "results": rows}, indent=1)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(result + "\n")
-    print(result)
+    report({"machine": machine(), "engine": vars(config), "results": rows}, args.out)
     return 0
 
 
