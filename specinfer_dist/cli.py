@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     ray_args.add_argument("--draft-workers", type=int, help="data-parallel draft workers (default 1)")
     ray_args.add_argument("--no-pipeline", dest="pipeline", action="store_const", const=False,
                           help="do not overlap drafting and verification")
+    ray_args.add_argument("--colocate-drafters", dest="colocate_drafters", action="store_const", const=True,
+                          help="draft inside the coordinator instead of draft workers (needed by --feature-drafter)")
     add_options(gen, EngineConfig)
     gen.set_defaults(run=_generate)
 

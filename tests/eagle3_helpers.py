@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from helpers import make_tiny_checkpoint
+
 from specinfer_dist.models.eagle3 import Eagle3Head, default_aux_layers, eagle3_config, save_eagle3
 
 
@@ -24,3 +26,10 @@ def make_eagle3_head(tmp_path: Path, llm_dir: Path, draft_ids: list[int] | None 
         head.lm_head.weight.mul_(logit_scale)
     return save_eagle3(head, tempfile.mkdtemp(dir=tmp_path, prefix="eagle3-"))
 
+
+
+def make_feature_models(tmp_path: Path) -> tuple[Path, Path]:
+    """(LLM, head): a tiny LLM with a small vocabulary and peaked distributions, and a random head
+    drafting 18 of its tokens, sharpened, so that random drafts are sometimes accepted."""
+    llm = make_tiny_checkpoint(tmp_path, "llama", seed=1, num_hidden_layers=4, word_vocab=24, initializer_range=0.3)
+    return llm, make_eagle3_head(tmp_path, llm, draft_ids=list(range(2, 20)), logit_scale=3.0)

@@ -1,5 +1,6 @@
 """The Ray runtime: exact across tensor parallelism and pipelining, under load, and through
-worker and shard failures; tensor parallelism itself against the unsharded model.
+worker and shard failures; a feature drafter co-located in the coordinator, fed by shard rank 0;
+tensor parallelism itself against the unsharded model.
 
 One private Ray instance serves the module. GPUs are simulated by a custom resource, so
 placement is exercised as on a GPU cluster while shards run on CPU with gloo.
@@ -10,14 +11,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import pytest
 import ray
 import torch
 import transformers
+from eagle3_helpers import make_feature_models
 from exactness import assert_greedy_equal, hf_greedy
 from helpers import make_tiny_checkpoint
+from ray.util.placement_group import remove_placement_group
 from test_engine_exact import noisy_copy
 from tp_helpers import assert_shards_match
 
@@ -26,15 +30,25 @@ from specinfer_dist.cli import main
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import Coordinator, CoordinatorClient
 from specinfer_dist.distributed.pipeline import PipelinedEngine
-from specinfer_dist.distributed.placement import actor_options, bundles, coordinator_options, stage_device
+from specinfer_dist.distributed.placement import (
+    actor_options,
+    bundles,
+    coordinator_options,
+    reserve,
+    stage_device,
+)
 from specinfer_dist.distributed.tp import shard_model
+from specinfer_dist.distributed.verifier_shard import ShardGroupVerifier
 from specinfer_dist.engine.async_engine import EngineStepError
 from specinfer_dist.engine.builder import build_parts
 from specinfer_dist.models.loader import load_model
+from specinfer_dist.runtime.model_runner import chain_parents
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
 SIM_GPU = "sim_gpu"
 TREE = "1,2,1,1"
+FEATURE_TREE = "2,1,1"
+FEATURE_BUDGET = 24  # LLM rows per step: longer prompts are prefilled in chunks, whose hidden states are read too
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +62,16 @@ def models(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clients(models):
-    """A TP=1 runtime without pipelining and a TP=2 one (a real gloo group) with it."""
+def ray_cluster():
+    """The module's one Ray instance."""
     ray.init(address="local", num_cpus=16, resources={SIM_GPU: 4}, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def clients(models, ray_cluster):
+    """A TP=1 runtime without pipelining and a TP=2 one (a real gloo group) with it."""
     engine_config = models[0]
     base = ClusterConfig(gpu_resource=SIM_GPU, step_timeout_s=60)
     # TP=2 also places its draft worker on half a (simulated) GPU.
@@ -60,7 +81,6 @@ def clients(models):
     yield started
     for client in started.values():
         client.shutdown()
-    ray.shutdown()
 
 
 def reference(local: LLMEngine, batch: list[list[int]], params) -> list[list[int]]:
@@ -84,14 +104,17 @@ def run_all(client, batch, params) -> list[tuple[list[int], list]]:
     return asyncio.run(main())
 
 
+Forward = tuple[torch.Tensor, list[torch.Tensor] | None]  # logits, hidden states (or None)
+
+
 class EagerVerifier(LocalVerifier):
     """The local stage with the remote one's submit/collect (its forward runs at submit)."""
 
-    def submit(self, items: list[VerifyItem]) -> torch.Tensor:
-        return self.logits(items)
+    def submit(self, items: list[VerifyItem], aux_layers: Sequence[int] = ()) -> Forward:
+        return self.logits_hidden(items, aux_layers) if aux_layers else (self.logits(items), None)
 
-    def collect(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+    def collect(self, done: Forward) -> Forward:
+        return done
 
 
 def test_greedy_identical_across_runtimes(models, clients):
@@ -263,6 +286,99 @@ def test_colocated_drafters_and_tree_auto_on_the_verifier(models, clients):
             assert_greedy_equal(hf, prompt, got, want)
     finally:
         client.shutdown()
+
+
+# ---- a feature drafter (EAGLE-3 head) in the coordinator, fed by verifier rank 0 --------------
+
+
+@pytest.fixture(scope="module")
+def feature_models(tmp_path_factory):
+    llm, head = make_feature_models(tmp_path_factory.mktemp("dist-feature"))
+    config = EngineConfig(llm=str(llm), ssms=[], feature_drafter=str(head), tree=FEATURE_TREE,
+                          max_num_batched_tokens=FEATURE_BUDGET)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
+    return config, LLMEngine.from_config(config), hf
+
+
+@pytest.fixture(scope="module")
+def feature_client(feature_models, ray_cluster):
+    """TP=2 (a real gloo group), a forward always in flight, the head drafting in the coordinator."""
+    cluster = ClusterConfig(tp=2, gpus_per_shard=0, colocate_drafters=True, pipeline=True, step_timeout_s=60)
+    client = CoordinatorClient(Coordinator.options(**coordinator_options(cluster)).remote(feature_models[0], cluster))
+    yield client
+    client.shutdown()
+
+
+def feature_prompts(lengths: list[int], seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, 24, (n,), generator=gen).tolist() for n in lengths]  # the tiny word vocabulary
+
+
+def test_feature_drafter_on_ray_tp2_pipelined_equals_transformers(feature_models, feature_client):
+    _, local, hf = feature_models
+    info = feature_client.info()
+    assert info["colocated_drafters"] and info["pipeline"] and info["mode"] == "tree"
+    assert len(feature_client.actors()["shards"]) == 2 and feature_client.actors()["draft_workers"] == []
+    batch = feature_prompts([7, 40, 3, 18, 31, 12])  # 40 and 31 are prefilled in chunks
+    params = [SamplingParams(temperature=0, max_tokens=m) for m in (20, 14, 24, 1, 16, 20)]
+    results = run_all(feature_client, batch, params)
+    for prompt, sp, (got, _), ref in zip(batch, params, results, reference(local, batch, params)):
+        assert_greedy_equal(hf, prompt, got, ref)
+        assert_greedy_equal(hf, prompt, got, hf_greedy(hf, prompt, sp.max_tokens))
+    stats = [deltas[-1].stats for _, deltas in results]
+    assert sum(s.drafted_tokens for s in stats) > 0  # the head drafted from the shards' hidden states
+    assert sum(s.generated_tokens for s in stats) / sum(s.steps for s in stats) > 1  # and was accepted
+
+
+def test_feature_drafter_on_ray_drafts_what_it_drafts_locally(feature_models, feature_client):
+    # One request at a time, so every step (chunks included) is the local engine's: fed by rank 0
+    # of a TP=2 group through the pipeline, the head drafts and gets accepted exactly as locally.
+    _, local, hf = feature_models
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    for prompt in feature_prompts([5, 50, 17], seed=1):  # 50 tokens: two chunks, then the rest with a tree
+        [(got, deltas)] = run_all(feature_client, [prompt], [params])
+        [want] = local.generate([prompt], params)
+        assert_greedy_equal(hf, prompt, got, want.token_ids)
+        assert deltas[-1].stats == want.stats
+    assert want.stats.accepted_tokens > 0
+
+
+def test_shard_group_returns_whole_hidden_states_from_rank0(feature_models, ray_cluster):
+    # The contract of LocalVerifier.logits_hidden, over a TP=2 group: the residual stream rank 0
+    # captures is whole (replicated after each all-reduce), not a slice.
+    config, local, _ = feature_models
+    cluster = ClusterConfig(tp=2, gpus_per_shard=0, colocate_drafters=True, step_timeout_s=60)
+    [group] = reserve(cluster)
+    shards = ShardGroupVerifier(replace(config, device="cpu"), cluster, group)
+    here = LocalVerifier(local.verifier.runner.model)
+    steps = [  # (items, then the rows each request keeps)
+        ([VerifyItem(0, [5, 9, 13, 21, 7], chain_parents(5), [4]), VerifyItem(1, [8, 6], [-1, 0], [0, 1])],
+         [(0, [0, 1, 2, 3, 4]), (1, [0, 1])]),
+        ([VerifyItem(0, [12, 13, 14, 15], [-1, 0, 0, 1], [0, 1, 2, 3]), VerifyItem(1, [9], [-1], [0])],
+         [(0, [0, 1]), (1, [0])]),
+    ]
+    try:
+        for items, keeps in steps:
+            want_logits, want_hidden = here.logits_hidden(items, local.aux_layers)
+            got_logits, got_hidden = shards.logits_hidden(items, local.aux_layers)
+            torch.testing.assert_close(got_logits, want_logits, atol=1e-4, rtol=1e-4)  # all-reduce order
+            width = 3 * here.runner.model.config.hidden_size  # three whole layers, not slices
+            assert [h.shape for h in got_hidden] == [(len(item.tokens), width) for item in items]
+            for got, want in zip(got_hidden, want_hidden, strict=True):
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+            for request_id, keep in keeps:
+                here.commit(request_id, keep)
+                shards.commit(request_id, keep)
+        _, hidden = shards.collect(shards.submit([VerifyItem(0, [3], [-1], [0])]))
+        assert hidden is None  # not asked for: not shipped
+    finally:
+        shards.shutdown()
+        remove_placement_group(group)
+
+
+def test_feature_drafter_without_colocation_is_a_clear_error(feature_models, ray_cluster):
+    with pytest.raises(InvalidConfigError, match="colocate_drafters"):
+        CoordinatorClient(Coordinator.remote(feature_models[0], ClusterConfig(pipeline=False)))
 
 
 @pytest.mark.slow

@@ -111,6 +111,24 @@ def test_missing_embedding_comes_from_the_llm_and_shared_head_is_its_draft_rows(
     assert torch.equal(again.lm_head.weight, llm.lm_head.weight[DRAFT_IDS])
 
 
+def test_shared_tensors_are_read_for_an_llm_loaded_without_weights(tmp_path):
+    # A process that only drafts (the Ray coordinator) holds the LLM on the meta device: the head
+    # reads just the tensors it shares from the LLM's checkpoint, and equals the head loaded beside the LLM.
+    llm_dir = make_tiny_checkpoint(tmp_path, "llama", num_hidden_layers=5)
+    full = load_model(str(llm_dir))[0]
+    published_checkpoint(tmp_path / "pub", full.config.vocab_size, with_embed=False)
+    shared = save_eagle3(load_eagle3(tmp_path / "pub", full), tmp_path / "shared",
+                         shared=["embed_tokens.weight", "lm_head.weight"])
+    meta = load_model(str(llm_dir), weights=False)[0]
+    head = load_eagle3(shared, meta, device="cpu")
+    held = {name for name, p in meta.named_parameters() if not p.is_meta}
+    assert held == {"model.embed_tokens.weight", "lm_head.weight"}
+    assert head.embed_tokens.weight is meta.model.embed_tokens.weight
+    want = load_eagle3(shared, full).state_dict()
+    for name, tensor in head.state_dict().items():
+        assert tensor.device.type == "cpu" and torch.equal(tensor, want[name]), name
+
+
 def test_default_aux_layers():
     assert default_aux_layers(32) == [2, 16, 29]
     assert default_aux_layers(30) == [2, 15, 27]  # SmolLM2-135M

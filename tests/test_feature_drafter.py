@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
-from eagle3_helpers import make_eagle3_head
+from eagle3_helpers import make_eagle3_head, make_feature_models
 from exactness import assert_greedy_equal, hf_greedy
 from helpers import make_tiny_checkpoint
 from test_mss import ALPHA, NEW_TOKENS, PROMPT, TopKButClaimsDrawn, exact_distribution, g_test, noisy_copy, sample
@@ -25,9 +25,7 @@ MAX_NEW = 20
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("feature")
-    # A small vocabulary and peaked distributions, so random drafts are sometimes accepted.
-    llm = make_tiny_checkpoint(tmp, "llama", seed=1, num_hidden_layers=4, word_vocab=24, initializer_range=0.3)
-    head = make_eagle3_head(tmp, llm, draft_ids=list(range(2, 20)), logit_scale=3.0)
+    llm, head = make_feature_models(tmp)  # random drafts are sometimes accepted
     ssm = noisy_copy(llm, tmp / "ssm", 0.5, 3)
     hf = transformers.AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32).eval()
     return str(llm), str(head), ssm, hf

@@ -1,6 +1,7 @@
 """Tensor parallelism checked without Ray: tiny checkpoints sharded over a real gloo group of
-processes, every rank's logits compared with the unsharded model's, for both ways of getting
-a shard: ``shard_model`` on a loaded model, and the loader reading only the rank's slices.
+processes, every rank's logits and hidden states (the residual stream entering each layer, what
+feature drafters read) compared with the unsharded model's, for both ways of getting a shard:
+``shard_model`` on a loaded model, and the loader reading only the rank's slices.
 
 Kept apart from the test modules so that the spawned ranks import only what they run.
 """
@@ -20,13 +21,20 @@ from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
 
 def tp_logits(model) -> list[torch.Tensor]:
-    """A prompt, then a token tree below it, for two requests in one batch."""
+    """A prompt, then a token tree below it, for two requests in one batch: each item's logits,
+    then its rows' hidden states entering every layer (whole on a shard, not a slice)."""
     verifier = LocalVerifier(model)
-    first = verifier.forward([VerifyItem(0, [5, 9, 30, 41], [-1, 0, 1, 2], [3]), VerifyItem(1, [7, 8], [-1, 0], [0, 1])])
+    layers = list(range(model.num_layers))
+
+    def run(items: list[VerifyItem]) -> list[torch.Tensor]:
+        logits, hidden = verifier.logits_hidden(items, layers)
+        return [*logits.float().split([len(item.logit_rows) for item in items]), *(h.float() for h in hidden)]
+
+    first = run([VerifyItem(0, [5, 9, 30, 41], [-1, 0, 1, 2], [3]), VerifyItem(1, [7, 8], [-1, 0], [0, 1])])
     verifier.commit(0, [0, 1, 2, 3])
     verifier.commit(1, [0, 1])
     tree = VerifyItem(0, [12, 13, 14, 15], [-1, 0, 0, 1], [0, 1, 2, 3])
-    return first + verifier.forward([tree, VerifyItem(1, [99], [-1], [0])])
+    return first + run([tree, VerifyItem(1, [99], [-1], [0])])
 
 
 def _rank(rank: int, world_size: int, port: int, model_dirs: list[str], out: str) -> None:
@@ -43,7 +51,7 @@ def _rank(rank: int, world_size: int, port: int, model_dirs: list[str], out: str
 
 def assert_shards_match(model_dirs: list[Path], tmp_path: Path, world_size: int = 2) -> None:
     """Every model, sharded ``world_size`` ways in one group of processes, gives every rank the
-    unsharded model's logits."""
+    unsharded model's logits and hidden states."""
     dirs = [str(d) for d in model_dirs]
     want = [tp_logits(load_model(d, progress=False)[0]) for d in dirs]
     with socket.socket() as sock:

@@ -9,6 +9,11 @@ drafted (pipeline.py). With ``cluster.colocate_drafters`` the drafters run insid
 (on its GPU share, beside verifier rank 0 on one GPU): no Ray round trip per draft, at the
 price of drafting and the engine loop sharing one process. Start-up order: the shards load
 (and measure ``tree: auto`` on their own device), then the drafters get the resolved tree.
+
+A feature drafter (EAGLE-3 head) needs ``colocate_drafters``: it reads the accepted rows' hidden
+states every step, and verifier rank 0 returns them with the logits of the same forward, so here
+they arrive with no extra LLM pass and no extra Ray hop on the critical path (a draft worker
+would need them shipped on, one more round trip per step). Without co-location ``start`` refuses.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from specinfer_dist.engine.async_engine import AsyncLLMEngine, Counters, Request
 from specinfer_dist.engine.builder import scheduling_options
 from specinfer_dist.engine.engine import LLMEngine, Prompt
 from specinfer_dist.engine.outputs import RequestOutput
+from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.runtime.sampling_params import SamplingParams
 
@@ -54,6 +60,12 @@ class Coordinator:
         """Place and load every stage; returns the tokenizer. A method rather than the
         constructor, so that a bad model path reaches the caller as the engine's own error."""
         engine, cluster = self.config
+        if engine.feature_drafter is not None and engine.mode != "incremental" and not cluster.colocate_drafters:
+            # Before anything is placed: the coordinator's GPU share was set by this flag when it started.
+            raise InvalidConfigError(
+                "a feature drafter runs inside the coordinator, where verifier rank 0 sends the hidden states: "
+                "set cluster.colocate_drafters: true (--colocate-drafters)"
+            )
         cluster = resolve_gpus(cluster)
         self.groups = reserve(cluster)
         shard_engine = replace(engine, device=stage_device(cluster, cluster.gpus_per_shard))

@@ -10,7 +10,9 @@ trees in one round trip per worker. The engine sees one ``RemoteDrafter`` per ho
 and merges their trees as usual.
 
 With ``cluster.colocate_drafters`` the same ``Drafting`` is built inside the coordinator
-instead (no Ray hop per step; see coordinator.py).
+instead (no Ray hop per step; see coordinator.py). A feature drafter (EAGLE-3 head) is built only
+there: it reads the hidden states that verifier rank 0 returns with the logits, which reach the
+coordinator and no worker; the coordinator refuses one without co-location.
 
 Ray restarts a worker that dies. Until it answers again its requests move to the other
 workers (whose caches then start from the prompt), or get no draft at all: the root-only
@@ -29,12 +31,7 @@ from ray.exceptions import RayActorError
 
 from specinfer_dist.config import EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
-from specinfer_dist.engine.builder import (
-    load_ssms,
-    load_target,
-    make_drafters,
-    plan_drafting,
-)
+from specinfer_dist.engine.builder import load_drafting, load_target, make_drafters
 from specinfer_dist.errors import SpecInferError
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
@@ -45,7 +42,7 @@ MAX_RESTARTS = 3  # a worker that keeps dying only costs speed, never correctnes
 @dataclass
 class Drafting:
     """Drafters built in this process, the engine parts that come with them, and the LLM they
-    were built against (on the meta device but for the tensors its SSMs share)."""
+    were built against (on the meta device but for the tensors its SSMs and feature head share)."""
 
     drafters: list[Drafter]
     parts: dict[str, Any]  # LLMEngine arguments: tokenizer, model_config, eos_ids, sampling_defaults, spec, mode
@@ -53,13 +50,13 @@ class Drafting:
 
     @classmethod
     def build(cls, engine: EngineConfig) -> "Drafting":
-        # The LLM never runs here: it reads only the tensors SSMs share (and its vocabulary checks
-        # them); tree: auto must arrive resolved (plan_drafting refuses to measure a meta LLM).
+        # The LLM never runs here: it reads only the tensors SSMs and a feature head share (and its
+        # vocabulary checks them); tree: auto must arrive resolved (plan_drafting refuses to measure a meta LLM).
         target = load_target(engine, weights=False)
-        plan = plan_drafting(engine, target, load_ssms(engine, target) if engine.mode != "incremental" else [])
+        plan, head = load_drafting(engine, target)
         parts = {"tokenizer": target.tokenizer, "model_config": target.model.config, "eos_ids": target.eos_ids,
                  "sampling_defaults": target.sampling_defaults, "spec": plan.spec, "mode": plan.mode}
-        return cls(make_drafters(engine, plan), parts, target.model)
+        return cls(make_drafters(engine, plan, head), parts, target.model)
 
     def llm_tensors(self) -> dict[str, str]:
         """The LLM parameters this process holds in memory (name -> device)."""

@@ -18,6 +18,10 @@ forward is in flight are skipped (their rows are freed by the release queued for
 Prompt chunks (chunked prefill) and requests whose drafting failed are handled by the plain
 step: while any running request still has prompt chunks to cache, or nothing is in flight
 and a drafter failed, the engine steps plainly (exact either way), then pipelines again.
+
+A feature drafter gets the hidden states of the forward that verified its request's tree, with
+the logits (``submit(items, aux_layers)``), and observes the committed rows in ``apply`` before
+that request is drafted again: it sees what it would see without pipelining.
 """
 
 from __future__ import annotations
@@ -44,8 +48,9 @@ class _InFlight:
 
 
 class PipelinedEngine(LLMEngine):
-    """LLMEngine whose verifier offers ``submit(items) -> handle`` and ``collect(handle) ->
-    logits`` (ShardGroupVerifier); see the module docstring. Without drafters it steps plainly."""
+    """LLMEngine whose verifier offers ``submit(items, aux_layers) -> handle`` and ``collect(handle)
+    -> (logits, per-item hidden states or None)`` (ShardGroupVerifier); see the module docstring.
+    Without drafters it steps plainly."""
 
     pipeline = True
     _inflight: _InFlight | None = None
@@ -73,7 +78,7 @@ class PipelinedEngine(LLMEngine):
         failed += failed_later  # overlaps the forward in flight
         drafted = time.perf_counter()
         try:
-            logits = self.verifier.collect(done.handle)
+            logits, hidden = self.verifier.collect(done.handle)
         except BaseException:
             self._inflight = None
             raise
@@ -85,7 +90,8 @@ class PipelinedEngine(LLMEngine):
         if len(keep) < len(done.items):  # the kept requests' logit rows, still one after another
             per_item = logits.split([len(item.logit_rows) for item in done.items])
             logits = torch.cat(pick(per_item)) if keep else logits[:0]
-        self.apply(pick(done.seqs), pick(done.trees), pick(done.items), logits)
+        hidden = None if hidden is None else pick(hidden)  # feature drafters observe the committed rows
+        self.apply(pick(done.seqs), pick(done.trees), pick(done.items), logits, hidden)
         self.timing["draft_s"] += drafted - start
         self.timing["verify_s"] += time.perf_counter() - drafted  # forward time not hidden by drafting
         return failed + pick(done.seqs)
@@ -95,4 +101,6 @@ class PipelinedEngine(LLMEngine):
 
     def _submit(self, seqs: list[Sequence], trees: list[TokenTree]) -> _InFlight:
         items = self.verify_items(seqs, trees)
-        return _InFlight(seqs, trees, items, [seq.num_cached for seq in seqs], self.verifier.submit(items))
+        # Feature drafters read this forward's hidden states (aux_layers is empty without one).
+        handle = self.verifier.submit(items, self.aux_layers)
+        return _InFlight(seqs, trees, items, [seq.num_cached for seq in seqs], handle)

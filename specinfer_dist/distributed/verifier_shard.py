@@ -15,13 +15,19 @@ used, and it is cached per device name and tensor-parallel size. Draft workers n
 
 ``submit`` returns the ranks' object refs at once and ``collect`` waits for them, so the
 coordinator can keep a forward in flight while it works (pipeline.py).
+
+Feature drafters (EAGLE-3 heads) run in the coordinator (coordinator.py) and read the hidden
+states of the very forward that verifies: asked for ``aux_layers``, rank 0 returns every row's
+residual stream entering those layers with the logits (one CPU tensor in the LLM's dtype). On a
+tensor-parallel shard that stream is whole, not sliced: the embedding is replicated and every
+row-parallel projection all-reduces before it is added (tp.py). No extra LLM pass, no extra hop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -106,22 +112,41 @@ class VerifierShard:
         return (list(spec.widths) if spec else None), chosen
 
     def step(
-        self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem]
-    ) -> tuple[torch.Tensor, float | None] | None:
+        self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem],
+        aux_layers: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float | None] | None:
         """Apply the queued commits and releases, then one forward; rank 0 returns all items'
-        logit rows (one tensor, as ``LocalVerifier.logits``) and its KV pool's usage."""
+        logit rows (one tensor, as ``LocalVerifier.logits``), with ``aux_layers`` every item row's
+        hidden states entering them (one tensor, items one after another; else None), and its KV
+        pool's usage."""
         for request_id, keep in commits:
             self.verifier.commit(request_id, keep)
         for request_id in releases:
             self.verifier.release(request_id)
-        logits = self.verifier.logits(items)
-        if self.rank:
+        if self.rank:  # only rank 0's outputs are used: the others skip gathering hidden states
+            self.verifier.logits(items)
             return None
-        return logits.to("cpu", copy=True), self.verifier.kv_usage()  # a copy: pickling a view ships its base
+        hidden = None
+        if aux_layers:
+            logits, per_item = self.verifier.logits_hidden(items, list(aux_layers))
+            hidden = torch.cat(per_item).to("cpu")  # one tensor of its own: pickled views would each ship the base
+        else:
+            logits = self.verifier.logits(items)
+        return logits.to("cpu", copy=True), hidden, self.verifier.kv_usage()  # a copy: pickling a view ships its base
+
+
+@dataclass
+class Submitted:
+    """A forward in flight: the ranks' object refs and, when hidden states were asked for,
+    each item's row count (to split rank 0's one tensor by)."""
+
+    refs: list[ray.ObjectRef]
+    rows: list[int] | None
 
 
 class ShardGroupVerifier:
-    """The Verifier protocol over ``cluster.tp`` VerifierShards in placement group ``pg``.
+    """The Verifier protocol over ``cluster.tp`` VerifierShards in placement group ``pg``, with
+    ``logits_hidden`` for feature drafters (as ``LocalVerifier``'s, on this host).
 
     If a shard dies, fails or hangs, ``forward`` kills the whole group (a survivor may be stuck
     in a collective) and raises ShardGroupError, so the requests in that step end with an error
@@ -167,23 +192,33 @@ class ShardGroupVerifier:
 
     def logits(self, items: list[VerifyItem]) -> torch.Tensor:
         """All items' logit rows, one after the other (on this host: rank 0 sends them)."""
-        return self.collect(self.submit(items))
+        return self.collect(self.submit(items))[0]
 
-    def submit(self, items: list[VerifyItem]) -> list[ray.ObjectRef]:
-        """Send one forward (with the queued commits and releases) to every rank; returns at once."""
+    def logits_hidden(
+        self, items: list[VerifyItem], aux_layers: Sequence[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``logits`` plus every item row's hidden states entering ``aux_layers``, per item (as
+        ``LocalVerifier.logits_hidden``, but on this host): the same forward, no extra LLM pass."""
+        return self.collect(self.submit(items, aux_layers))
+
+    def submit(self, items: list[VerifyItem], aux_layers: Sequence[int] = ()) -> Submitted:
+        """Send one forward (with the queued commits and releases) to every rank; returns at once.
+        With ``aux_layers``, ``collect`` also returns the rows' hidden states entering them."""
         with self._failing():
             if not self.shards:  # the last group failed (or its rebuild did)
                 self.build()
-            refs = [shard.step.remote(self._commits, self._releases, items) for shard in self.shards]
+            aux = list(aux_layers)
+            refs = [shard.step.remote(self._commits, self._releases, items, aux) for shard in self.shards]
             self._commits, self._releases = [], []
-            return refs
+            return Submitted(refs, [len(item.tokens) for item in items] if aux else None)
 
-    def collect(self, refs: list[ray.ObjectRef]) -> torch.Tensor:
-        """Rank 0's logits of a submitted forward: all its items' logit rows, one after the other."""
+    def collect(self, submitted: Submitted) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Rank 0's results of a submitted forward: all its items' logit rows, one after the other,
+        and (if asked for) each item's hidden states [len(item.tokens), k * hidden], else None."""
         with self._failing():
             # Raises as soon as any rank fails, not after the slowest (a survivor may be stuck in a collective).
-            logits, self._kv_usage = ray.get(refs, timeout=self.spec.timeout_s)[0]
-            return logits
+            logits, hidden, self._kv_usage = ray.get(submitted.refs, timeout=self.spec.timeout_s)[0]
+        return logits, None if hidden is None else list(hidden.split(submitted.rows))
 
     def kv_usage(self) -> float | None:
         """Rank 0's KV pool usage after the last collected forward (None without a pool)."""

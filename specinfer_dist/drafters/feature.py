@@ -52,8 +52,8 @@ class FeatureDrafter(SSMDrafter):
         aux = aux[expected - start :]  # a recomputed prefix (after preemption) is already here
         if len(aux) == 0:
             return
-        with torch.inference_mode():
-            fused = self.head.fuse(aux.to(self.runner.dtype))
+        with torch.inference_mode():  # aux may come from another device (the Ray runtime ships it on the CPU)
+            fused = self.head.fuse(aux.to(self.runner.device, self.runner.dtype))
         self.features[request_id] = fused if pending is None else torch.cat((pending, fused))
 
     def _chain(self, request: DraftRequest, cache: PagedKVCache) -> list[int]:

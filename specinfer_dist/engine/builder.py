@@ -103,11 +103,13 @@ def load_ssms(config: EngineConfig, target: Target, progress: bool = False) -> l
 
 
 def load_feature_head(config: EngineConfig, target: Target) -> Eagle3Head | None:
-    """The configured EAGLE-3 head on the LLM's device, sharing what it omits from the LLM."""
+    """The configured EAGLE-3 head on ``config.device`` in the LLM's dtype, sharing what it omits
+    from the LLM (read from its checkpoint if ``target`` was loaded without weights)."""
     if config.feature_drafter is None:
         return None
     source = feature_drafter_source(config.llm, config.feature_drafter)
-    return load_eagle3(source, target.model, next(target.model.parameters()).dtype)
+    dtype = target.model.model.norm.weight.dtype  # never shared, so the LLM's dtype even on meta
+    return load_eagle3(source, target.model, dtype, resolve_device(config.device))
 
 
 def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer], progress: bool = False) -> DraftPlan:
@@ -134,9 +136,19 @@ def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer],
     return DraftPlan(mode, spec.as_sequence() if mode == "sequence" else spec, ssms)
 
 
+def load_drafting(config: EngineConfig, target: Target, progress: bool = False) -> tuple[DraftPlan, Eagle3Head | None]:
+    """What the drafters are made from (``make_drafters``): the plan with its SSMs, and the
+    feature head; neither loads anything when decoding is incremental."""
+    drafting = config.mode != "incremental"
+    ssms = load_ssms(config, target, progress) if drafting else []
+    head = load_feature_head(config, target) if drafting else None
+    return plan_drafting(config, target, ssms, progress), head
+
+
 def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Head | None = None) -> list[Drafter]:
-    """The drafters; a feature drafter needs its loaded head (it reads the LLM's hidden states,
-    so it runs next to the verifier, never in a separate draft worker)."""
+    """The drafters; a feature drafter needs its loaded head. It reads the hidden states of the
+    verifier's forward, so it runs where they arrive: beside a local verifier, or in the Ray
+    runtime's coordinator (fed by verifier rank 0), never in a separate draft worker."""
     if plan.mode == "incremental":
         return []
     drafters: list[Drafter] = [
@@ -145,7 +157,7 @@ def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Hea
     drafters.extend(model_free_drafter(name, plan.spec) for name in config.drafters)
     if config.feature_drafter is not None:
         if feature_head is None:
-            raise InvalidConfigError("feature drafters run in the process of the LLM (not the Ray runtime yet)")
+            raise InvalidConfigError("a feature drafter needs its head loaded (load_feature_head)")
         drafters.append(FeatureDrafter(feature_head, plan.spec, "feature", config.draft_temperature))
     return drafters
 
@@ -163,9 +175,7 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
     """Everything a single-process engine needs: the LLM verifies here, the drafters draft here.
     Engines built from one ``target`` share its weights (each has its own KV caches)."""
     target = target or load_target(config, progress)
-    ssms = load_ssms(config, target, progress) if config.mode != "incremental" else []
-    head = load_feature_head(config, target) if config.mode != "incremental" else None
-    plan = plan_drafting(config, target, ssms, progress)
+    plan, head = load_drafting(config, target, progress)
     return EngineParts(
         tokenizer=target.tokenizer,
         model_config=target.model.config,

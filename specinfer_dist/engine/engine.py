@@ -53,7 +53,8 @@ class LLMEngine:
     ``speculation_max_batch`` requests running, a step decodes without drafting. Requests that
     leave temperature/top_p/top_k unset get ``sampling_defaults`` (the model's
     generation_config.json), else OpenAI's. A feature drafter among the drafters (drafters/feature.py)
-    gets the hidden states the verifier's forward captures for the tokens it commits.
+    gets the hidden states the verifier's forward captures for the tokens it commits (a local
+    verifier, or rank 0 of the Ray runtime's shards: ``logits_hidden``).
     """
 
     def __init__(
@@ -96,7 +97,7 @@ class LLMEngine:
             raise InvalidConfigError("at most one feature drafter")
         self.aux_layers = self.feature_drafters[0].aux_layers if self.feature_drafters else []
         if self.feature_drafters and not hasattr(verifier, "logits_hidden"):
-            raise InvalidConfigError("feature drafters need the in-process verifier (not the Ray runtime yet)")
+            raise InvalidConfigError("feature drafters need a verifier that returns hidden states (logits_hidden)")
         self.spec = spec
         self.mode = mode
         self.verify = verify

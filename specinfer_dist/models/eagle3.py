@@ -44,6 +44,7 @@ from specinfer_dist.models.linear import Linear
 from specinfer_dist.models.architectures import family
 from specinfer_dist.models.layers import MLP, RMSNorm, RotaryEmbedding
 from specinfer_dist.models.attention import StepAttention
+from specinfer_dist.models.loader import materialize
 from specinfer_dist.models.transformer import Attention, Transformer
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -51,6 +52,7 @@ ARCHITECTURE = "LlamaForCausalLMEagle3"
 ARCHITECTURES = (ARCHITECTURE, "Eagle3LlamaForCausalLM", "LlamaForCausalLMEagle")
 SHARED_KEY = "specinfer_shared_from_llm"
 SHAREABLE = ("embed_tokens.weight", "lm_head.weight")
+LLM_NAMES = {"embed_tokens.weight": "model.embed_tokens.weight", "lm_head.weight": "lm_head.weight"}  # the LLM's names
 WEIGHTS_FILE = "model.safetensors"
 
 
@@ -246,8 +248,13 @@ def is_eagle3_dir(path: str | Path) -> bool:
         return False
 
 
-def load_eagle3(path: str | Path, llm: Transformer | None = None, dtype: torch.dtype = torch.float32) -> Eagle3Head:
-    """Load a head; with ``llm`` check it fits that LLM and fill what it shares/omits from it."""
+def load_eagle3(
+    path: str | Path, llm: Transformer | None = None, dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Eagle3Head:
+    """Load a head onto ``device`` (default: the LLM's, else the CPU); with ``llm`` check it fits
+    that LLM and fill what it shares/omits from it. An LLM loaded without weights (a process that
+    only drafts, like the Ray coordinator) reads just those tensors from its checkpoint."""
     path = Path(path)
     where = f"EAGLE-3 head {path}"
     if not is_eagle3_dir(path):
@@ -283,8 +290,13 @@ def load_eagle3(path: str | Path, llm: Transformer | None = None, dtype: torch.d
     head.load_state_dict(state, strict=False)
     head.to(dtype)
     if llm is not None:
+        device = device if device is not None else next(llm.parameters()).device
+        meta = [LLM_NAMES[name] for name in omitted if llm.get_parameter(LLM_NAMES[name]).is_meta]
+        if meta:
+            materialize(llm, meta, device)
         head.share_from(llm, omitted)
-        head.to(next(llm.parameters()).device)
+    if device is not None:
+        head.to(device)
     return head.eval()
 
 
