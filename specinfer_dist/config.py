@@ -214,7 +214,8 @@ class ClusterConfig(_Section):
     cpus_per_draft_worker: float = 1
     gpus_per_draft_worker: float = 0  # >0 (fractions share a GPU): each worker's SSMs run on that GPU
     colocate_drafters: bool = False  # drafters inside the coordinator (no Ray hop per step; draft_workers unused);
-    # a feature drafter needs it (it reads the hidden states verifier rank 0 returns with the logits)
+    # a feature drafter needs it (it reads the hidden states verifier rank 0 returns with the logits). Off by
+    # default: with pipelining a worker drafts while the shards verify (README: measured on the CPU)
     step_timeout_s: float = 300  # a verification step (or shard group start) slower than this fails the group
 
     def __post_init__(self) -> None:

@@ -164,6 +164,8 @@ def test_short_request_ttft_while_an_8k_prompt_is_prefilled():
         (early, seen_early), (late, seen_late) = head_of_line(served, prompt, [1000, 6000])
     finally:
         served.shutdown()
+    assert None not in (early, late), "the long prompt was prefilled before the short requests were sent"
     assert max(seen_early, seen_late) < len(prompt) - 1, "a short request waited for the whole long prefill"
+    assert not engine.has_unfinished()  # the long request was aborted
     print(f"TTFT of a 4-token request with an 8000-token prompt in flight (chunk {chunk} tokens): "
           f"{early:.2f} s at 1000 tokens cached, {late:.2f} s at 6000")

@@ -31,19 +31,22 @@ def long_prompt(tokens: int) -> list[int]:
     return [(i * 7919) % 40000 + 100 for i in range(tokens)]
 
 
-def head_of_line(served: AsyncLLMEngine, prompt: list[int], cached_at: list[int]) -> list[tuple[float, int]]:
+def head_of_line(served: AsyncLLMEngine, prompt: list[int], cached_at: list[int]) -> list[tuple[float | None, int]]:
     """For each count in ``cached_at``: once that many of ``prompt``'s tokens are cached, send
     a 4-token request; (its time to first token, how many of the long prompt's tokens were
-    cached when it came). The long request is aborted at the end."""
+    cached when it came). (None, len(prompt)) where the long prompt was done before that count.
+    The long request is aborted at the end, and this returns once the engine is idle."""
     caches = served.engine.verifier.caches
     short = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
     def cached() -> int:
         return max((c.length for c in list(caches.values())), default=0)
 
-    async def once(tokens: int) -> tuple[float, int]:
-        while cached() < tokens:
+    async def once(tokens: int, long_task: asyncio.Task) -> tuple[float | None, int]:
+        while cached() < tokens and not long_task.done():
             await asyncio.sleep(0.05)
+        if long_task.done():
+            return None, len(prompt)
         sent = time.perf_counter()
         stream = served.generate(SHORT_PROMPT, short)
         await stream.__anext__()
@@ -51,13 +54,16 @@ def head_of_line(served: AsyncLLMEngine, prompt: list[int], cached_at: list[int]
         await stream.aclose()
         return ttft, cached()
 
-    async def main() -> list[tuple[float, int]]:
+    async def main() -> list[tuple[float | None, int]]:
         long_stream = served.generate(prompt, SamplingParams(temperature=0, max_tokens=1))
-        long_task = asyncio.create_task(long_stream.__anext__())
-        results = [await once(n) for n in cached_at]
+        long_task = asyncio.ensure_future(long_stream.__anext__())
+        results = [await once(n, long_task) for n in cached_at]
         long_task.cancel()  # the generator's cleanup aborts the long request
-        with contextlib.suppress(asyncio.CancelledError):
+        with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
             await long_task
+        await long_stream.aclose()
+        while served.engine.has_unfinished():  # the abort is processed by the engine's thread
+            await asyncio.sleep(0.05)
         return results
 
     return asyncio.run(main())
@@ -81,8 +87,8 @@ def run(chunks: list[int | None], prompt_tokens: int, cached_at: list[int], pref
             served = AsyncLLMEngine(engine)
             try:
                 for n, (ttft, seen) in zip(cached_at, head_of_line(served, long_prompt(prompt_tokens), cached_at)):
-                    row[f"ttft_s_at_{n}_cached"] = round(ttft, 2)
-                    row[f"long_prompt_cached_at_first_token_{n}"] = seen
+                    row[f"ttft_s_at_{n}_cached"] = None if ttft is None else round(ttft, 2)
+                    row[f"long_prompt_cached_at_first_token_{n}"] = seen  # = prompt_tokens: it was done before
             finally:
                 served.shutdown()
         rows.append(row)
