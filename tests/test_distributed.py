@@ -64,7 +64,9 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ray_cluster():
     """The module's one Ray instance."""
-    ray.init(address="local", num_cpus=16, resources={SIM_GPU: 4}, include_dashboard=False)
+    # Logical CPUs: every module-scoped runtime (TP=1, TP=2, the feature drafter's TP=2) stays placed
+    # while the slow TP=3 test places its own.
+    ray.init(address="local", num_cpus=32, resources={SIM_GPU: 4}, include_dashboard=False)
     yield
     ray.shutdown()
 
