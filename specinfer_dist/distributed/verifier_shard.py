@@ -187,9 +187,6 @@ class ShardGroupVerifier:
         # Every rank, and every rebuilt group, allocates the first group's pool size.
         ray.get([shard.allocate.remote(self.kv_capacity) for shard in self.shards], timeout=timeout)
 
-    def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
-        return list(self.logits(items).float().split([len(item.logit_rows) for item in items]))
-
     def logits(self, items: list[VerifyItem]) -> torch.Tensor:
         """All items' logit rows, one after the other (on this host: rank 0 sends them)."""
         return self.collect(self.submit(items))[0]

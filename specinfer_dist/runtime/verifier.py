@@ -34,8 +34,6 @@ class Verifier(Protocol):
     # The KV pool every shard holds; the scheduler admits by it.
     kv_capacity: KVCapacity
 
-    def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]: ...
-
     def logits(self, items: list[VerifyItem]) -> torch.Tensor: ...
 
     def commit(self, request_id: int, keep: list[int]) -> None: ...
@@ -79,12 +77,9 @@ class LocalVerifier:
         self.kv_capacity = capacity
         self.caches: dict[int, PagedKVCache] = {}
 
-    def forward(self, items: list[VerifyItem]) -> list[torch.Tensor]:
-        """Logits for each item's ``logit_rows``; the items' tokens stay pending in the caches."""
-        return list(self.logits(items).float().cpu().split([len(item.logit_rows) for item in items]))
-
     def logits(self, items: list[VerifyItem]) -> torch.Tensor:
-        """All items' logit rows, one after the other, on the LLM's device."""
+        """All items' logit rows, one after the other, on the LLM's device; the items' tokens stay
+        pending in the caches."""
         return self.runner.run(self._run_items(items))
 
     def logits_hidden(self, items: list[VerifyItem], aux_layers: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
