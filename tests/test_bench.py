@@ -34,6 +34,8 @@ def test_bench_writes_summary_with_ratios(tmp_path, capsys):
     assert summary["incremental"]["tokens_per_step"] == summary["hf"]["tokens_per_step"] == 1.0
     assert summary["hf-assisted"]["tokens_per_step"] > 1.5  # HF counts its assisted steps the same way
     assert len(summary["tree"]["acceptance_by_depth"]) == 3
+    assert summary["tree"]["tree"] == "1,2,1" and summary["merged"]["drafters"] == ["ssm0", "ngram"]
+    assert summary["incremental"]["tree"] == "" and summary["incremental"]["drafters"] == []
     assert "| tree |" in capsys.readouterr().out
     assert set(result["verify_cost_s"]) == {"128", "512", "1024"}
     for png in ("tokens_per_step.png", "speedup_vs_incremental.png", "verify_cost.png"):

@@ -116,3 +116,21 @@ def test_mss_with_dynamic_tree_matches_llm_distribution(tmp_path):
     p_value = g_test(counts, exact_distribution(hf, PROMPT, NEW_TOKENS, 1.0))
     print(f"dynamic tree MSS: G-test p={p_value:.3g}, tokens/step={tokens_per_step:.3f}")
     assert p_value > ALPHA and tokens_per_step > 1.0
+
+
+def test_tree_auto_races_the_feature_drafter_and_dynamic_trees(models, tmp_path, monkeypatch):
+    import json
+
+    from specinfer_dist import LLMEngine
+
+    monkeypatch.setenv("SPECINFER_DIST_CACHE", str(tmp_path / "cache"))
+    llm, head, ssm, _ = models
+    engine = LLMEngine.load(llm, ssms=[ssm], feature_drafter=head, tree="auto", tree_budget=12)
+    [raced] = (tmp_path / "cache" / "tree-race").glob("*.json")
+    race = json.loads(raced.read_text())
+    assert set(race["setups"]) == {"incremental", "tuned", "dynamic", "tuned-no-feature", "dynamic-no-feature"}
+    assert all(s["outputs_equal_incremental"] for s in race["setups"].values())
+    best = race["best"]  # "tuned" may be incremental decoding: the cost model's choice for the SSMs
+    assert engine.mode == "incremental" or any(d.name == "feature" for d in engine.drafters) == (
+        best in ("tuned", "dynamic"))
+    assert engine.spec.dynamic == best.startswith("dynamic")

@@ -15,7 +15,14 @@ from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.cli import main
 from specinfer_dist.models.eagle3 import load_eagle3
 from specinfer_dist.models.loader import load_model
-from specinfer_dist.training.feature import CKPT_NAME, FeatureTrainConfig, UnrolledAttention, train_feature_drafter
+from specinfer_dist.training.feature import (
+    CKPT_NAME,
+    FeatureTrainConfig,
+    TrainSequence,
+    UnrolledAttention,
+    train_feature_drafter,
+    valid_rows,
+)
 
 
 def test_ttt_mask_matches_the_rows_a_drafted_chain_sees():
@@ -31,6 +38,14 @@ def test_ttt_mask_matches_the_rows_a_drafted_chain_sees():
     assert not two[:3, 3:5].any() and not two[3:, :3].any()
 
 
+def test_only_chains_drafting_would_run_are_scored():
+    # An answer to a 4-token prompt (root row 3: the prompt's last token with the first answer
+    # token, which the LLM itself emits); a corpus window scores every chain.
+    answer, window = TrainSequence(torch.arange(8), root=3), TrainSequence(torch.arange(5))
+    assert valid_rows([answer, window], 0, torch.device("cpu")).tolist() == [0, 0, 0, 1, 1, 1, 1] + [1, 1, 1, 1]
+    assert valid_rows([answer, window], 2, torch.device("cpu")).tolist() == [0, 0, 0, 0, 0, 1, 1] + [0, 0, 1, 1]
+
+
 @pytest.fixture(scope="module")
 def llm_dir(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("llm"), tie_word_embeddings=True, num_hidden_layers=4,
@@ -39,7 +54,7 @@ def llm_dir(tmp_path_factory):
 
 def test_train_resume_load_and_generate_exactly(llm_dir, tmp_path):
     cfg = FeatureTrainConfig(out=tmp_path / "head", llm=str(llm_dir), prompts=20, max_new_tokens=24,
-                             corpus_sequences=16, seq_len=48, tokens=600, batch_size=4, ttt_steps=2,
+                             corpus_sequences=16, seq_len=224, tokens=600, batch_size=4, ttt_steps=2,
                              draft_vocab=64, ckpt_every=2, log_every=1, threads=1)
     first = train_feature_drafter(cfg, corpus=CORPUS, progress=False)
     assert first["trained_tokens"] >= 600 and (tmp_path / "head" / ".work" / CKPT_NAME).is_file()
@@ -59,6 +74,12 @@ def test_train_resume_load_and_generate_exactly(llm_dir, tmp_path):
     llm = load_model(str(llm_dir))[0]
     head = load_eagle3(tmp_path / "head", llm)
     assert head.embed_tokens.weight is llm.model.embed_tokens.weight
+    # Fine-tuning starts from the head's weights and keeps its draft vocabulary, whatever the data.
+    tuned_cfg = FeatureTrainConfig(**{**cfg.__dict__, "out": tmp_path / "tuned", "init": tmp_path / "head",
+                                      "corpus_sequences": 0, "tokens": 100, "lr": 0.0})
+    train_feature_drafter(tuned_cfg, corpus=CORPUS, progress=False)
+    tuned = load_eagle3(tmp_path / "tuned", llm)
+    assert tuned.d2t.equal(head.d2t) and tuned.midlayer.mlp.up_proj.weight.equal(head.midlayer.mlp.up_proj.weight)
     engine = LLMEngine.load(str(llm_dir), ssms=[], feature_drafter=str(tmp_path / "head"), tree="2,1,1")
     hf = transformers.AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32).eval()
     prompt = [40, 41, 42, 43, 44, 45]
@@ -71,6 +92,6 @@ def test_cli_trains_a_head(llm_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(prompts, "fetch_corpus", lambda progress=True: CORPUS)
     rc = main(["train-feature-drafter", "--llm", str(llm_dir), "--out", str(tmp_path / "h"), "--tokens", "100",
-               "--prompts", "20", "--max-new-tokens", "8", "--corpus-sequences", "4", "--seq-len", "32",
+               "--prompts", "20", "--max-new-tokens", "8", "--corpus-sequences", "4", "--seq-len", "224",
                "--draft-vocab", "32", "--threads", "1"])
     assert rc == 0 and (tmp_path / "h" / "model.safetensors").is_file()

@@ -73,10 +73,20 @@ def test_tree_auto_picks_a_tree_and_stays_exact(tmp_path, monkeypatch):
     [cached] = (tmp_path / "cache" / "tree-auto").glob("*.json")  # measured once, reused next start
     tuned = json.loads(cached.read_text())
     assert tuned["coverage_topk"][0] == pytest.approx(1.0)
+    # The cost model's tree races incremental decoding and a dynamic tree end to end (with a
+    # model drafting, tuning/race.py); every setup's greedy output is the LLM's.
+    [raced] = (tmp_path / "cache" / "tree-race").glob("*.json")
+    race = json.loads(raced.read_text())
+    assert set(race["setups"]) == {"incremental", "tuned", "dynamic"}
+    assert all(s["outputs_equal_incremental"] and s["tokens_per_s"] > 0 for s in race["setups"].values())
+    assert race["setups"]["dynamic"]["tokens_per_step"] > 1.5  # a perfect drafter: many tokens per step
+    assert race["best"] == max(race["setups"], key=lambda n: race["setups"][n]["tokens_per_s"])
     # Whether drafting with a model as costly as the LLM pays depends on this machine's costs;
-    # the engine must do what the measurement chose.
-    if tuned["tree"]:
-        assert auto.mode == "tree" and list(auto.spec.widths) == tuned["tree"]
+    # the engine must do what the measurements chose.
+    if race["best"] == "dynamic":
+        assert auto.mode == "tree" and auto.spec.dynamic
+    elif race["best"] == "tuned" and tuned["tree"]:
+        assert auto.mode == "tree" and list(auto.spec.widths) == tuned["tree"] and not auto.spec.dynamic
     else:
         assert auto.mode == "incremental"
     plain = LLMEngine.load(llm, mode="incremental")
@@ -85,6 +95,7 @@ def test_tree_auto_picks_a_tree_and_stays_exact(tmp_path, monkeypatch):
     # Retrained weights at the same path are measured again, not served from the old result.
     LLMEngine.load(llm, ssms=[llm], tree="auto")
     assert len(list((tmp_path / "cache" / "tree-auto").glob("*.json"))) == 1
+    assert len(list((tmp_path / "cache" / "tree-race").glob("*.json"))) == 1
     ssm_dir = make_tiny_checkpoint(tmp_path, "llama", seed=1)
     LLMEngine.load(llm, ssms=[str(ssm_dir)], tree="auto")
     first = len(list((tmp_path / "cache" / "tree-auto").glob("*.json")))
@@ -93,3 +104,4 @@ def test_tree_auto_picks_a_tree_and_stays_exact(tmp_path, monkeypatch):
     (tmp_path / "retrained").replace(ssm_dir)
     LLMEngine.load(llm, ssms=[str(ssm_dir)], tree="auto")
     assert len(list((tmp_path / "cache" / "tree-auto").glob("*.json"))) == first + 1
+    assert len(list((tmp_path / "cache" / "tree-race").glob("*.json"))) == first + 1

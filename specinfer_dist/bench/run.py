@@ -100,7 +100,8 @@ def _run_engine(
     steps = sum(o.stats.steps for o in outs)
     return {
         "outputs": [o.token_ids for o in outs],
-        "tree": list(engine.spec.widths) if engine.drafters else [],
+        "tree": str(engine.spec) if engine.drafters else "",  # what tree auto chose, e.g. "dynamic:4,6"
+        "drafters": [d.name for d in engine.drafters],
         "elapsed_s": elapsed,
         "steps": steps,
         "accepted_tokens": sum(o.stats.accepted_tokens for o in outs),
@@ -211,7 +212,7 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
             "tokens_per_s": tokens / r["elapsed_s"],
             "ms_per_token": 1000 * r["elapsed_s"] / tokens,
         }
-        for key in ("tree", "accepted_tokens", "drafted_tokens", "acceptance_by_depth", "draft_time_fraction",
+        for key in ("tree", "drafters", "accepted_tokens", "drafted_tokens", "acceptance_by_depth", "draft_time_fraction",
                     "peak_rss_mb", "peak_gpu_mb"):
             if key in r:
                 s[key] = r[key]
@@ -239,11 +240,11 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
 
 
 def format_summary(result: dict[str, Any]) -> str:
-    cols = ("tokens_per_step", "ms_per_token", "speedup_vs_incremental", "speedup_vs_hf",
+    cols = ("tree", "tokens_per_step", "ms_per_token", "speedup_vs_incremental", "speedup_vs_hf",
             "draft_time_fraction", "outputs_equal_reference")
     lines = [f"machine: {result['machine']}; prompts: {result['num_prompts']}; batch: {result['config']['batch']}",
              "| mode | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for mode, s in result["summary"].items():
-        cells = [f"{s[c]:.3g}" if isinstance(s.get(c), float) else str(s.get(c, "-")) for c in cols]
+        cells = [f"{s[c]:.3g}" if isinstance(s.get(c), float) else str(s.get(c) or "-") for c in cols]
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

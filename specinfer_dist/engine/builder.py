@@ -30,7 +30,7 @@ from specinfer_dist.runtime.device import default_dtype, default_max_batched_tok
 from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
 from specinfer_dist.tree.spec import TreeSpec
-from specinfer_dist.tuning.tune import auto_tree
+from specinfer_dist.tuning.tune import auto_tree, weights_digest
 
 
 @dataclass
@@ -120,8 +120,8 @@ def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer],
     mode = config.mode or ("tree" if has_drafters else "incremental")
     if mode != "incremental" and not has_drafters:
         raise InvalidConfigError(f"mode {mode!r} needs at least one SSM or drafter")
-    if mode == "incremental":
-        return DraftPlan("incremental", config.tree_spec or TreeSpec(token_budget=config.tree_budget))
+    if mode == "incremental":  # the shape is unused: any that fits the budget
+        return DraftPlan("incremental", config.tree_spec or TreeSpec((1,), config.tree_budget))
     spec = config.tree_spec
     if spec is None and ssms:
         if target.model.model.norm.weight.is_meta:
@@ -130,7 +130,7 @@ def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer],
         spec, chosen = auto_tree(target.model, target.tokenizer, ssms, key, config.tree_budget, progress)
         ssms = [ssms[i] for i in chosen]
         if spec is None:  # speculation would not pay on this machine
-            return DraftPlan("incremental", TreeSpec(token_budget=config.tree_budget))
+            return DraftPlan("incremental", TreeSpec((1,), config.tree_budget))
     # Without SSMs there is nothing to measure: model-free drafters use the default shape.
     spec = spec or TreeSpec(token_budget=config.tree_budget)
     return DraftPlan(mode, spec.as_sequence() if mode == "sequence" else spec, ssms)
@@ -143,6 +143,19 @@ def load_drafting(config: EngineConfig, target: Target, progress: bool = False) 
     ssms = load_ssms(config, target, progress) if drafting else []
     head = load_feature_head(config, target) if drafting else None
     return plan_drafting(config, target, ssms, progress), head
+
+
+def races_tree(config: EngineConfig) -> bool:
+    """Whether ``tree: auto`` races setups end to end (tuning/race.py): when a model drafts
+    (SSMs or a feature drafter), whose dynamic trees the cost model cannot rank."""
+    return (config.tree == "auto" and config.mode != "incremental"
+            and bool(ssm_sources(config.llm, config.ssms) or config.feature_drafter))
+
+
+def drafters_digest(config: EngineConfig, target: Target) -> bytes:
+    """A digest of the configured SSMs' and feature head's own weights (what a race depends on)."""
+    head = load_feature_head(config, target)
+    return weights_digest([*load_ssms(config, target), *([head] if head is not None else [])], target.model)
 
 
 def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Head | None = None) -> list[Drafter]:

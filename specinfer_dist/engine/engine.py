@@ -26,7 +26,7 @@ from tqdm import tqdm
 from specinfer_dist.config import MODES, VERIFY_METHODS, EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.drafters.feature import FeatureDrafter
-from specinfer_dist.engine.builder import Target, build_parts
+from specinfer_dist.engine.builder import Target, build_parts, drafters_digest, load_target, races_tree
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence, TokenLogprob
@@ -39,6 +39,7 @@ from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.device_verify import NonFiniteProbabilities
 from specinfer_dist.tree.token_tree import TokenTree
 from specinfer_dist.tree.verify import verify_batch, verify_tree
+from specinfer_dist.tuning.race import raced_setup
 
 Prompt = str | list[int]
 logger = logging.getLogger(__name__)
@@ -113,7 +114,12 @@ class LLMEngine:
     @classmethod
     def from_config(cls, config: EngineConfig, progress: bool = False, target: Target | None = None) -> "LLMEngine":
         """An engine built here from ``config`` (the LLM and drafters in this process); with
-        ``target``, on that already loaded LLM."""
+        ``target``, on that already loaded LLM. ``tree: auto`` with model drafters races the
+        setups the cost model cannot rank (tuning/race.py) and builds the fastest."""
+        target = target or load_target(config, progress)
+        if races_tree(config):
+            config = raced_setup(config, lambda setup: cls(**vars(build_parts(setup, progress, target))),
+                                 drafters_digest(config, target), progress)
         return cls(**vars(build_parts(config, progress, target)))
 
     @classmethod

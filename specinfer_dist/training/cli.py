@@ -78,6 +78,7 @@ def add_train_feature_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--seed", type=int, default=c.seed)
+    p.add_argument("--init", help="a trained head's directory to start from (fine-tuning; its draft vocabulary is kept)")
     p.set_defaults(run=_run_feature)
 
 
@@ -87,7 +88,7 @@ def _run_feature(args: argparse.Namespace) -> int:
         prompts=args.prompts, max_new_tokens=args.max_new_tokens, corpus_sequences=args.corpus_sequences,
         seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, ttt_steps=args.ttt_steps,
         draft_vocab=args.draft_vocab, intermediate_size=args.intermediate_size, workers=args.workers,
-        threads=args.threads, device=args.device, seed=args.seed,
+        threads=args.threads, device=args.device, seed=args.seed, init=Path(args.init) if args.init else None,
     )
     report = train_feature_drafter(cfg)
     top1 = ", ".join(f"{x:.3f}" for x in report["heldout"]["top1_by_depth"])

@@ -14,6 +14,12 @@ predicts token t + 2; the loss is soft cross-entropy against the LLM's distribut
 draft vocabulary, weighted 0.8^j. Targets are soft (the whole draft-vocabulary
 distribution, cheap next to the LLM forward). Trained heads share the LLM's embedding and
 its head's draft-vocabulary rows (frozen) and save without them (models/eagle3.py).
+
+Scored rows are the ones drafting uses: in an LLM answer, a chain rooted at or after the
+prompt's last token (drafting starts once the LLM has answered one token), as SpecForge's
+loss mask scores assistant tokens only; in a corpus window, every chain. Prompt rows are
+context, never targets: a chat template's fixed tokens are trivial to predict and would
+inflate held-out agreement. ``init`` fine-tunes a trained head (its draft vocabulary kept).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 import transformers
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
@@ -39,6 +46,7 @@ from specinfer_dist.models.eagle3 import (
     Eagle3Head,
     default_aux_layers,
     eagle3_config,
+    WEIGHTS_FILE,
     save_eagle3,
 )
 from specinfer_dist.models.loader import resolve_model_dir
@@ -61,7 +69,7 @@ class FeatureTrainConfig:
     max_new_tokens: int = 128
     corpus_sequences: int = 1024  # teacher-forced corpus windows
     seq_len: int = 192  # tokens per sequence (longer ones are cut)
-    tokens: int = 1_000_000  # training stops after this many target tokens
+    tokens: int = 1_000_000  # training stops after this many scored target tokens
     batch_size: int = 4  # sequences per step
     lr: float = 5e-4
     warmup: int = 20
@@ -76,6 +84,7 @@ class FeatureTrainConfig:
     save_dtype: str = "bfloat16"
     device: str | None = None  # None: cuda when present
     compare_ssms: list[str] | None = None  # SSM sources scored on the same held-out rows (None: the default's)
+    init: Path | None = None  # a trained head to start from (fine-tuning); its draft vocabulary is kept
 
 
 class UnrolledAttention:
@@ -130,14 +139,23 @@ def unroll(head: Eagle3Head, aux: torch.Tensor, ids: torch.Tensor, lengths: list
     return logits
 
 
+@dataclass
+class TrainSequence:
+    """Token ids, and the first chain root drafting would use (the prompt's last token; 0 in
+    a corpus window): rows t of unrolled step j are scored when t - j >= ``root``."""
+
+    ids: torch.Tensor
+    root: int = 0
+
+
 def step_targets(llm_logits: torch.Tensor, lengths: list[int], draft_ids: torch.Tensor) -> torch.Tensor:
     """The LLM's distribution over the draft vocabulary for token t + 2, per row t: [rows, draft_vocab]."""
     return torch.cat([llm_logits[b, 1:n, :][:, draft_ids].float().softmax(-1) for b, n in enumerate(lengths)])
 
 
-def valid_rows(lengths: list[int], step: int, device: torch.device) -> torch.Tensor:
-    """Rows of unrolled step j with a real chain (t >= j)."""
-    return torch.cat([torch.arange(n - 1, device=device) >= step for n in lengths])
+def valid_rows(seqs: list[TrainSequence], step: int, device: torch.device) -> torch.Tensor:
+    """Rows of unrolled step j whose chain (rooted at t - j) drafting would run: t - j >= root."""
+    return torch.cat([torch.arange(len(s.ids) - 1, device=device) >= step + s.root for s in seqs])
 
 
 @torch.no_grad()
@@ -189,7 +207,7 @@ def trainable(head: Eagle3Head) -> dict[str, nn.Parameter]:
 
 
 def build_sequences(cfg: FeatureTrainConfig, llm, tokenizer, llm_dir: Path, work: Path, corpus: str | None,
-                    progress: bool) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, int]]:
+                    progress: bool) -> tuple[list[TrainSequence], list[TrainSequence], dict[str, int]]:
     """(train, held-out) sequences: the LLM's answers to prompts (cached generation) and
     teacher-forced corpus windows; held-out = the held-out prompts' answers only."""
     data_cfg = DataConfig(num_prompts=cfg.prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
@@ -198,34 +216,36 @@ def build_sequences(cfg: FeatureTrainConfig, llm, tokenizer, llm_dir: Path, work
     prompts, conts = llm_answers(llm, tokenizer, llm_dir, data_cfg, work, corpus, progress)
     train, held = [], []
     for p, c in zip(prompts, conts):
-        if c:
-            (held if p.heldout else train).append(torch.tensor(p.ids + c)[: cfg.seq_len])
+        if c and len(p.ids) < cfg.seq_len:
+            (held if p.heldout else train).append(TrainSequence(torch.tensor(p.ids + c)[: cfg.seq_len], len(p.ids) - 1))
     rng = random.Random(cfg.seed)
     text_ids = tokenizer(corpus[: 40 * cfg.seq_len * cfg.corpus_sequences], add_special_tokens=False).input_ids
     starts = list(range(0, max(0, len(text_ids) - cfg.seq_len), cfg.seq_len))
-    windows = [torch.tensor(text_ids[s : s + cfg.seq_len]) for s in rng.sample(starts, min(len(starts), cfg.corpus_sequences))]
+    windows = [TrainSequence(torch.tensor(text_ids[s : s + cfg.seq_len]))
+               for s in rng.sample(starts, min(len(starts), cfg.corpus_sequences))]
     info = {"generated_sequences": len(train), "heldout_sequences": len(held), "corpus_windows": len(windows),
-            "generated_tokens": sum(len(s) for s in train), "corpus_tokens": sum(len(s) for s in windows)}
+            "generated_tokens": sum(len(s.ids) for s in train), "corpus_tokens": sum(len(s.ids) for s in windows),
+            "generated_scored_tokens": sum(len(s.ids) - 1 - s.root for s in train)}
     return train + windows, held, info
 
 
 @torch.no_grad()
-def evaluate(head: Eagle3Head, llm, seqs: list[torch.Tensor], steps: int, device: torch.device,
+def evaluate(head: Eagle3Head, llm, seqs: list[TrainSequence], steps: int, device: torch.device,
              batch_size: int = 8) -> dict[str, list[float]]:
-    """Held-out agreement per draft depth: how often the LLM's argmax (full vocabulary) is the
-    head's top-1 / in its top-3, given the true tokens before it."""
+    """Held-out agreement per draft depth on the scored rows: how often the LLM's argmax (full
+    vocabulary) is the head's top-1 / in its top-3, given the true tokens before it."""
     hits = {1: [0] * steps, 3: [0] * steps}
     counts = [0] * steps
     draft_ids = head.draft_ids
     for s in range(0, len(seqs), batch_size):
-        batch = [q for q in seqs[s : s + batch_size] if len(q) > 1]
+        batch = [q for q in seqs[s : s + batch_size] if len(q.ids) > 1]
         if not batch:
             continue
-        aux, logits, ids = llm_forward(llm, [q.to(device) for q in batch], head.aux_layers, device)
-        lengths = [len(q) for q in batch]
+        aux, logits, ids = llm_forward(llm, [q.ids.to(device) for q in batch], head.aux_layers, device)
+        lengths = [len(q.ids) for q in batch]
         truth = torch.cat([logits[b, 1:n].argmax(-1) for b, n in enumerate(lengths)])
         for j, step_logits in enumerate(unroll(head, aux, ids, lengths, steps)):
-            ok = valid_rows(lengths, j, device)
+            ok = valid_rows(batch, j, device)
             top = draft_ids[step_logits.topk(3, dim=-1).indices]
             counts[j] += int(ok.sum())
             hits[1][j] += int((ok & (top[:, 0] == truth)).sum())
@@ -234,24 +254,26 @@ def evaluate(head: Eagle3Head, llm, seqs: list[torch.Tensor], steps: int, device
 
 
 @torch.no_grad()
-def ssm_agreement(llm_source: str, ssms: list[str], llm, seqs: list[torch.Tensor], device: torch.device) -> dict[str, Any]:
-    """The same held-out rows scored for SSMs, loaded by the engine as it drafts with them (draft
-    vocabulary included); an SSM sees the true tokens, so its agreement is the same at every depth."""
+def ssm_agreement(llm_source: str, ssms: list[str], llm, seqs: list[TrainSequence], device: torch.device) -> dict[str, Any]:
+    """The same held-out targets scored for SSMs (the tokens after the first answer token),
+    loaded by the engine as it drafts with them (draft vocabulary included); an SSM sees the
+    true tokens, so its agreement is the same at every depth."""
     engine = LLMEngine.load(llm_source, ssms=ssms, tree="1", mode="tree", dtype="float32")
     out = {}
     for drafter in engine.drafters:
         runner = drafter.runner
         hits, count = [0, 0], 0
         for seq in seqs:
-            n = len(seq)
-            if n < 2:
+            n, first = len(seq.ids), seq.root + 1  # row i predicts token i + 1; scored: i >= root + 1
+            if n <= first:
                 continue
-            truth = llm(input_ids=seq[None].to(device)).logits[0, 1:n].argmax(-1).cpu()
-            item = RunItem(runner.new_cache(), seq.tolist(), chain_parents(n), list(range(1, n)))
+            truth = llm(input_ids=seq.ids[None].to(device)).logits[0, first : n - 1].argmax(-1).cpu()
+            item = RunItem(runner.new_cache(), seq.ids.tolist(), chain_parents(n), list(range(first, n - 1)))
             top = runner.forward([item])[0].topk(3, dim=-1).indices
+            item.cache.free()
             hits[0] += int((top[:, 0] == truth).sum())
             hits[1] += int((top == truth[:, None]).any(-1).sum())
-            count += n - 1
+            count += len(truth)
         out[drafter.name] = {"top1": hits[0] / max(1, count), "top3": hits[1] / max(1, count)}
     return out
 
@@ -269,11 +291,20 @@ def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, pr
     train_seqs, held_seqs, data_info = build_sequences(cfg, llm, tokenizer, llm_dir, work / "data", corpus, progress)
     llm.to(device)
     eos = eos_ids(llm_dir, llm.config, tokenizer)
-    draft_ids = frequent_tokens(train_seqs, llm.config.vocab_size, min(cfg.draft_vocab, llm.config.vocab_size), eos)
+    if cfg.init is not None:  # fine-tune: the trained head's weights and draft vocabulary
+        init = load_file(Path(cfg.init) / WEIGHTS_FILE)
+        draft_ids = torch.arange(len(init["d2t"])) + init["d2t"].long()
+    else:
+        draft_ids = frequent_tokens([s.ids for s in train_seqs], llm.config.vocab_size,
+                                    min(cfg.draft_vocab, llm.config.vocab_size), eos)
     head = init_head(llm, draft_ids, cfg).to(device)
+    if cfg.init is not None:
+        head.load_state_dict({k: v.to(device, torch.float32) for k, v in init.items() if k not in ("d2t", "t2d")},
+                             strict=False)
     params = trainable(head)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
-    total_steps = math.ceil(cfg.tokens / (cfg.batch_size * cfg.seq_len))
+    scored_per_seq = sum(len(q.ids) - 1 - q.root for q in train_seqs) / len(train_seqs)
+    total_steps = math.ceil(cfg.tokens / (cfg.batch_size * scored_per_seq))
     ckpt_path = work / CKPT_NAME
     step, seen, curve = 0, 0, []
     if ckpt_path.is_file():  # resume
@@ -288,14 +319,14 @@ def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, pr
     with tqdm(total=cfg.tokens, initial=seen, desc="feature drafter", unit="tok", disable=not progress) as bar:
         while seen < cfg.tokens:
             batch = [train_seqs[i] for i in batch_order(len(train_seqs), step, schedule)]
-            aux, llm_logits, ids = llm_forward(llm, [q.to(device) for q in batch], head.aux_layers, device)
-            lengths = [len(q) for q in batch]
+            aux, llm_logits, ids = llm_forward(llm, [q.ids.to(device) for q in batch], head.aux_layers, device)
+            lengths = [len(q.ids) for q in batch]
             target = step_targets(llm_logits, lengths, draft_ids.to(device))
             for group in opt.param_groups:
                 group["lr"] = lr_at(min(step, total_steps), schedule)
             loss = 0.0
             for w, (k, logits) in zip(weights, enumerate(unroll(head, aux, ids, lengths, cfg.ttt_steps))):
-                ok = valid_rows(lengths, k, device)
+                ok = valid_rows(batch, k, device)
                 ce = -(target[ok] * logits[ok].float().log_softmax(-1)).sum(-1).mean()
                 loss = loss + w * ce
             opt.zero_grad()
@@ -303,7 +334,7 @@ def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, pr
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             opt.step()
             step += 1
-            n_tok = sum(n - 1 for n in lengths)
+            n_tok = int(valid_rows(batch, 0, device).sum())
             seen += n_tok
             bar.update(n_tok)
             bar.set_postfix(loss=f"{loss.item():.3f}")
