@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol
 
 from specinfer_dist.config import EngineConfig
 from specinfer_dist.models.cache import cache_root
+from specinfer_dist.models.default import ssm_sources
 from specinfer_dist.runtime.device import machine
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.tuning.prompts import load_prompts
@@ -42,10 +43,11 @@ class Engine(Protocol):
 
 
 def race_candidates(config: EngineConfig) -> dict[str, EngineConfig]:
-    """The setups ``tree: auto`` races for ``config`` (its tree is ``auto``)."""
+    """The setups ``tree: auto`` races for ``config`` (its tree is ``auto``); without the feature
+    drafter only where other drafters are left."""
     setups = {"incremental": config.replace(mode="incremental", feature_drafter=None),
               "tuned": config, "dynamic": config.replace(tree="dynamic")}
-    if config.feature_drafter is not None:
+    if config.feature_drafter is not None and (ssm_sources(config.llm, config.ssms) or config.drafters):
         setups["tuned-no-feature"] = config.replace(feature_drafter=None)
         setups["dynamic-no-feature"] = config.replace(tree="dynamic", feature_drafter=None)
     return setups
