@@ -8,6 +8,7 @@ import pytest
 from helpers import make_tiny_checkpoint
 
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
+from specinfer_dist.errors import EngineOverloadedError
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, EngineStepError
 
 
@@ -98,3 +99,22 @@ def test_failed_step_ends_its_requests_with_an_error_and_serving_continues(engin
         asyncio.run(collect(served, "hello", SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)))
     deltas = asyncio.run(collect(served, "hello", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)))
     assert sum(len(d.token_ids) for d in deltas) == 5
+
+
+def test_shutdown_processes_aborts_already_sent(tmp_path):
+    # An abort queued while a step runs, then shutdown at once: the loop stops after that step,
+    # and the abort must still free the request (nothing a client gave up on stays in the engine).
+    llm = str(make_tiny_checkpoint(tmp_path, "llama", seed=1))
+    served = AsyncLLMEngine(LLMEngine.load(llm, mode="incremental"))
+
+    async def main():
+        gen = served.generate("hello", SamplingParams(temperature=0, max_tokens=240, ignore_eos=True))
+        await gen.__anext__()
+        await gen.aclose()  # queues the abort while the loop is stepping
+        served.shutdown()
+        late = served.generate("hi", SamplingParams(max_tokens=2))
+        with pytest.raises(EngineOverloadedError, match="shutting down"):
+            await late.__anext__()
+
+    asyncio.run(main())
+    assert not served.engine.has_unfinished() and not served.engine.verifier.caches

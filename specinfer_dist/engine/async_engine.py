@@ -25,6 +25,7 @@ from typing import Any, AsyncIterator
 
 from specinfer_dist.engine.engine import LLMEngine, Prompt
 from specinfer_dist.engine.sequence import Sequence, SpecStats, TokenLogprob
+from specinfer_dist.errors import EngineOverloadedError
 from specinfer_dist.runtime.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -102,7 +103,9 @@ class AsyncLLMEngine:
         """Deltas of one request until it finishes. Bad input raises before the first one."""
         seq = self.engine.new_sequence(prompt, params, chat)  # validates; raises SpecInferError
         stream = _Stream(seq, asyncio.get_running_loop())
-        with self._adds_lock:
+        with self._adds_lock:  # shutdown sets _stopped under it: no add lands after the final drain
+            if self._stopped.is_set():
+                raise EngineOverloadedError("the engine is shutting down")
             self.check_capacity(1)
             self._inbox_adds += 1
             self._inbox.put(("add", stream))
@@ -152,7 +155,9 @@ class AsyncLLMEngine:
         return self.engine.kv_usage()
 
     def shutdown(self) -> None:
-        self._stopped.set()
+        """Stop the loop after its current step; every request still in it ends with an error."""
+        with self._adds_lock:
+            self._stopped.set()
         self._inbox.put(("stop", None))
         self._thread.join(timeout=10)
 
@@ -174,6 +179,20 @@ class AsyncLLMEngine:
                 continue
             for seq in stepped:
                 self._emit(self._streams[seq.request_id])
+        self._drain()
+
+    def _drain(self) -> None:
+        """After a stop: what is still in the inbox is handled (aborts free their requests), then
+        every request left ends with an error, so no client waits and no request stays."""
+        while True:
+            try:
+                self._handle(*self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        for request_id, stream in list(self._streams.items()):
+            del self._streams[request_id]
+            self.engine.abort(request_id)
+            stream.push(EngineOverloadedError("the engine is shutting down"))
 
     def _handle(self, kind: str, payload: Any) -> None:
         if kind == "add":
