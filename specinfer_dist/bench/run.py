@@ -57,6 +57,8 @@ ENGINE_MODES: dict[str, dict[str, Any]] = {
     "dynamic": {"mode": "tree", "tree": "dynamic"},  # the SSMs, EAGLE-2 dynamic tree
     "feature-merged-dynamic": {"mode": "tree", "drafters": ["ngram"], "feature": True, "tree": "dynamic"},
     "feature-mss": {"mode": "tree", "ssms": ["none"], "feature": True, "verify": "mss"},
+    "feature-merged-dynamic-mss": {"mode": "tree", "drafters": ["ngram"], "feature": True, "tree": "dynamic",
+                                   "verify": "mss"},
 }
 MODES = (*ENGINE_MODES, "hf", "hf-assisted")  # hf-assisted: HF generate(assistant_model=our first SSM)
 DEFAULT_MODES = "incremental,sequence,tree,tree-specinfer,ngram,merged,hf"
