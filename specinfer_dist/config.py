@@ -74,7 +74,8 @@ class EngineConfig(_Section):
         None, "SSM source; repeat for several ('none': no SSM). Default: the shipped SSMs for the default LLM, "
         "none otherwise", flag="--ssm")
     drafters: list[str] = option([], "model-free drafter: ngram or ngram:<widths>; repeat for several", flag="--drafter")
-    tree: str = option("auto", "auto (tuned on this machine once, cached), children per node at each depth, "
+    tree: str = option("auto", "auto (measured on this machine once, cached: the cost model's tree, raced "
+                       "against incremental decoding and dynamic trees), children per node at each depth, "
                        "e.g. 1,1,3,1,1,1,1,1, or dynamic[:K,DEPTH] (EAGLE-2: the best tree-budget nodes)")
     tree_budget: int = option(DEFAULT_TOKEN_BUDGET, "most drafted tokens per request per step")
     mode: str | None = option(None, "incremental | sequence | tree (default: tree with a drafter)", choices=MODES)

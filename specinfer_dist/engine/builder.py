@@ -113,9 +113,10 @@ def load_feature_head(config: EngineConfig, target: Target) -> Eagle3Head | None
 
 
 def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer], progress: bool = False) -> DraftPlan:
-    """Mode and tree for these drafters. ``tree="auto"`` measures this machine once (cached)
-    and may keep only some SSMs, or none (then decoding is incremental); it does not yet
-    measure a feature drafter, which drafts with the chosen shape."""
+    """Mode and tree for these drafters. ``tree="auto"`` runs the cost model here (tuning/tune.py,
+    cached), which may keep only some SSMs, or none (then decoding is incremental); a feature
+    drafter drafts with the chosen shape. Whether a dynamic tree or the feature drafter pays is
+    raced end to end before (``races_tree``, tuning/race.py, from ``LLMEngine.from_config``)."""
     has_drafters = bool(ssms or config.drafters or config.feature_drafter)
     mode = config.mode or ("tree" if has_drafters else "incremental")
     if mode != "incremental" and not has_drafters:
