@@ -9,6 +9,7 @@ not a verifier) builds only those.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from specinfer_dist.runtime.device import default_dtype, default_max_batched_tok
 from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
 from specinfer_dist.tree.spec import TreeSpec
-from specinfer_dist.tuning.tune import auto_tree, weights_digest
+from specinfer_dist.tuning.tune import auto_tree
 
 
 @dataclass
@@ -153,10 +154,20 @@ def races_tree(config: EngineConfig) -> bool:
             and bool(ssm_sources(config.llm, config.ssms) or config.feature_drafter))
 
 
-def drafters_digest(config: EngineConfig, target: Target) -> bytes:
-    """A digest of the configured SSMs' and feature head's own weights (what a race depends on)."""
-    head = load_feature_head(config, target)
-    return weights_digest([*load_ssms(config, target), *([head] if head is not None else [])], target.model)
+def drafters_digest(config: EngineConfig) -> bytes:
+    """A digest of the configured SSMs' and feature head's files (names, sizes, modification
+    times), which a race's result depends on: a retrained drafter at the same path changes it,
+    and nothing is loaded to compute it (a hub id counts by name)."""
+    digest = hashlib.sha256()
+    head = feature_drafter_source(config.llm, config.feature_drafter)
+    for source in [*ssm_sources(config.llm, config.ssms), *([head] if head else [])]:
+        path = Path(source)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+        digest.update(source.encode())
+        for file in files:
+            stat = file.stat()
+            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.digest()
 
 
 def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Head | None = None) -> list[Drafter]:

@@ -119,7 +119,7 @@ class LLMEngine:
         target = target or load_target(config, progress)
         if races_tree(config):
             config = raced_setup(config, lambda setup: cls(**vars(build_parts(setup, progress, target))),
-                                 drafters_digest(config, target), progress)
+                                 drafters_digest(config), progress)
         return cls(**vars(build_parts(config, progress, target)))
 
     @classmethod

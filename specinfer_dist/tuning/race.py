@@ -6,7 +6,7 @@ tokens per second wins. Candidates: incremental decoding, the cost model's stati
 (``auto``, tune.py) and a dynamic tree, each with and without the feature drafter when one is
 configured. Only candidates whose outputs equal incremental decoding's can win (greedy
 speculation is exact; a numerical near-tie may still flip a token, and such a run is
-recorded, not chosen). The result is cached per (setup, machine, weights) like tune.py's.
+recorded, not chosen). The result is cached per (setup, machine, drafter files), like tune.py's.
 
 The caller builds the engines (``make_engine``), so this module needs no engine import.
 """
@@ -82,13 +82,13 @@ def race(candidates: dict[str, EngineConfig], make_engine: Callable[[EngineConfi
     return {"best": max(exact, key=lambda n: setups[n]["tokens_per_s"]), "setups": setups}
 
 
-def raced_setup(config: EngineConfig, make_engine: Callable[[EngineConfig], Engine], weights: bytes,
+def raced_setup(config: EngineConfig, make_engine: Callable[[EngineConfig], Engine], drafters: bytes,
                 progress: bool = False) -> EngineConfig:
     """The fastest of ``race_candidates(config)`` on this machine (raced once, cached).
-    ``weights``: a digest of the drafters' weights (a retrained drafter is raced again)."""
+    ``drafters``: a digest of the drafters' files (a retrained drafter is raced again)."""
     candidates = race_candidates(config)
     setup = {name: getattr(config, name) for name in RACE_KEY_FIELDS}
-    key_parts = [setup, machine(), weights.hex()]
+    key_parts = [setup, machine(), drafters.hex()]
     key = hashlib.sha256(json.dumps(["race-v1", key_parts], default=str).encode()).hexdigest()[:16]
     path = cache_root() / "tree-race" / f"{key}.json"
     if path.is_file():

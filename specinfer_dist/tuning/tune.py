@@ -89,17 +89,6 @@ def greedy_outputs(llm: Transformer, prompts: list[list[int]], max_new: int) -> 
     return outputs
 
 
-def weights_digest(models: list[torch.nn.Module], llm: torch.nn.Module) -> bytes:
-    """A digest of the models' own tensors (those shared with ``llm`` are named by its source)."""
-    digest = hashlib.sha256()
-    shared = {p.data_ptr() for p in llm.parameters()}
-    for model in models:
-        for tensor in model.state_dict().values():
-            if tensor.data_ptr() not in shared:
-                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.digest()
-
-
 def auto_tree(
     llm: Transformer, tokenizer: Any, ssms: list[Transformer], sources: list[str], budget: int, progress: bool = False
 ) -> tuple[TreeSpec | None, list[int]]:
@@ -107,7 +96,11 @@ def auto_tree(
     it; None: don't speculate."""
     dtype = next(llm.parameters()).dtype
     digest = hashlib.sha256(json.dumps(["v2", sources, machine(), str(dtype), budget]).encode())
-    digest.update(weights_digest(ssms, llm))  # a retrained SSM (same path, new weights) must be measured again
+    shared = {p.data_ptr() for p in llm.parameters()}
+    for ssm in ssms:  # a retrained SSM (same path, new weights) must be measured again
+        for tensor in ssm.state_dict().values():
+            if tensor.data_ptr() not in shared:  # the LLM's own tensors are named by its source
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     key = digest.hexdigest()[:16]
     path = cache_root() / "tree-auto" / f"{key}.json"
     if path.is_file():
