@@ -101,6 +101,8 @@ class EngineConfig(_Section):
     kv_block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV block")
     gpu_memory_utilization: float = option(
         DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA: fraction of device memory for weights + KV pool (sizes the pool)")
+    enforce_eager: bool = option(
+        False, "run every step's forward eagerly: no CUDA graphs (they are captured per batch/token bucket on CUDA)")
     generation_config: str = option(
         "auto", "auto: requests that leave temperature/top_p/top_k unset get the model's generation_config.json "
         "values; none: the OpenAI defaults", choices=GENERATION_CONFIGS)
@@ -135,6 +137,7 @@ class EngineConfig(_Section):
         t = self.draft_temperature
         _check(t is None or (isinstance(t, (int, float)) and 0 < t < float("inf")),
                f"draft_temperature must be positive, got {t!r}")
+        _check(isinstance(self.enforce_eager, bool), f"enforce_eager must be true or false, got {self.enforce_eager!r}")
         _check(isinstance(self.draft_vocab, bool), f"draft_vocab must be true or false, got {self.draft_vocab!r}")
         _check(self.feature_drafter is None or (isinstance(self.feature_drafter, str) and bool(self.feature_drafter)),
                f"feature_drafter must be a directory or 'default', got {self.feature_drafter!r}")

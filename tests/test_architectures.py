@@ -172,6 +172,8 @@ def test_longrope_switches_to_long_factors_per_position(checkpoints):
     short = hf_rope(x, positions[None, :LONGROPE_ORIGINAL])
     long = hf_rope(x, positions[None])
     cos, sin = ours(positions, torch.float32)
+    half = sin.shape[-1] // 2
+    sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # ours carries rotate_half's negation
     for got, s, lg in ((cos, short[0][0], long[0][0]), (sin, short[1][0], long[1][0])):
         torch.testing.assert_close(got[:LONGROPE_ORIGINAL], s, atol=0, rtol=0)
         torch.testing.assert_close(got[LONGROPE_ORIGINAL:], lg[LONGROPE_ORIGINAL:], atol=0, rtol=0)

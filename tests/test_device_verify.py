@@ -10,7 +10,7 @@ import torch
 from scipy.stats import chi2_contingency
 from test_mss import ALPHA, g_test
 
-from specinfer_dist.tree.device_verify import mss_draws, verify_greedy_batch, verify_mss_batch
+from specinfer_dist.tree.device_verify import _to_device, mss_draws, verify_greedy_batch, verify_mss_batch
 from specinfer_dist.tree.token_tree import TokenTree
 from specinfer_dist.tree.verify import verify_greedy, verify_mss
 
@@ -110,3 +110,36 @@ def test_mss_batch_result_depends_only_on_the_request_own_draws():
     together = verify_mss_batch(trees, torch.cat(targets), draws)
     alone = [verify_mss_batch([t], target, [d])[0] for t, target, d in zip(trees, targets, draws)]
     assert together == alone
+
+
+def test_one_copy_carries_every_dtype_and_shape():
+    """The packed host->device copy gives back each array bit for bit, whatever its dtype and size."""
+    gen = torch.Generator().manual_seed(3)
+    arrays = [
+        np.arange(7, dtype=np.int64).reshape(7, 1),
+        np.array([[True, False, True]] * 3),  # 9 bytes: the next part starts 8-aligned anyway
+        torch.rand(2, 5, generator=gen, dtype=torch.float64).numpy(),
+        torch.rand(3, 3, generator=gen),  # float32, odd number of elements
+        torch.rand(5, generator=gen).to(torch.bfloat16),  # no numpy dtype: travels as a tensor
+        np.zeros((0, 4), dtype=np.int64),
+    ]
+    got = _to_device(arrays, torch.device("cpu"))
+    for array, tensor in zip(arrays, got):
+        want = torch.from_numpy(array) if isinstance(array, np.ndarray) else array
+        assert tensor.dtype == want.dtype and tensor.shape == want.shape
+        assert torch.equal(tensor, want)
+    meta = _to_device(arrays, torch.device("meta"))
+    assert [(t.dtype, t.shape) for t in meta] == [(t.dtype, t.shape) for t in got]
+
+
+def test_mss_batch_takes_q_of_any_float_dtype_and_point_masses_only():
+    gen = torch.Generator().manual_seed(4)
+    p = torch.softmax(torch.randn(VOCAB, generator=gen, dtype=torch.float64), 0)
+    q = torch.softmax(torch.randn(VOCAB, generator=gen), 0)  # float32, as a drafter might record
+    trees = [_mss_tree(gen, q, q.double()) for _ in range(50)]
+    point_masses = [TokenTree([0, 1, 2], [-1, 0, 0], [None, None, None]) for _ in range(3)]
+    for batch in (trees, point_masses, trees + point_masses):
+        targets = [_targets(tree, p, p) for tree in batch]
+        draws = [mss_draws(tree, gen) for tree in batch]
+        together = verify_mss_batch(batch, torch.cat(targets), draws)
+        assert together == [verify_mss_batch([t], target, [d])[0] for t, target, d in zip(batch, targets, draws)]

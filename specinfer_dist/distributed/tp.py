@@ -158,7 +158,7 @@ class RowParallelLinear(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight)
+        out = linear(x, self.weight).contiguous()  # collectives need contiguous memory
         dist.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
 
@@ -174,7 +174,7 @@ class VocabParallelHead(nn.Module):
         self.group = group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        local = linear(x, self.weight)
+        local = linear(x, self.weight).contiguous()
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local, group=self.group)
         return torch.cat(parts, dim=-1)[..., : self.vocab_size]

@@ -96,7 +96,8 @@ class VerifierShard:
         )
 
     def allocate(self, capacity: KVCapacity) -> None:
-        self.verifier = LocalVerifier(self.model, capacity.num_blocks, capacity.block_size)
+        self.verifier = LocalVerifier(self.model, capacity.num_blocks, capacity.block_size,
+                                      enforce_eager=self.spec.engine.enforce_eager)
 
     def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
         """``tree: auto`` measured on this rank's device (every rank at once): the tree widths

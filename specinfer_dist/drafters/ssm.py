@@ -81,7 +81,9 @@ class SSMDrafter(Drafter):
             for state, node_logits in zip(active, logits):
                 children = self._children(state.request, node_logits, self.spec.widths[depth])
                 new = [
-                    state.tree.add(parent, token, q) for parent, kids in zip(state.frontier, children) for token, q in kids
+                    state.tree.add(parent, token, q)
+                    for parent, kids in zip(state.frontier, children)
+                    for token, q in kids
                 ]
                 if self.spec.dynamic:  # EAGLE-2: only the most probable new nodes grow further
                     self._score(state, node_logits, new)
@@ -101,13 +103,27 @@ class SSMDrafter(Drafter):
     @staticmethod
     def _score(state: _Expansion, logits: torch.Tensor, new: list[int]) -> None:
         """Path log-probability of each new node: its parent's plus log q of its token
-        (q: the distribution that drew it, else the drafter's softmax)."""
-        log_q = logits.log_softmax(dim=-1)
+        (q: the distribution that drew it, else the drafter's softmax). The nodes' values are
+        gathered by one index per distribution and read in one copy, not an ``.item()`` each."""
+        if not new:
+            return
+        tree = state.tree
+        by_q: dict[int | None, tuple[torch.Tensor | None, list[int]]] = {}  # q's data_ptr (siblings share q)
+        for i, node in enumerate(new):
+            q = tree.probs[node]
+            by_q.setdefault(None if q is None else q.data_ptr(), (q, []))[1].append(i)
         rows = {node: row for row, node in enumerate(state.frontier)}
-        for node in new:
-            parent, token, q = state.tree.parents[node], state.tree.tokens[node], state.tree.probs[node]
-            step = q[token].log().item() if q is not None else log_q[rows[parent], token].item()
-            state.scores.append(state.scores[parent] + step)
+        parts, order = [], []
+        for q, members in by_q.values():
+            tokens = [tree.tokens[new[i]] for i in members]
+            if q is None:
+                parts.append(logits.log_softmax(dim=-1)[[rows[tree.parents[new[i]]] for i in members], tokens])
+            else:
+                parts.append(q[tokens].log())
+            order += members
+        steps = dict(zip(order, torch.cat(parts).tolist()))
+        for i, node in enumerate(new):
+            state.scores.append(state.scores[tree.parents[node]] + steps[i])
 
     def _chain(self, request: DraftRequest, cache: PagedKVCache) -> list[int]:
         """Tokens fed before the tree: those committed since the last step, ending with the root

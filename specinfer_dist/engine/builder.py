@@ -207,7 +207,8 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
         eos_ids=target.eos_ids,
         sampling_defaults=target.sampling_defaults,
         verifier=LocalVerifier(
-            target.model, config.kv_blocks, config.kv_block_size, config.max_num_seqs, config.gpu_memory_utilization
+            target.model, config.kv_blocks, config.kv_block_size, config.max_num_seqs, config.gpu_memory_utilization,
+            enforce_eager=config.enforce_eager,
         ),
         drafters=make_drafters(config, plan, head),
         spec=plan.spec,

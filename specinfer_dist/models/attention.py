@@ -15,9 +15,14 @@ Sliding windows drop keys whose position is ``window`` or more behind the query'
 Backend (measured, tiny batch-16 decode on CPU: padded SDPA 0.5 ms vs FlexAttention eager
 9.4 ms, which materialises the score matrix without torch.compile): padded SDPA over the
 batch's blocks, gathered once per layer. Queries are padded to the longest request in the
-step, keys to the longest block table. On CPU, SDPA takes GQA natively (``enable_gqa``); on
-CUDA a mask plus ``enable_gqa`` would force the math backend (a materialised score matrix),
-so there K/V heads are repeated to the query heads and the memory-efficient kernel runs.
+step (not at all when every request has as many: ``dense``), keys to the longest block
+table. The mask is built once per step as SDPA's additive bias. On CPU, SDPA takes GQA
+natively (``enable_gqa``); on CUDA a mask plus ``enable_gqa`` would force the math backend
+(a materialised score matrix), so there each KV head's query group is folded into the query
+rows: no K/V head is ever repeated.
+
+Every tensor here has a shape fixed by (B, Q, T, blocks), so a step of a given bucket can be
+captured in a CUDA graph and replayed (runtime/model_runner.py).
 """
 
 from __future__ import annotations
@@ -59,7 +64,11 @@ class AttentionMetadata:
     tree_start: torch.Tensor  # long [B]
     tree_mask: torch.Tensor  # bool [B, Q, T]: visible tree rows (relative to tree_start)
     tree_positions: torch.Tensor  # long [B, T]: positions of the tree rows
+    # True when every request has exactly Q new tokens (decode steps, padded buckets): the flat
+    # run is already [B, Q] and attention skips padding and unpadding the queries.
+    dense: bool = False
     _masks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    _biases: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor | None,
@@ -75,6 +84,17 @@ class AttentionMetadata:
         if window not in self._masks:
             self._masks[window] = _build_mask(self, window)
         return self._masks[window]
+
+    def bias(self, window: int | None, dtype: torch.dtype, groups: int) -> torch.Tensor:
+        """The mask as SDPA's additive bias (0 / -inf) in ``dtype``, its query rows repeated
+        ``groups`` times ([B, 1, groups * Q, keys]): what SDPA would convert a bool mask to in
+        every layer, done once per step."""
+        key = (window, dtype, groups)
+        if key not in self._biases:
+            mask = self.mask(window)
+            bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+            self._biases[key] = bias.repeat(1, 1, groups, 1) if groups > 1 else bias
+        return self._biases[key]
 
 
 def _build_mask(meta: AttentionMetadata, window: int | None) -> torch.Tensor:
@@ -98,7 +118,14 @@ def _build_mask(meta: AttentionMetadata, window: int | None) -> torch.Tensor:
 
 def write_kv(pool: torch.Tensor, meta: AttentionMetadata, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store the step's new K/V rows ([N, kv_heads, head_dim] each) in their pool slots."""
-    pool.index_copy_(1, meta.slot_mapping, torch.stack((k, v)))
+    pool[0].index_copy_(0, meta.slot_mapping, k)
+    pool[1].index_copy_(0, meta.slot_mapping, v)
+
+
+def fold_gqa(device: torch.device) -> bool:
+    """Whether grouped queries are folded into the query rows (CUDA) rather than left to SDPA's
+    ``enable_gqa`` (elsewhere). Tests replace it to run the folded path on a CPU."""
+    return device.type == "cuda"
 
 
 def paged_attention(
@@ -114,24 +141,36 @@ def paged_attention(
     attention-logit soft-capping, which SDPA cannot do (that path materialises the scores)."""
     n, heads, head_dim = q.shape
     batch, num_blocks = meta.block_tables.shape
-    kv_heads = pool.shape[2]
+    kv_heads, queries = pool.shape[2], meta.max_queries
     # One gather for the batch: [2, B, blocks, block_size, kv_heads, d] -> [2, B, kv_heads, keys, d]
     kv = pool.view(2, -1, meta.block_size * kv_heads * head_dim).index_select(1, meta.block_tables.view(-1))
     kv = kv.view(2, batch, num_blocks * meta.block_size, kv_heads, head_dim).transpose(2, 3)
     keys, values = kv[0], kv[1]
-    padded = q.new_zeros(batch * meta.max_queries, heads, head_dim).index_copy_(0, meta.query_index, q)
-    padded = padded.view(batch, meta.max_queries, heads, head_dim).transpose(1, 2)
-    mask = meta.mask(sliding_window)
-    gqa = heads != kv_heads
-    if gqa and (q.device.type == "cuda" or softcap is not None):
-        # A mask with enable_gqa falls back to the math kernel on CUDA; repeated heads do not.
-        keys = keys.repeat_interleave(heads // kv_heads, dim=1)
-        values = values.repeat_interleave(heads // kv_heads, dim=1)
-        gqa = False
-    if softcap is None:
-        out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    else:  # in the order of HF's eager attention: scale, cap, mask, fp32 softmax, cast back
+    if meta.dense:
+        padded = q.view(batch, queries, heads, head_dim)
+    else:
+        padded = q.new_zeros(batch * queries, heads, head_dim).index_copy_(0, meta.query_index, q)
+        padded = padded.view(batch, queries, heads, head_dim)
+    padded = padded.transpose(1, 2)  # [B, heads, Q, d]
+    groups = heads // kv_heads
+    if softcap is not None:  # in the order of HF's eager attention: scale, cap, mask, fp32 softmax, cast back
+        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
         scores = soft_cap((padded @ keys.transpose(-1, -2)) * (scale or head_dim**-0.5), softcap)
-        weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32)
-        out = weights.to(q.dtype) @ values
-    return out.transpose(1, 2).reshape(batch * meta.max_queries, heads, head_dim).index_select(0, meta.query_index)
+        weights = torch.softmax(scores.masked_fill(~meta.mask(sliding_window), float("-inf")), dim=-1,
+                                dtype=torch.float32)
+        out = (weights.to(q.dtype) @ values).transpose(1, 2)
+    elif groups > 1 and fold_gqa(q.device):
+        # A mask with enable_gqa falls back to the math kernel on CUDA, and repeating K/V heads
+        # copies the whole context per layer: fold each KV head's query group into the query
+        # rows instead ([B, kv_heads, groups * Q, d]), which the memory-efficient kernel takes.
+        folded = padded.reshape(batch, kv_heads, groups * queries, head_dim)
+        bias = meta.bias(sliding_window, q.dtype, groups)
+        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=bias, scale=scale)
+        # Kernels may return it in [B, rows, heads, d] memory: unfold by views, then one copy below.
+        out = out.unflatten(2, (groups, queries)).permute(0, 3, 1, 2, 4)  # [B, Q, kv_heads, groups, d]
+    else:
+        bias = meta.bias(sliding_window, q.dtype, 1)
+        out = F.scaled_dot_product_attention(padded, keys, values, attn_mask=bias, scale=scale, enable_gqa=groups > 1)
+        out = out.transpose(1, 2)
+    out = out.reshape(batch * queries, heads, head_dim)
+    return out if meta.dense else out.index_select(0, meta.query_index)

@@ -154,6 +154,12 @@ class Eagle3Head(nn.Module):
     # What a ModelRunner needs to give it a KV cache.
     num_layers = 1
 
+    def fuse_projections(self) -> "Eagle3Head":
+        """As ``Transformer.fuse_projections``."""
+        self.midlayer.self_attn.fuse_projections()
+        self.midlayer.mlp.fuse_projections()
+        return self
+
     @property
     def num_kv_heads(self) -> int:
         return self.midlayer.self_attn.k_proj.out_features // self.head_dim

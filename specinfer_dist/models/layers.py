@@ -12,13 +12,14 @@ cos/sin are computed in fp32 and cast only at the end, as HF does.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.activations import ACT2FN
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from specinfer_dist.errors import ModelLoadError
-from specinfer_dist.models.linear import Linear
+from specinfer_dist.models.linear import FusedRows, Linear, fuse_rows
 
 
 def head_dim(config: PretrainedConfig) -> int:
@@ -34,10 +35,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementation, so bf16 runs agree with it.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        # One op for x * rsqrt(mean(x^2) + eps), the reference's formula: it computes in fp32 and
+        # rounds once to x's dtype, as the reference does before the weight (one kernel on CUDA;
+        # the reference's casts around it are two more).
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """norm(x) in fp32, without the weight."""
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
 
 
 class OffsetRMSNorm(RMSNorm):
@@ -49,9 +54,7 @@ class OffsetRMSNorm(RMSNorm):
         nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+        return (self.normalize(x) * (1.0 + self.weight.float())).to(x.dtype)
 
 
 class ScaledEmbedding(nn.Embedding):
@@ -126,27 +129,32 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for ``apply_rope`` ([tokens, rotary_dim] each); sin's first half is
+        negated, which folds rotate_half's negation into the table (once per step, not per layer)."""
         inv_freq = self.inv_freq
         if self.long_from is not None:
             inv_freq = torch.where((positions >= self.long_from)[:, None], self.long_inv_freq, inv_freq)
         freqs = positions[:, None].float() * inv_freq  # fp32, whatever the model dtype
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+        sin = freqs.sin() * self.scaling
+        return (freqs.cos() * self.scaling).to(dtype).repeat(1, 2), torch.cat((-sin, sin), dim=-1).to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x ([heads, tokens, head_dim]) by cos/sin ([tokens, rotary_dim]); with a partial
-    rotary factor (Phi-4-mini) only the first rotary_dim features turn."""
+    """Rotate x ([tokens, heads, head_dim]) by ``RotaryEmbedding``'s cos/sin ([tokens, rotary_dim]):
+    HF's ``x * cos + rotate_half(x) * sin`` with the negation already in ``sin``, so the same
+    products in the same order (bitwise equal). With a partial rotary factor (Phi-4-mini) only
+    the first rotary_dim features turn."""
+    cos, sin = cos[:, None], sin[:, None]
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return x * cos + _swap_halves(x) * sin
     turn, keep = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((turn * cos + _rotate_half(turn) * sin, keep), dim=-1)
+    return torch.cat((turn * cos + _swap_halves(turn) * sin, keep), dim=-1)
+
+
+def _swap_halves(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x2, x1), dim=-1)
 
 
 def activation(config: PretrainedConfig) -> nn.Module:
@@ -158,7 +166,7 @@ def activation(config: PretrainedConfig) -> nn.Module:
 
 
 class MLP(nn.Module):
-    """Gated MLP: down(act(gate(x)) * up(x))."""
+    """Gated MLP: down(act(gate(x)) * up(x)); at inference gate and up run as one matmul."""
 
     def __init__(self, config: PretrainedConfig) -> None:
         super().__init__()
@@ -167,8 +175,16 @@ class MLP(nn.Module):
         self.up_proj = Linear(config.hidden_size, config.intermediate_size, bias=bias)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=bias)
         self.act = activation(config)
+        self.gate_up: FusedRows | None = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        if not (self.gate_up is not None and self.gate_up.intact()):
+            self.gate_up = fuse_rows(self.gate_proj, self.up_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None and self.gate_up.intact():
+            gate, up = self.gate_up(x).chunk(2, dim=-1)
+            return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -180,6 +196,9 @@ class FusedMLP(nn.Module):
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.act = activation(config)
+
+    def fuse_projections(self) -> None:
+        """Fused already."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

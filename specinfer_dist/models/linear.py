@@ -1,12 +1,15 @@
-"""Linear layers with a faster CPU path for the few rows a decode or verify step has.
+"""Linear layers with a faster CPU path for the few rows a verify step has.
 
-On the CPUs we measured (AMD EPYC, torch 2.13 CPU wheel) ``F.linear`` on 1-16 rows takes a
-matrix-vector / skinny-GEMM path several times slower than the same product written as
-``weight @ x.T`` with at least two columns, which streams the weight once at full memory
-bandwidth (SmolLM2's 49k-token head, 2 threads: ~10 ms for 1 row vs ~3.5-4.5 ms). Decoding is
-exactly that shape, so the model's linears route small inputs through it. Results are the
-same products, summed in a different order (float rounding only). Larger inputs and other
+On the CPUs we measured (AMD EPYC, torch 2.13 CPU wheel) ``F.linear`` on 2-16 rows takes a
+skinny-GEMM path several times slower than the same product written as ``weight @ x.T``, which
+streams the weight once at full memory bandwidth (SmolLM2's 49k-token head: ~23 ms for 2 rows
+vs ~57 ms). A single row is the exception: there ``F.linear`` runs a matrix-vector kernel that
+is as fast, in one op (the old path padded the row to two: 7 more ops per linear). Results are
+the same products, summed in a different order (float rounding only). Larger inputs and other
 devices keep ``F.linear``. ``python -m specinfer_dist.bench.linear_cost`` prints the comparison.
+
+The skinny path returns a transposed view (no copy): callers that need contiguous memory (a
+tensor-parallel all-reduce) make it so.
 """
 
 from __future__ import annotations
@@ -15,22 +18,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-SKINNY_ROWS = 16  # at most this many rows take the weight @ x.T path on the CPU
+SKINNY_ROWS = 16  # 2 to this many rows take the weight @ x.T path on the CPU
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or rows > SKINNY_ROWS:
+    if x.device.type != "cpu" or not 1 < rows <= SKINNY_ROWS:
         return F.linear(x, weight, bias)
-    flat = x.reshape(rows, x.shape[-1])
-    if rows == 1:  # a single column falls back to the slow matrix-vector kernel: pad to two
-        flat = flat.repeat(2, 1)
-    out = (weight @ flat.T).T[:rows].contiguous()  # callers view it and all-reduce it
+    out = (weight @ x.reshape(rows, x.shape[-1]).T).T
     if bias is not None:
-        out += bias
+        out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+
+class FusedRows:
+    """Several linears over the same input run as one matmul: their weights (and biases)
+    become row views of one concatenated matrix, so parameter names, ``state_dict``,
+    ``load_state_dict`` and optimiser steps see the same tensors as before. Anything that
+    replaces a parameter instead (``model.to(...)``, a tensor-parallel re-slice) breaks the
+    views; ``intact`` sees that and the caller runs the separate linears again."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: tuple[nn.Linear, ...]) -> None:
+        self.weight, self.bias, self.parts = weight, bias, parts
+        self._pointers = [p.weight.data_ptr() for p in parts]
+
+    def intact(self) -> bool:
+        return [p.weight.data_ptr() for p in self.parts] == self._pointers
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def fuse_rows(*parts: nn.Linear) -> FusedRows | None:
+    """Fuse ``parts`` (see ``FusedRows``); None if their weights are not all materialised."""
+    if any(p.weight.is_meta for p in parts):  # a draft worker's LLM holds only a few real tensors
+        return None
+    sizes = [p.out_features for p in parts]
+    with torch.no_grad():
+        weight = torch.cat([p.weight for p in parts])
+        for p, view in zip(parts, weight.split(sizes)):
+            p.weight.data = view
+        bias = None
+        if parts[0].bias is not None:
+            bias = torch.cat([p.bias for p in parts])
+            for p, view in zip(parts, bias.split(sizes)):
+                p.bias.data = view
+    return FusedRows(weight, bias, parts)

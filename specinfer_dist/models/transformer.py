@@ -31,7 +31,7 @@ from specinfer_dist.models.layers import (
     rope_layer_types,
     softcap,
 )
-from specinfer_dist.models.linear import Linear
+from specinfer_dist.models.linear import FusedRows, Linear, fuse_rows
 
 
 class Attention(nn.Module):
@@ -58,6 +58,7 @@ class Attention(nn.Module):
             self.v_proj = Linear(hidden, kv_size, bias=qkv_bias)
         self.o_proj = Linear(q_size, hidden, bias=o_bias)
         self.fused = fam.fused
+        self.qkv: FusedRows | None = None  # set by fuse_projections
         # Per-head norms (one weight of head_dim, shared by every head, so replicated under TP).
         self.q_norm = fam.norm(self.head_dim, config.rms_norm_eps) if fam.qk_norm else None
         self.k_norm = fam.norm(self.head_dim, config.rms_norm_eps) if fam.qk_norm else None
@@ -66,26 +67,33 @@ class Attention(nn.Module):
         self.scale = float(getattr(config, "query_pre_attn_scalar", None) or self.head_dim) ** -0.5
         self.softcap: float | None = getattr(config, "attn_logit_softcapping", None) if fam.attn_softcap else None
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """q, k, v as [heads, tokens, head_dim], q and k normed and rotated."""
-        n = x.shape[0]
-        # Head counts are attributes a tensor-parallel shard divides (see distributed/tp.py).
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+    def fuse_projections(self) -> None:
+        """One matmul for q, k and v at inference (see ``fuse_rows``); Phi-3's are fused already."""
+        if not self.fused and not (self.qkv is not None and self.qkv.intact()):
+            self.qkv = fuse_rows(self.q_proj, self.k_proj, self.v_proj)
+
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """[tokens, q + k + v features]."""
         if self.fused:
-            q, k, v = self.qkv_proj(x).split((q_size, kv_size, kv_size), dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q, k, v = (t.reshape(n, -1, self.head_dim) for t in (q, k, v))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+            return self.qkv_proj(x)
+        if self.qkv is not None and self.qkv.intact():
+            return self.qkv(x)
+        return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepAttention, kv: torch.Tensor | None
     ) -> torch.Tensor:
         n = x.shape[0]
-        q, k, v = (t.transpose(0, 1) for t in self._qkv(x, cos, sin))  # [tokens, heads, head_dim]
+        # Head counts are attributes a tensor-parallel shard divides (see distributed/tp.py).
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self._project(x)
+        v = qkv[:, (heads + kv_heads) * d :].view(n, kv_heads, d)
+        if self.q_norm is None:  # q and k are adjacent rows: rotate both in one go
+            qk = apply_rope(qkv[:, : (heads + kv_heads) * d].view(n, heads + kv_heads, d), cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+        else:
+            q = apply_rope(self.q_norm(qkv[:, : heads * d].view(n, heads, d)), cos, sin)
+            k = apply_rope(self.k_norm(qkv[:, heads * d : (heads + kv_heads) * d].view(n, kv_heads, d)), cos, sin)
         out = meta.attend(q, k, v, kv, self.scale, self.sliding_window, self.softcap)
         return self.o_proj(out.reshape(n, -1))
 
@@ -116,7 +124,10 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = fam.norm(hidden, eps)
             self.post_feedforward_layernorm = fam.norm(hidden, eps)
 
-    def forward(self, x, rope, meta, kv):
+    def forward(
+        self, x: torch.Tensor, rope: dict[str, tuple[torch.Tensor, torch.Tensor]], meta: StepAttention,
+        kv: torch.Tensor | None,
+    ) -> torch.Tensor:
         cos, sin = rope[self.self_attn.rope]
         if not self.sandwich:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
@@ -150,6 +161,13 @@ class Transformer(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.final_softcap: float | None = getattr(config, "final_logit_softcapping", None)
+
+    def fuse_projections(self) -> "Transformer":
+        """Run q/k/v and gate/up as one matmul each (inference; names and state_dict unchanged)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
+        return self
 
     @property
     def num_layers(self) -> int:

@@ -8,8 +8,9 @@ heads), so block accounting done once on the scheduler side holds for all of the
 Layout: ``kv[layer]`` is ``[2, slots, kv_heads, head_dim]`` with slot = block * block_size +
 offset, the form attention reads and writes (models/attention.py). Blocks are zeroed when
 handed out, and block 0 (where block tables are padded) at once: attention masks out rows no
-one wrote, but a masked NaN would still poison a softmax. Memory is not touched up front, so on
-a CPU the resident set grows with use although the pool is reserved.
+one wrote, but a masked NaN would still poison a softmax. Zeroing never synchronises with the
+device: consecutive blocks are a slice, others one index copied without blocking. Memory is
+not touched up front, so on a CPU the resident set grows with use although the pool is reserved.
 """
 
 from __future__ import annotations
@@ -124,8 +125,15 @@ class BlockPool:
         return blocks
 
     def _zero(self, blocks: list[int]) -> None:
-        if blocks:
-            self.kv.unflatten(2, (-1, self.block_size))[:, :, blocks] = 0
+        if not blocks:
+            return
+        by_block = self.kv.unflatten(2, (-1, self.block_size))
+        first = blocks[0]
+        if blocks == list(range(first, first + len(blocks))):  # what a tidy pool hands out: a slice, no index copy
+            by_block[:, :, first : first + len(blocks)] = 0
+        else:
+            # index_fill_, not `[index] = 0`: that copies the 0 to the device, waiting for it.
+            by_block.index_fill_(2, index_tensor(blocks, self.kv.device), 0)
 
     def _grow(self, num_blocks: int) -> None:
         old = self.capacity.num_blocks
@@ -137,3 +145,12 @@ class BlockPool:
 
     def free(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
+
+
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as an int64 index on ``device`` in one host->device copy. On CUDA it leaves
+    from pinned memory without blocking (PyTorch's caching host allocator keeps the buffer until
+    the copy is done): a plain ``.to``, or a Python list used as an index, waits for every kernel
+    queued on the stream."""
+    pinned = device.type == "cuda"
+    return torch.tensor(values, dtype=torch.int64, pin_memory=pinned).to(device, non_blocking=pinned)

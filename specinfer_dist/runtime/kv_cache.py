@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from specinfer_dist.runtime.block_pool import BlockPool
+from specinfer_dist.runtime.block_pool import BlockPool, index_tensor
 
 
 class PagedKVCache:
@@ -70,6 +70,6 @@ class PagedKVCache:
 
     def _move(self, src: list[int], dst: int) -> None:
         kv = self.pool.kv
-        index = torch.tensor(self.slots(src), device=kv.device)
+        source, target = index_tensor(self.slots(src) + self.slots(range(dst, dst + len(src))), kv.device).view(2, -1)
         # index_select copies first, so overlapping source and target rows are safe.
-        kv.index_copy_(2, torch.tensor(self.slots(range(dst, dst + len(src))), device=kv.device), kv.index_select(2, index))
+        kv.index_copy_(2, target, kv.index_select(2, source))

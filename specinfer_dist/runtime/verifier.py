@@ -61,7 +61,9 @@ def pool_capacity(
 
 
 class LocalVerifier:
-    """All caches share one preallocated block pool, sized by ``pool_capacity``."""
+    """All caches share one preallocated block pool, sized by ``pool_capacity``. Steps replay
+    CUDA graphs on a GPU unless ``enforce_eager``; ``static_steps`` runs their bucketed path
+    without capture on any device (runtime/step_graphs.py)."""
 
     def __init__(
         self,
@@ -70,9 +72,11 @@ class LocalVerifier:
         kv_block_size: int = DEFAULT_BLOCK_SIZE,
         max_num_seqs: int = 16,
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+        enforce_eager: bool = False,
+        static_steps: bool = False,
     ) -> None:
         capacity = pool_capacity(model, kv_blocks, kv_block_size, max_num_seqs, gpu_memory_utilization)
-        self.runner = ModelRunner(model, capacity)
+        self.runner = ModelRunner(model, capacity, enforce_eager=enforce_eager, static_steps=static_steps)
         self.pool = self.runner.pool
         self.kv_capacity = capacity
         self.caches: dict[int, PagedKVCache] = {}

@@ -30,7 +30,7 @@ from specinfer_dist.tuning.prompts import load_prompts
 RACE_TOKENS = 32  # generated per calibration prompt and candidate
 # The options a race's outcome depends on (batching and memory options do not change it).
 RACE_KEY_FIELDS = ("llm", "ssms", "drafters", "tree_budget", "mode", "draft_temperature", "draft_vocab", "dtype",
-                   "device", "feature_drafter")
+                   "device", "feature_drafter", "enforce_eager")
 
 
 class Engine(Protocol):

@@ -22,32 +22,43 @@ from typing import Sequence
 import torch
 
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.runtime.block_pool import KVCapacity
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 
 SWEEP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 def forward_cost(model: Transformer, sizes: Sequence[int], context: int, repeats: int = 3) -> dict[int, float]:
-    """Median seconds of one forward over n new tokens (all with logits) after ``context`` cached ones."""
-    runner = ModelRunner(model)
+    """Median seconds of one forward over n new tokens (all with logits, left on the device, as a
+    verify step leaves them) after ``context`` cached ones. The pool is fixed, as the LLM's, so on
+    a GPU the forwards replay CUDA graphs like the engine's."""
+    block_size = 16
+    runner = ModelRunner(model, KVCapacity(-(-(context + max(sizes)) // block_size), block_size))
     gen = torch.Generator().manual_seed(0)
     vocab = model.config.vocab_size
     cache = runner.new_cache()
     prefix = torch.randint(vocab, (context,), generator=gen).tolist()
-    runner.forward([RunItem(cache, prefix, chain_parents(context), [context - 1])])
+    runner.run([RunItem(cache, prefix, chain_parents(context), [context - 1])])
     cache.commit(range(context))
     costs = {}
     for n in sizes:
         tokens = torch.randint(vocab, (n,), generator=gen).tolist()
         item = RunItem(cache, tokens, chain_parents(n), list(range(n)))  # cost does not depend on shape
         times = []
-        for _ in range(repeats + 1):  # the first run warms up
+        for _ in range(repeats + 1):  # the first run warms up (and captures a graph)
+            synchronize(runner.device)
             start = time.perf_counter()
-            runner.forward([item])
+            runner.run([item])
+            synchronize(runner.device)
             times.append(time.perf_counter() - start)
             cache.rollback()
         costs[n] = statistics.median(times[1:])
     return costs
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def interpolate(costs: dict[int, float], n: float) -> float:
