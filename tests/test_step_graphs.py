@@ -79,18 +79,34 @@ def test_buckets_and_scratch_block(models):
     assert graphs.bucket(too_big, ()) is None  # a long prompt chunk runs eagerly
 
 
-def test_capture_waits_for_a_second_sighting(models):
-    """On CUDA a bucket is captured the second time a step fits it; the first runs eagerly."""
+def test_steps_replay_a_larger_captured_bucket(models):
+    """A step replays the smallest captured graph that holds it within the padding limits;
+    only a step no graph holds gets its own bucket."""
     llm, _ = models
-    engine = LLMEngine.load(str(llm), ssms=["none"], mode="incremental", kv_blocks=16)
-    graphs = LocalVerifier(engine.verifier.runner.model, kv_blocks=16, static_steps=True).runner.graphs
-    graphs.capture = True  # the counting only; nothing is captured on a CPU
-    cache = PagedKVCache(graphs.pool)
-    cache.reserve(1)
-    items = [RunItem(cache, [5], chain_parents(1), [0])]
-    assert graphs.bucket(items, ()) is None
-    assert graphs.bucket(items, ()) == StepShape(batch=1, queries=1, tree_rows=0, blocks=1)
-    assert graphs.bucket(items, (0, 1)) is None  # another key (aux layers): counted on its own
+    engine = LLMEngine.load(str(llm), ssms=["none"], mode="incremental", kv_blocks=64)
+    runner = LocalVerifier(engine.verifier.runner.model, kv_blocks=64, static_steps=True).runner
+    graphs = runner.graphs
+
+    def step(batch: int, tokens: int, context: int) -> StepShape:
+        items = []
+        for _ in range(batch):
+            cache = runner.new_cache()
+            cache.reserve(context)
+            cache.commit(range(context))
+            cache.reserve(tokens)  # as ModelRunner.run does before it picks the bucket
+            items.append(RunItem(cache, [5] * tokens, chain_parents(tokens), [tokens - 1]))
+        shape = graphs.bucket(items, ())
+        graphs.run(items, shape, (), runner._to_device)  # captures (records) its bucket if it is new
+        for item in items:
+            item.cache.free()
+        return shape
+
+    assert step(4, 16, 20) == StepShape(batch=4, queries=16, tree_rows=0, blocks=4)
+    assert step(2, 9, 20) == StepShape(batch=4, queries=16, tree_rows=0, blocks=4)  # 64 rows for 32: held
+    assert step(1, 1, 20) == StepShape(batch=1, queries=1, tree_rows=0, blocks=2)  # 64 rows for 1: its own
+    assert step(1, 1, 40) == StepShape(batch=1, queries=1, tree_rows=0, blocks=4)  # twice the blocks: its own
+    assert step(1, 1, 20) == StepShape(batch=1, queries=1, tree_rows=0, blocks=2)  # the smallest that holds it
+    assert step(4, 16, 20) == StepShape(batch=4, queries=16, tree_rows=0, blocks=4)
 
 
 def test_folded_gqa_equals_sdpa_gqa(models, monkeypatch):

@@ -13,10 +13,14 @@ launches them all at once. A graph fixes every shape and every input address, so
   every tree row's anyway); the step's logit rows are gathered from them after the replay;
 - buckets of more than ``max_tokens`` rows (long prompt chunks) run eagerly: a graph there
   saves little and its activations would hold memory;
-- a bucket is captured the second time a step fits it (``CAPTURE_AFTER``); before, the step
-  runs eagerly. Measured on an H200: capturing every new bucket at once made short runs with
-  trees that shrink at the end of a generation, dynamic trees or new prompt lengths 2-20x slower
-  than incremental decoding, all of it capture time.
+- a step replays the smallest captured graph that holds it when that pads it at most
+  ``REUSE_ROWS`` times (rows) and ``REUSE_BLOCKS`` times (blocks); only a step that no graph
+  holds captures its own bucket. Measured on an H200 before this rule (a capture for every new
+  bucket): short runs whose trees shrink at the end of a generation, or dynamic trees, met a
+  new bucket every few steps and ran at 0.5x (trees) to 0.06x (dynamic trees) of incremental
+  decoding; a CPU count of one such run found one bucket for 17 of its 23 steps and five seen
+  once. Padding instead of capturing is cheap on a GPU: a 64-token verify costs 1.18x a
+  1-token step there (Llama-3-8B shape).
 
 Graphs are captured on use (a warm-up run on a side stream, then the capture), share one
 memory pool (they never run concurrently), and a capture that fails leaves that bucket eager
@@ -26,7 +30,6 @@ graph: how tests on a CPU check that a padded step equals the natural one.
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -41,7 +44,17 @@ from specinfer_dist.runtime.step_layout import RunItem, StepLayout, StepShape, c
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_GRAPH_TOKENS = 1024  # most rows (B * Q) of a captured step
-CAPTURE_AFTER = 2  # a bucket is captured the second time a step fits it
+REUSE_ROWS = 4  # a step replays a captured graph of up to this many times its (bucketed) rows
+REUSE_BLOCKS = 2  # ... and of up to this many times its blocks
+
+
+def _holds(shape: StepShape, need: StepShape) -> bool:
+    """Whether a step of bucket ``need`` may replay ``shape``'s graph: every dimension as large,
+    at most ``REUSE_ROWS`` times the rows and ``REUSE_BLOCKS`` times the blocks (padding costs
+    compute, a capture costs once)."""
+    return (shape.batch >= need.batch and shape.queries >= need.queries and shape.tree_rows >= need.tree_rows
+            and need.blocks <= shape.blocks <= REUSE_BLOCKS * need.blocks
+            and shape.tokens <= REUSE_ROWS * need.tokens)
 
 
 def _bucket(n: int) -> int:
@@ -63,27 +76,24 @@ class StepGraphs:
         self.scratch_block = pool.allocate(1)[0]  # never handed to a request (the runner sized the pool for it)
         self._graphs: dict[tuple, _Graph | None] = {}  # None: capture failed, run eagerly
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
-        self._sightings: collections.Counter = collections.Counter()
 
     def bucket(self, items: list[RunItem], aux_layers: tuple[int, ...]) -> StepShape | None:
-        """The bucket ``items`` replay, or None if they run eagerly: too many rows, or a bucket
-        seen fewer than ``CAPTURE_AFTER`` times (a one-off shape, such as a prompt or the end of
-        a generation, would pay a capture for one step)."""
+        """The bucket ``items`` replay (a captured one that holds them, or their own), or None
+        if they run eagerly (too many rows, or a capture that failed)."""
         queries = _bucket(max(len(item.tokens) for item in items))
         tree_rows = _bucket(max(len(item.parents) - chain_length(item.parents) for item in items))
-        shape = StepShape(
+        need = StepShape(
             _bucket(len(items)), queries,
             max(queries, tree_rows) if tree_rows else 0,  # as many as queries (one key fewer) unless more
             _bucket(max(len(item.cache.blocks) for item in items)),
         )
-        if shape.tokens > self.max_tokens:
+        if need.tokens > self.max_tokens:
             return None
-        key = (shape, aux_layers)
-        if self.capture and key not in self._graphs:
-            self._sightings[key] += 1
-            if self._sightings[key] < CAPTURE_AFTER:
-                return None
-        return shape
+        held = [shape for (shape, aux), graph in self._graphs.items()
+                if aux == aux_layers and graph is not None and _holds(shape, need)]
+        if held:
+            return min(held, key=lambda shape: (shape.tokens, shape.blocks, shape.tree_rows))
+        return None if self._graphs.get((need, aux_layers), True) is None else need
 
     def run(
         self, items: list[RunItem], shape: StepShape, aux_layers: tuple[int, ...],
