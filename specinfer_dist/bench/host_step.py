@@ -3,6 +3,7 @@ overhead (Python, dispatch, copies), the part that does not shrink on a GPU.
 
     python -m specinfer_dist.bench.host_step --batch 1,16,64
     python -m specinfer_dist.bench.host_step --compare-with /tmp/old   # old checkout, side by side
+    python -m specinfer_dist.bench.host_step --shape smollm2 --layers 30 --batch 1,16 --compare-with /tmp/old
 
 ``--compare-with`` runs this same file again with PYTHONPATH at another checkout (e.g.
 ``git worktree add /tmp/old <commit>``) and prints both and their ratio. Only APIs that both
@@ -29,11 +30,23 @@ from specinfer_dist.runtime.verifier import LocalVerifier
 from specinfer_dist.tree.spec import TreeSpec
 
 
-def tiny_model(layers: int) -> Transformer:
-    config = transformers.LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-    )
+SMOLLM2_135M = dict(  # the default LLM's config.json, so no download is needed
+    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
+
+
+def tiny_model(layers: int, shape: str = "tiny") -> Transformer:
+    """``tiny``: a step that is almost all framework overhead; ``smollm2``: the default LLM's
+    shape (random weights), where the step's matrix products count too."""
+    if shape == "smollm2":
+        config = transformers.LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers})
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        )
     torch.manual_seed(0)
     return Transformer(config).eval().requires_grad_(False)
 
@@ -64,13 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", default="1,16,64")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--shape", default="tiny", choices=("tiny", "smollm2"))
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--compare-with", help="another checkout's root: run it there too and print ratios")
     parser.add_argument("--json", action="store_true", help="print only the result as JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model = tiny_model(args.layers)
+    model = tiny_model(args.layers, args.shape)
     ours = {int(b): step_ms(model, int(b), args.prompt_len, args.steps) for b in args.batch.split(",")}
     if args.json:
         print(json.dumps(ours))
@@ -83,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "PYTHONPATH": args.compare_with}
         out = subprocess.run([*cmd, "--json"], env=env, check=True, capture_output=True, text=True).stdout
         rows[args.compare_with] = {int(k): v for k, v in json.loads(out.strip().splitlines()[-1]).items()}
-    print(f"host ms per decode step, tiny {args.layers}-layer model, prompt {args.prompt_len}, 1 thread")
+    print(f"ms per decode step, {args.shape} {args.layers}-layer model, prompt {args.prompt_len}, 1 thread")
     for name, row in rows.items():
         print(f"{name:>20}: " + "  ".join(f"batch {b}: {ms:7.2f}" for b, ms in row.items()))
     if args.compare_with:

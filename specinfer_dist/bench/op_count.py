@@ -29,6 +29,7 @@ import torch
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from specinfer_dist.bench.host_step import SMOLLM2_135M
 from specinfer_dist.engine.engine import LLMEngine
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.sampling_params import SamplingParams
@@ -38,13 +39,6 @@ from specinfer_dist.tree.spec import TreeSpec
 # Allocations and metadata: no kernel of their own (views are told by their schema).
 NOT_KERNELS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
                          "resize_", "set_", "sym_size", "sym_stride", "sym_numel", "is_same_size"})
-
-SMOLLM2_135M = dict(  # the default LLM's config.json, so no download is needed
-    vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-    num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-    tie_word_embeddings=True,
-)
-
 
 class OpCounter(TorchDispatchMode):
     """Counts the kernel-running aten ops dispatched while it is active, by name."""
