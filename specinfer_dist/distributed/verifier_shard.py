@@ -92,7 +92,8 @@ class VerifierShard:
         dtype = engine.dtype or default_dtype(device)
         self.model = load_model(engine.llm, dtype=dtype, device=device, progress=False, sharding=sharding)[0]
         return pool_capacity(
-            self.model, engine.kv_blocks, engine.kv_block_size, engine.max_num_seqs, engine.gpu_memory_utilization
+            self.model, engine.kv_blocks, engine.kv_block_size, engine.max_num_seqs, engine.gpu_memory_utilization,
+            engine.enforce_eager,
         )
 
     def allocate(self, capacity: KVCapacity) -> None:

@@ -53,16 +53,18 @@ def auto_capacity(
     block_size: int = DEFAULT_BLOCK_SIZE,
     max_rows: int | None = None,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    reserved: int = 0,
 ) -> KVCapacity:
     """A pool sized from memory. CUDA: what is left of ``gpu_memory_utilization`` of the device
-    after everything allocated so far (load the weights first), as vLLM does. Elsewhere:
-    ``DEFAULT_CPU_KV_BYTES``. Never more than ``max_rows`` rows need (all requests at full length)."""
+    after everything allocated so far (load the weights first) and ``reserved`` bytes (CUDA
+    graphs), as vLLM does. Elsewhere: ``DEFAULT_CPU_KV_BYTES``. Never more than ``max_rows``
+    rows need (all requests at full length)."""
     per_block = block_bytes(num_layers, num_kv_heads, head_dim, dtype, block_size)
     if device.type == "cuda":
         if not 0 < gpu_memory_utilization <= 1:
             raise InvalidConfigError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         free, total = torch.cuda.mem_get_info(device)
-        budget = free - (1 - gpu_memory_utilization) * total
+        budget = free - (1 - gpu_memory_utilization) * total - reserved
     else:
         budget = DEFAULT_CPU_KV_BYTES
     blocks = int(budget // per_block)

@@ -48,6 +48,21 @@ REUSE_ROWS = 4  # a step replays a captured graph of up to this many times its (
 REUSE_BLOCKS = 2  # ... and of up to this many times its blocks
 
 
+def graph_memory(model: torch.nn.Module, max_num_seqs: int, block_size: int,
+                 max_tokens: int = DEFAULT_MAX_GRAPH_TOKENS) -> int:
+    """Bytes the graphs' shared memory pool may come to hold, an upper bound counted before the
+    KV pool is sized: the largest bucket's logits and one layer's activations (``max_tokens``
+    rows), plus the K/V that attention gathers for ``max_num_seqs`` requests at the model's
+    full context (one layer at a time, as eagerly)."""
+    config, itemsize = model.config, next(model.parameters()).element_size()
+    heads, kv_heads, head_dim = config.num_attention_heads, config.num_key_value_heads, model.head_dim
+    per_row = (config.vocab_size + 4 * config.hidden_size + (2 * heads + 3 * kv_heads) * head_dim
+               + 3 * config.intermediate_size)
+    keys = _bucket(-(-model.max_positions // block_size)) * block_size
+    gathered = _bucket(max_num_seqs) * keys * kv_heads * head_dim * 2
+    return (max_tokens * per_row + gathered) * itemsize
+
+
 def _holds(shape: StepShape, need: StepShape) -> bool:
     """Whether a step of bucket ``need`` may replay ``shape``'s graph: every dimension as large,
     at most ``REUSE_ROWS`` times the rows and ``REUSE_BLOCKS`` times the blocks (padding costs

@@ -18,6 +18,7 @@ from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.block_pool import DEFAULT_GPU_MEMORY_UTILIZATION, KVCapacity, auto_capacity
 from specinfer_dist.runtime.kv_cache import PagedKVCache
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem
+from specinfer_dist.runtime.step_graphs import graph_memory
 
 
 @dataclass
@@ -47,16 +48,20 @@ def pool_capacity(
     kv_block_size: int = DEFAULT_BLOCK_SIZE,
     max_num_seqs: int = 16,
     gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
+    enforce_eager: bool = False,
 ) -> KVCapacity:
     """The LLM's KV pool (the one sizing policy, also for each TP shard): ``kv_blocks`` blocks,
-    or (None) as many as memory allows (runtime/block_pool.py: auto_capacity), capped by what
-    ``max_num_seqs`` requests at the model's full context need. Call it after loading the weights."""
+    or (None) as many as memory allows (runtime/block_pool.py: auto_capacity) once the CUDA
+    graphs' memory is set aside (unless ``enforce_eager``), capped by what ``max_num_seqs``
+    requests at the model's full context need. Call it after loading the weights."""
     if kv_blocks is not None:
         return KVCapacity(kv_blocks, kv_block_size)
     param = next(model.parameters())
+    graphs = param.device.type == "cuda" and not enforce_eager
     return auto_capacity(
         model.num_layers, model.num_kv_heads, model.head_dim, param.dtype, param.device, kv_block_size,
         max_num_seqs * model.max_positions, gpu_memory_utilization,
+        reserved=graph_memory(model, max_num_seqs, kv_block_size) if graphs else 0,
     )
 
 
@@ -75,7 +80,7 @@ class LocalVerifier:
         enforce_eager: bool = False,
         static_steps: bool = False,
     ) -> None:
-        capacity = pool_capacity(model, kv_blocks, kv_block_size, max_num_seqs, gpu_memory_utilization)
+        capacity = pool_capacity(model, kv_blocks, kv_block_size, max_num_seqs, gpu_memory_utilization, enforce_eager)
         self.runner = ModelRunner(model, capacity, enforce_eager=enforce_eager, static_steps=static_steps)
         self.pool = self.runner.pool
         self.kv_capacity = capacity
