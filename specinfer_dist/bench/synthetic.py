@@ -39,14 +39,9 @@ Invariants that keep the numbers honest:
   over time (best of a few timings). ``floor_ratio`` = ms per token per request / floor ms;
   batch-1 ``incremental``'s is the shape's ``distance_to_floor``.
 
-Time budget (issue 21: ``--shapes 1b,llama3-8b`` with the default flags in about 4 minutes on
-an H200, priced at the numbers before our speed work: llama3-8b 28 ms per eager step, HF
-~100 ms per token at batch 1, taken as ~40 / ~110 ms at batch 16). Per llama3-8b: build ~5 s;
-verify sweep 2 contexts x 8 sizes x 4 forwards ~5 s; batch 1: two incremental rows
-2 x 72 steps (8 warm-up + 64) ~4 s, two speculative rows (~3 tokens/step) ~2 s, HF 68 tokens
-~7 s; batch 16: incremental rows 2 x 72 x 40 ms ~6 s, speculative ~4 s, HF 68 x 110 ms ~8 s.
-That is ~40 s, the 1b shape less; with process start, CUDA set-up and graph captures about
-2 minutes, so HF keeps its batch-16 row. ``seconds`` per shape is recorded to check this.
+Time: the default run (``--shapes 1b,llama3-8b``, HF rows included) took 143 s on an H200 on
+2026-12-04, process start and graph captures included (``seconds`` per shape is recorded:
+1b 26 s, llama3-8b 29 s; the rest is start-up and the bandwidth measurement).
 """
 
 from __future__ import annotations
