@@ -41,7 +41,7 @@ Invariants that keep the numbers honest:
 
 Time: the default run (``--shapes 1b,llama3-8b``, HF rows included) took 143 s on an H200 on
 2026-12-04, process start and graph captures included (``seconds`` per shape is recorded:
-1b 26 s, llama3-8b 29 s; the rest is start-up and the bandwidth measurement).
+1b 26 s, llama3-8b 29 s; the rest ran outside those timers).
 """
 
 from __future__ import annotations
