@@ -159,3 +159,25 @@ def test_rotary_frequencies_stay_fp32_in_a_bfloat16_model():
     assert (cos16.float() - cos32).abs().max() <= 2**-8 and (sin16.float() - sin32).abs().max() <= 2**-8
     moved = Transformer(config).to(torch.bfloat16).to("meta").model.rotary_emb["all"].inv_freq
     assert moved.device.type == "meta" and moved.dtype == torch.float32  # device moves still apply
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: q/k/v biases fused too
+def test_fused_projections_keep_names_and_fall_back_when_replaced(arch):
+    """A runner fuses q/k/v and gate/up into one matmul each by making the parameters row views
+    of one matrix: HF's names and state_dict stay, a loaded state_dict still reaches the fused
+    matrix, and a move that replaces the parameters falls back to the separate linears."""
+    hf, ours = pair(arch)
+    names = list(ours.state_dict())
+    runner = ModelRunner(ours)
+    attn, mlp = ours.model.layers[0].self_attn, ours.model.layers[0].mlp
+    assert attn.qkv.intact() and mlp.gate_up.intact() and list(ours.state_dict()) == names
+    ids = torch.randint(VOCAB, (12,), generator=torch.Generator().manual_seed(3)).tolist()
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(prefill(runner, runner.new_cache(), ids), want, rtol=1e-5, atol=1e-5)
+    ours.load_state_dict({k: torch.zeros_like(v) if "k_proj" in k else v for k, v in hf.state_dict().items()})
+    assert attn.qkv.intact() and not attn.qkv.weight[attn.head_dim * attn.num_heads :][: 16].any()
+    ours.load_state_dict(hf.state_dict())
+    ours.double().float()  # new parameter tensors: the views are gone
+    assert not attn.qkv.intact() and not mlp.gate_up.intact()
+    torch.testing.assert_close(prefill(runner, runner.new_cache(), ids), want, rtol=1e-5, atol=1e-5)
