@@ -143,3 +143,20 @@ def test_mss_batch_takes_q_of_any_float_dtype_and_point_masses_only():
         draws = [mss_draws(tree, gen) for tree in batch]
         together = verify_mss_batch(batch, torch.cat(targets), draws)
         assert together == [verify_mss_batch([t], target, [d])[0] for t, target, d in zip(batch, targets, draws)]
+
+
+def test_verify_batch_mixes_greedy_and_distinct_sampling_settings():
+    """tree/verify.py's batch: greedy rows, and sampled rows grouped by setting (each group's
+    rows indexed on the logits' device): each request's result is what it gets alone."""
+    from specinfer_dist.tree.verify import verify_batch
+
+    gen = torch.Generator().manual_seed(5)
+    trees = [random_tree(gen, 5, VOCAB) for _ in range(4)]
+    logits = torch.randn(sum(len(t) for t in trees), VOCAB, generator=gen)
+    settings = [(0.0, 0, 1.0), (0.8, 0, 1.0), (1.0, 3, 0.9), (0.8, 0, 1.0)]
+    together = verify_batch(trees, logits, settings, [torch.Generator().manual_seed(10 + i) for i in range(4)])
+    alone = [
+        verify_batch([tree], rows, [setting], [torch.Generator().manual_seed(10 + i)])[0]
+        for i, (tree, rows, setting) in enumerate(zip(trees, logits.split([len(t) for t in trees]), settings))
+    ]
+    assert together == alone

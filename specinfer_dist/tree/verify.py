@@ -143,7 +143,8 @@ def verify_batch(
         for j, i in enumerate(sampled):
             groups.setdefault(settings[i], []).append(j)
         for setting, members in groups.items():
-            rows = torch.cat([torch.arange(offsets[j], offsets[j + 1]) for j in members]).to(logits.device)
+            # Built where the logits are: a host index would be a blocking copy per setting.
+            rows = torch.cat([torch.arange(offsets[j], offsets[j + 1], device=logits.device) for j in members])
             target[rows] = sampling_probs(torch.cat([per_tree[sampled[j]] for j in members]), *setting)
         draws = [mss_draws(trees[i], generators[i]) for i in sampled]
         try:
