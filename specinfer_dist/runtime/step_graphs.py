@@ -15,12 +15,11 @@ launches them all at once. A graph fixes every shape and every input address, so
   saves little and its activations would hold memory;
 - a step replays the smallest captured graph that holds it when that pads it at most
   ``REUSE_ROWS`` times (rows) and ``REUSE_BLOCKS`` times (blocks); only a step that no graph
-  holds captures its own bucket. Measured on an H200 before this rule (a capture for every new
-  bucket): short runs whose trees shrink at the end of a generation, or dynamic trees, met a
-  new bucket every few steps and ran at 0.5x (trees) to 0.06x (dynamic trees) of incremental
-  decoding; a CPU count of one such run found one bucket for 17 of its 23 steps and five seen
-  once. Padding instead of capturing is cheap on a GPU: a 64-token verify costs 1.18x a
-  1-token step there (Llama-3-8B shape).
+  holds captures its own bucket. Before this rule (a capture for every new bucket), short runs
+  on an H200 paid captures inside their timing: bench/synthetic.py's 1.1B tree rows ran at 0.51x
+  of incremental decoding, gpu_check's dynamic-tree modes at 0.06-0.10x (docs/bench/gpu/). Padding
+  instead of capturing is cheap on a GPU: a 64-token verify costs 1.18x a 1-token step there
+  (Llama-3-8B shape).
 
 Graphs are captured on use (a warm-up run on a side stream, then the capture), share one
 memory pool (they never run concurrently), and a capture that fails leaves that bucket eager
