@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
+
+import requests
 
 from helpers import make_tiny_checkpoint
 from transformers import AutoTokenizer
@@ -31,3 +34,16 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_ready(health_url: str, timeout: float = 300) -> None:
+    """Poll a replica's /health until it says ready (200); fail on "failed" or after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = requests.get(health_url, timeout=10)
+        if answer.status_code == 200:
+            return
+        is_ours = answer.headers.get("content-type", "").startswith("application/json")  # not the proxy's own
+        assert not (is_ours and answer.json().get("status") == "failed"), answer.text
+        assert time.monotonic() < deadline, f"not ready after {timeout} s: {answer.text}"
+        time.sleep(0.2)

@@ -8,6 +8,8 @@ import pytest
 from helpers import make_tiny_checkpoint
 
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
+from specinfer_dist.config import EngineConfig
+from specinfer_dist.engine.builder import Drafting, build_drafting, load_target
 from specinfer_dist.errors import EngineOverloadedError
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, EngineStepError
 
@@ -118,3 +120,75 @@ def test_shutdown_processes_aborts_already_sent(tmp_path):
 
     asyncio.run(main())
     assert not served.engine.has_unfinished() and not served.engine.verifier.caches
+
+
+# ---- switching the drafting setup between steps (serve first, tune later) ----------------------
+
+
+def _switchable(llm: str, **options):
+    """An engine that starts with incremental decoding, and the tree setup it can switch to."""
+    config = EngineConfig(llm=llm, ssms=[llm], tree="1,2,1", **options)
+    target = load_target(config)
+    engine = LLMEngine.from_config(config.replace(mode="incremental"), target=target)
+    return engine, build_drafting(config, target)
+
+
+def test_switch_between_steps_keeps_every_output(engines, tmp_path):
+    sync, _ = engines
+    llm = str(make_tiny_checkpoint(tmp_path, "llama", seed=1))
+    prompts = ["hello world", "abc", "the quick brown fox"]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (20, 12, 24)]
+    expected = [out.token_ids for out in sync.generate(prompts, params)]
+    engine, tree = _switchable(llm)
+    incremental = Drafting(engine.mode, engine.spec, engine.drafters)
+    seqs = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    for _ in range(4):  # every request is mid-way when the setup changes
+        engine.step()
+    assert engine.mode == "incremental" and all(0 < len(s.output_ids) < s.params.max_tokens for s in seqs)
+    assert engine.switch_drafting(tree) and engine.mode == "tree"
+    for _ in range(3):
+        engine.step()
+    drafted = [s.stats.drafted_tokens for s in seqs]
+    assert all(drafted), "the new drafters draft for requests that started before the switch"
+    assert engine.switch_drafting(incremental) and engine.mode == "incremental"  # and back
+    while engine.has_unfinished():
+        engine.step()
+    assert [list(s.output_ids) for s in seqs] == expected
+    assert [s.stats.drafted_tokens for s in seqs] == drafted  # nothing drafted after switching back
+
+
+def test_switch_waits_until_every_request_fits_the_new_reservation(tmp_path):
+    llm = str(make_tiny_checkpoint(tmp_path, "llama", seed=1))
+    # 6 blocks of 4 tokens: a request of 5 + 18 tokens fits alone without a tree (23 rows),
+    # not with the tree's 4 reserved rows.
+    engine, tree = _switchable(llm, kv_blocks=6, kv_block_size=4)
+    [seq] = [engine.add_request([1, 2, 3, 4, 5], SamplingParams(temperature=0, max_tokens=18, ignore_eos=True))]
+    engine.step()
+    assert not engine.switch_drafting(tree) and engine.mode == "incremental" and engine.scheduler.max_drafted == 0
+    while engine.has_unfinished():
+        engine.step()
+    assert len(seq.output_ids) == 18 and engine.switch_drafting(tree) and engine.mode == "tree"
+
+
+def test_async_engine_switches_while_a_request_streams(engines, tmp_path):
+    sync, _ = engines
+    llm = str(make_tiny_checkpoint(tmp_path, "llama", seed=1))
+    engine, tree = _switchable(llm)
+    served = AsyncLLMEngine(engine)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    [expected] = sync.generate("the quick brown fox", params)
+
+    async def main():
+        deltas = []
+        async for delta in served.generate("the quick brown fox", params):
+            if len(deltas) == 2:
+                served.switch(tree)
+            deltas.append(delta)
+        return deltas
+
+    try:
+        deltas = asyncio.run(main())
+    finally:
+        served.shutdown()
+    assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    assert served.engine.mode == "tree" and deltas[-1].stats.drafted_tokens > 0

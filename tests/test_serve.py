@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.api import RunTarget
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from serve_helpers import BROKEN_CHAT_TEMPLATE, CHAT_TEMPLATE, free_port, make_chat_checkpoint
+from serve_helpers import BROKEN_CHAT_TEMPLATE, CHAT_TEMPLATE, free_port, make_chat_checkpoint, wait_ready
 
 from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.cli import main as cli_main
@@ -80,6 +80,8 @@ def server(tmp_path_factory):
             RunTarget(make_app(engine, ServeConfig(model_name="tiny", runtime="ray"), ClusterConfig(step_timeout_s=60)),
                       "distributed", "/ray"),
         ])
+        for prefix in ("", "/secured", "/ray"):  # replicas answer at once and load their engines in the background
+            wait_ready(f"http://127.0.0.1:{http_port}{prefix}/health")
         yield Server(f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", LLMEngine.from_config(engine))
     finally:
         serve.shutdown()
@@ -94,8 +96,8 @@ IGNORE_EOS = {"ignore_eos": True}  # random tiny models may say EOS anywhere
 def test_models_and_health(server):
     [card] = server.client().models.list().data
     assert card.id == "tiny" and card.sampling_defaults == {} and card.max_model_len == 4096
-    health = requests.get(f"{server.http}/health", timeout=10).json()
-    assert health["status"] == "ok" and health["running"] == 0
+    health = requests.get(f"{server.http}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ready" and health.json()["running"] == 0
 
 
 def test_greedy_completion_equals_engine_with_usage(server):

@@ -8,6 +8,10 @@ LLM forward fails (say, a verifier shard died, taking every cache with it), ever
 request ends with ``EngineStepError`` and the loop keeps serving new ones. Failures are logged
 and counted.
 
+Setup switch: ``switch`` hands the loop a new drafting setup (``tree: auto``'s race winner, raced
+beside a serving engine, see ``from_config``); the loop applies it between steps, once every
+request fits the KV pool with the new tree's reservation. No request is dropped or changed.
+
 Admission: ``generate`` refuses a sequence with ``EngineOverloadedError`` when
 ``max_queued_seqs`` are already waiting (counting those still in the inbox); ``check_capacity``
 lets the serving layer test a whole request (prompts x n) before starting any of it.
@@ -23,10 +27,15 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from specinfer_dist.config import EngineConfig
+from specinfer_dist.engine.builder import Drafting, Target, build_drafting, drafters_digest, load_target, races_tree
 from specinfer_dist.engine.engine import LLMEngine, Prompt
 from specinfer_dist.engine.sequence import Sequence, SpecStats, TokenLogprob
 from specinfer_dist.errors import EngineOverloadedError
+from specinfer_dist.progress import say
+from specinfer_dist.runtime.device import resolve_device
 from specinfer_dist.runtime.sampling_params import SamplingParams
+from specinfer_dist.tuning.race import cached_setup
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +103,44 @@ class AsyncLLMEngine:
         self._inbox_adds = 0  # sequences handed over but not yet queued in the engine
         self._adds_lock = threading.Lock()
         self._stopped = threading.Event()
+        self._switch: tuple[Drafting, bool] | None = None  # (setup, progress) waiting for every request to fit it
         self._thread = threading.Thread(target=self._run, name="specinfer-engine", daemon=True)
         self._thread.start()
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, progress: bool = False) -> "AsyncLLMEngine":
+        """Serve first, tune later. Where ``tree: auto`` would race setups (tuning/race.py) and no
+        result is cached for this machine, the engine starts at once with incremental decoding
+        and the race runs on a thread beside it; its winner is switched in between steps
+        (``switch``). Outputs are the LLM's under either setup. On CUDA the race runs before
+        serving instead (a few seconds there): capturing its CUDA graphs beside a serving
+        thread's kernels is not safe."""
+        target = load_target(config, progress)
+        later = (races_tree(config) and resolve_device(config.device).type != "cuda"
+                 and cached_setup(config, drafters_digest(config)) is None)
+        if not later:
+            return cls(LLMEngine.from_config(config, progress, target))
+        served = cls(LLMEngine.from_config(config.replace(mode="incremental", feature_drafter=None), progress, target))
+        say("serving with incremental decoding while tree auto races setups in the background", show=progress)
+        threading.Thread(target=served._tune, args=(config, target, progress), name="specinfer-tune", daemon=True).start()
+        return served
+
+    def _tune(self, config: EngineConfig, target: Target, progress: bool) -> None:
+        try:
+            drafting = build_drafting(LLMEngine.raced(config, target, progress), target, progress)
+        except Exception as err:  # noqa: BLE001 - serving goes on as it started
+            logger.error("tree auto failed; staying with incremental decoding", exc_info=err)
+            say(f"tree auto failed ({type(err).__name__}: {err}); staying with incremental decoding", show=progress)
+            return
+        if drafting.mode == "incremental":
+            say("tree auto chose incremental decoding: serving on as started", show=progress)
+        else:
+            self.switch(drafting, progress)
+
+    def switch(self, drafting: Drafting, progress: bool = False) -> None:
+        """Draft with ``drafting`` from a step soon: between steps, once every request in the
+        engine fits the KV pool with the new tree's reservation (``LLMEngine.switch_drafting``)."""
+        self._inbox.put(("switch", (drafting, progress)))
 
     async def generate(
         self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False
@@ -179,7 +224,23 @@ class AsyncLLMEngine:
                 continue
             for seq in stepped:
                 self._emit(self._streams[seq.request_id])
+            self._try_switch()
         self._drain()
+
+    def _try_switch(self) -> None:
+        if self._switch is None:
+            return
+        drafting, progress = self._switch
+        try:
+            switched = self.engine.switch_drafting(drafting)
+        except Exception as err:  # noqa: BLE001 - a setup this engine cannot run: serve on as before
+            self._switch = None
+            logger.error("cannot switch to %s; serving on with %s", drafting, self.engine.mode, exc_info=err)
+            return
+        if switched:
+            self._switch = None
+            logger.info("switched to %s", drafting)
+            say(f"switched to {drafting}", show=progress)
 
     def _drain(self) -> None:
         """After a stop: what is still in the inbox is handled (aborts free their requests), then
@@ -206,6 +267,9 @@ class AsyncLLMEngine:
                     return
             self._streams[stream.seq.request_id] = stream
             self.counters.prompt_tokens += len(stream.seq.prompt_ids)
+        elif kind == "switch":
+            self._switch = payload
+            self._try_switch()
         elif kind == "abort" and payload in self._streams:
             del self._streams[payload]
             if self.engine.abort(payload):

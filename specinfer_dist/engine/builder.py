@@ -10,6 +10,7 @@ not a verifier) builds only those.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from specinfer_dist.models.draft_vocab import read_draft_vocab, restrict_head
 from specinfer_dist.models.eagle3 import Eagle3Head, load_eagle3
 from specinfer_dist.models.loader import check_same_vocabulary, load_model
 from specinfer_dist.models.transformer import Transformer
+from specinfer_dist.progress import say
 from specinfer_dist.runtime.device import default_dtype, default_max_batched_tokens, resolve_device
 from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
@@ -80,7 +82,10 @@ def load_target(config: EngineConfig, progress: bool = False, weights: bool = Tr
     they share from its checkpoint)."""
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
+    start = time.perf_counter()
+    say(f"loading the LLM ({config.llm}) on {device.type}, {str(dtype).removeprefix('torch.')}", "loading", progress)
     model, tokenizer, model_dir = load_model(config.llm, dtype=dtype, device=device, progress=progress, weights=weights)
+    say(f"loaded the LLM in {time.perf_counter() - start:.1f} s", "loading", progress)
     defaults = sampling_defaults(model_dir) if config.generation_config == "auto" else {}
     return Target(model, tokenizer, model_dir, eos_ids(model_dir, model.config, tokenizer), defaults)
 
@@ -196,11 +201,31 @@ def model_free_drafter(name: str, spec: TreeSpec) -> Drafter:
     return NgramDrafter(own)
 
 
+@dataclass
+class Drafting:
+    """How an engine drafts: its mode, tree shape and drafters (``LLMEngine.switch_drafting``)."""
+
+    mode: str
+    spec: TreeSpec
+    drafters: list[Drafter]
+
+    def __str__(self) -> str:
+        if self.mode == "incremental":
+            return "incremental decoding"
+        return f"{self.mode} {self.spec} drafted by {', '.join(d.name for d in self.drafters)}"
+
+
+def build_drafting(config: EngineConfig, target: Target, progress: bool = False) -> Drafting:
+    """The drafters ``config`` asks for, beside ``target`` (loaded here, in this process)."""
+    plan, head = load_drafting(config, target, progress)
+    return Drafting(plan.mode, plan.spec, make_drafters(config, plan, head))
+
+
 def build_parts(config: EngineConfig, progress: bool = False, target: Target | None = None) -> EngineParts:
     """Everything a single-process engine needs: the LLM verifies here, the drafters draft here.
     Engines built from one ``target`` share its weights (each has its own KV caches)."""
     target = target or load_target(config, progress)
-    plan, head = load_drafting(config, target, progress)
+    drafting = build_drafting(config, target, progress)
     return EngineParts(
         tokenizer=target.tokenizer,
         model_config=target.model.config,
@@ -210,9 +235,9 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
             target.model, config.kv_blocks, config.kv_block_size, config.max_num_seqs, config.gpu_memory_utilization,
             enforce_eager=config.enforce_eager,
         ),
-        drafters=make_drafters(config, plan, head),
-        spec=plan.spec,
-        mode=plan.mode,
+        drafters=drafting.drafters,
+        spec=drafting.spec,
+        mode=drafting.mode,
         **scheduling_options(config),
     )
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from specinfer_dist.config import MODES, VERIFY_METHODS, EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.drafters.feature import FeatureDrafter
-from specinfer_dist.engine.builder import Target, build_parts, drafters_digest, load_target, races_tree
+from specinfer_dist.engine.builder import Drafting, Target, build_parts, drafters_digest, load_target, races_tree
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence, TokenLogprob
@@ -76,10 +76,6 @@ class LLMEngine:
         max_queued_seqs: int | None = None,
         max_seqs_per_request: int | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if mode != "incremental" and not drafters:
-            raise InvalidConfigError(f"mode {mode!r} needs at least one SSM or drafter")
         if verify not in VERIFY_METHODS:
             raise InvalidConfigError(f"verify must be one of {', '.join(VERIFY_METHODS)}, got {verify!r}")
         # Verifying trees for a big batch costs more than it saves where the LLM is no longer
@@ -91,20 +87,9 @@ class LLMEngine:
         self.eos_ids = eos_ids
         self.sampling_defaults = dict(sampling_defaults or {})
         self.verifier = verifier
-        self.drafters = drafters if mode != "incremental" else []
-        # Feature drafters read the hidden states the verifier captures in its forward.
-        self.feature_drafters = [d for d in self.drafters if isinstance(d, FeatureDrafter)]
-        if len(self.feature_drafters) > 1:
-            raise InvalidConfigError("at most one feature drafter")
-        self.aux_layers = self.feature_drafters[0].aux_layers if self.feature_drafters else []
-        if self.feature_drafters and not hasattr(verifier, "logits_hidden"):
-            raise InvalidConfigError("feature drafters need a verifier that returns hidden states (logits_hidden)")
-        self.spec = spec
-        self.mode = mode
         self.verify = verify
-        # A step's tree is the merge of every drafter's, capped by the token budget.
-        max_drafted = min(spec.token_budget, sum(d.spec.num_tokens for d in self.drafters))
-        self.scheduler = Scheduler(max_num_seqs, verifier.release, verifier.kv_capacity, max_drafted)
+        self.scheduler = Scheduler(max_num_seqs, verifier.release, verifier.kv_capacity)
+        self._set_drafting(Drafting(mode, spec, drafters))
         self.max_num_batched_tokens = max_num_batched_tokens  # LLM rows per step (None: no budget)
         self.max_queued_seqs = max_queued_seqs
         self.max_seqs_per_request = max_seqs_per_request
@@ -117,10 +102,16 @@ class LLMEngine:
         ``target``, on that already loaded LLM. ``tree: auto`` with model drafters races the
         setups the cost model cannot rank (tuning/race.py) and builds the fastest."""
         target = target or load_target(config, progress)
-        if races_tree(config):
-            config = raced_setup(config, lambda setup: cls(**vars(build_parts(setup, progress, target))),
-                                 drafters_digest(config), progress)
-        return cls(**vars(build_parts(config, progress, target)))
+        return cls(**vars(build_parts(cls.raced(config, target, progress), progress, target)))
+
+    @classmethod
+    def raced(cls, config: EngineConfig, target: Target, progress: bool = False) -> EngineConfig:
+        """``config`` with ``tree: auto`` resolved by the race where it races (else itself): the
+        winner cached for this machine, or raced now on engines built on ``target``."""
+        if not races_tree(config):
+            return config
+        return raced_setup(config, lambda setup: cls(**vars(build_parts(setup, progress, target))),
+                           drafters_digest(config), progress)
 
     @classmethod
     def load(cls, llm: str = "default", *, progress: bool = False, **options: Any) -> "LLMEngine":
@@ -356,6 +347,46 @@ class LLMEngine:
         if seq.finished:
             self._finish(seq)
 
+    # ---- how requests are drafted --------------------------------------------------------
+
+    def _set_drafting(self, drafting: Drafting) -> None:
+        mode, spec, drafters = drafting.mode, drafting.spec, drafting.drafters
+        if mode not in MODES:
+            raise InvalidConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != "incremental" and not drafters:
+            raise InvalidConfigError(f"mode {mode!r} needs at least one SSM or drafter")
+        drafters = drafters if mode != "incremental" else []
+        # Feature drafters read the hidden states the verifier captures in its forward.
+        feature_drafters = [d for d in drafters if isinstance(d, FeatureDrafter)]
+        if len(feature_drafters) > 1:
+            raise InvalidConfigError("at most one feature drafter")
+        if feature_drafters and not hasattr(self.verifier, "logits_hidden"):
+            raise InvalidConfigError("feature drafters need a verifier that returns hidden states (logits_hidden)")
+        self.mode, self.spec, self.drafters, self.feature_drafters = mode, spec, drafters, feature_drafters
+        self.aux_layers = feature_drafters[0].aux_layers if feature_drafters else []
+        self.scheduler.max_drafted = max_drafted(drafting)
+
+    def switch_drafting(self, drafting: Drafting) -> bool:
+        """Draft with ``drafting`` from the next step on (call between steps); False, and nothing
+        changes, while a request in the engine would not fit the KV pool with the new tree's
+        reservation (try again after a step). The LLM, its caches and every request stay:
+        outputs are the LLM's either way. Requests already running start the new drafters from
+        their tokens (a feature drafter, which needs hidden states from their start, leaves them
+        undrafted), and the old drafters' state goes with them."""
+        old_reserve, self.scheduler.max_drafted = self.scheduler.max_drafted, max_drafted(drafting)
+        try:
+            for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+                self.scheduler.check(len(seq.prompt_ids), seq.params.max_tokens)
+        except InvalidRequestError:
+            self.scheduler.max_drafted = old_reserve
+            return False
+        old = self.drafters
+        self._set_drafting(drafting)
+        for drafter in old:
+            for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+                drafter.release(seq.request_id)
+        return True
+
     def _drafting(self) -> bool:
         # Verifying trees for a big batch costs more than it saves (see speculation_max_batch).
         busy = self.speculation_max_batch is not None and len(self.scheduler.running) > self.speculation_max_batch
@@ -471,6 +502,14 @@ class LLMEngine:
         for drafter in self.drafters:
             drafter.release(seq.request_id)
 
+
+
+def max_drafted(drafting: Drafting) -> int:
+    """The most tree tokens a step drafts for one request: the merge of every drafter's tree,
+    capped by the token budget (what the scheduler reserves KV for)."""
+    if drafting.mode == "incremental":
+        return 0
+    return min(drafting.spec.token_budget, sum(d.spec.num_tokens for d in drafting.drafters))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:

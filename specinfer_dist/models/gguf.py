@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import sys
 from pathlib import Path
 
 import safetensors.torch
@@ -14,6 +13,7 @@ import transformers
 
 from specinfer_dist.errors import ModelLoadError
 from specinfer_dist.models.cache import atomic_dir, cache_root
+from specinfer_dist.progress import say
 
 
 def reason(e: BaseException) -> str:
@@ -27,8 +27,7 @@ def reason(e: BaseException) -> str:
 def convert_gguf(gguf_path: str | Path, out_dir: str | Path, progress: bool = True) -> None:
     """Dequantize a GGUF checkpoint into a plain HF directory (config, safetensors, tokenizer)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    if progress:
-        print(f"converting GGUF to HF format ({gguf_path.name})...", file=sys.stderr, flush=True)
+    say(f"converting GGUF to HF format ({gguf_path.name})...", "converting the model", progress)
     # transformers draws its own tqdm bars on stderr; hide them when asked to be quiet.
     quiet = contextlib.nullcontext() if progress else contextlib.redirect_stderr(io.StringIO())
     try:

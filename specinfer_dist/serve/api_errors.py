@@ -16,7 +16,9 @@ _GRPC_CODES = {
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
     500: grpc.StatusCode.INTERNAL,
+    503: grpc.StatusCode.UNAVAILABLE,  # the replica is still loading its model
 }
+RETRY_AFTER = {"Retry-After": "2"}  # sent with every 503: seconds to wait (the OpenAI SDKs honour it)
 
 
 class ApiError(Exception):
@@ -30,6 +32,10 @@ class ApiError(Exception):
     @property
     def grpc_code(self) -> grpc.StatusCode:
         return _GRPC_CODES.get(self.status, grpc.StatusCode.UNKNOWN)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return RETRY_AFTER if self.status == 503 else {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}

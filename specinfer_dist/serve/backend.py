@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator, Protocol
 
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, Counters, RequestDelta
-from specinfer_dist.engine.engine import LLMEngine, Prompt
+from specinfer_dist.engine.engine import Prompt
 from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.runtime.sampling_params import SamplingParams
 
@@ -39,10 +39,13 @@ def check_runtime(runtime: str) -> None:
         raise InvalidConfigError(f"serve.runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
 
 
-def build_engine(config: EngineConfig, runtime: str = "local", cluster: ClusterConfig | None = None) -> ServingEngine:
-    """``local``: the whole engine in this process; ``ray``: a Coordinator and its verifier
-    shards and draft workers as Ray actors placed by ``cluster`` (owned by this process, so
-    they go when it does), driven from here."""
+def build_engine(
+    config: EngineConfig, runtime: str = "local", cluster: ClusterConfig | None = None, progress: bool = False
+) -> ServingEngine:
+    """``local``: the whole engine in this process (serving first, ``tree: auto`` raced in the
+    background: ``AsyncLLMEngine.from_config``); ``ray``: a Coordinator and its verifier shards
+    and draft workers as Ray actors placed by ``cluster`` (owned by this process, so they go
+    when it does), driven from here. ``progress``: start-up lines on stderr."""
     check_runtime(runtime)
     if runtime == "ray":
         from specinfer_dist.distributed import (
@@ -50,4 +53,4 @@ def build_engine(config: EngineConfig, runtime: str = "local", cluster: ClusterC
         )
 
         return CoordinatorClient.from_config(config, cluster)
-    return AsyncLLMEngine(LLMEngine.from_config(config))
+    return AsyncLLMEngine.from_config(config, progress)

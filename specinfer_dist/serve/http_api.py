@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from specinfer_dist.engine.async_engine import EngineStepError, RequestDelta
 from specinfer_dist.engine.engine import Prompt
 from specinfer_dist.errors import SpecInferError
-from specinfer_dist.serve.api_errors import ApiError
+from specinfer_dist.serve.api_errors import RETRY_AFTER, ApiError
 from specinfer_dist.serve.auth import check_api_key
 from specinfer_dist.serve.logprobs import LogprobsFormatter, top_logprobs_requested
 from specinfer_dist.serve.metrics import CONTENT_TYPE
@@ -145,7 +145,7 @@ class _Guard:
 
 def _error_response(err: Exception) -> JSONResponse:
     api = ApiError.of(err)
-    return JSONResponse(api.body(), status_code=api.status)
+    return JSONResponse(api.body(), status_code=api.status, headers=api.headers)
 
 
 async def _handle(_: Request, err: Exception) -> JSONResponse:
@@ -200,9 +200,11 @@ def build_http_app(service: Service) -> FastAPI:
 
     # Plain functions: FastAPI runs them in a thread, as the Ray runtime's engine answers by blocking calls.
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        engine = service.engine
-        return {"status": "ok", "model": service.model_name, "running": engine.num_running(), "waiting": engine.num_waiting()}
+    def health() -> JSONResponse:
+        """200 once the engine is ready; 503 with what the replica is doing until then (or why it failed)."""
+        status = service.status()
+        ready = status["status"] == "ready"
+        return JSONResponse(status, status_code=200 if ready else 503, headers={} if ready else RETRY_AFTER)
 
     @app.get("/metrics")
     def metrics() -> Response:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from contextlib import aclosing
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -33,11 +33,16 @@ _COUNTERS = (  # (name, Counters field, help)
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: ServingEngine) -> None:
+    """The engine's totals and gauges; none while the replica is still loading its engine."""
+
+    def __init__(self, engine: Callable[[], ServingEngine | None]) -> None:
         self.engine = engine
 
     def collect(self) -> Iterator[Metric]:
-        counters = self.engine.counters
+        engine = self.engine()
+        if engine is None:
+            return
+        counters = engine.counters
         for name, attr, doc in _COUNTERS:
             yield CounterMetricFamily(PREFIX + name, doc, value=getattr(counters, attr))
         per_pos = CounterMetricFamily(
@@ -47,16 +52,17 @@ class _EngineCollector(Collector):
         for pos, n in enumerate(list(counters.spec_decode_num_accepted_tokens_per_pos)):
             per_pos.add_metric([str(pos)], n)
         yield per_pos
-        yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in the running batch.", self.engine.num_running())
-        yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests queued for the batch.", self.engine.num_waiting())
-        kv_usage = getattr(self.engine, "kv_usage", None)  # only engines with a bounded KV pool have one
+        yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests in the running batch.", engine.num_running())
+        yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests queued for the batch.", engine.num_waiting())
+        kv_usage = getattr(engine, "kv_usage", None)  # only engines with a bounded KV pool have one
         usage = kv_usage() if kv_usage else None
         if usage is not None:
             yield GaugeMetricFamily(PREFIX + "kv_cache_usage_perc", "Fraction of the LLM's KV blocks in use.", usage)
 
 
 class Metrics:
-    def __init__(self, engine: ServingEngine) -> None:
+    def __init__(self, engine: Callable[[], ServingEngine | None]) -> None:
+        """``engine``: the replica's engine once loaded, else None."""
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(engine))
         self.api_requests = Counter(

@@ -1,10 +1,12 @@
-"""A replica's serving core, shared by the HTTP and gRPC front ends: the engine, the served
-model's name, the API key, metrics, chat prompts and usage accounting."""
+"""A replica's serving core, shared by the HTTP and gRPC front ends: the engine (loaded in the
+background, so health checks answer from the start), the served model's name, the API key,
+metrics, chat prompts and usage accounting."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -16,10 +18,12 @@ from jinja2 import TemplateError
 from specinfer_dist.config import ClusterConfig, EngineConfig, ServeConfig
 from specinfer_dist.engine.async_engine import RequestDelta
 from specinfer_dist.engine.engine import Prompt
-from specinfer_dist.errors import InvalidRequestError
+from specinfer_dist.errors import InvalidRequestError, SpecInferError
+from specinfer_dist.progress import say, stage
 from specinfer_dist.runtime.sampling_params import SamplingParams
+from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.auth import resolve_api_key
-from specinfer_dist.serve.backend import build_engine
+from specinfer_dist.serve.backend import ServingEngine, build_engine
 from specinfer_dist.serve.metrics import Metrics
 
 T = TypeVar("T")
@@ -28,17 +32,79 @@ _DONE = object()
 
 
 class Service:
-    def __init__(self, engine_config: EngineConfig, config: ServeConfig, cluster: ClusterConfig | None = None) -> None:
+    """Answers from the moment it exists: the engine loads on a thread of its own, and until it
+    is ready every route that needs it raises a 503 ``ApiError`` (``engine``), while ``status``
+    says what the replica is doing, for ``/health`` and gRPC health checks."""
+
+    def __init__(
+        self, engine_config: EngineConfig, config: ServeConfig, cluster: ClusterConfig | None = None,
+        progress: bool = True,
+    ) -> None:
         self.config = config
         self.api_key = resolve_api_key(config)  # before loading models: a bad key file fails fast
         self.model_name = config.model_name or _model_name(engine_config.llm)
-        self.engine = build_engine(engine_config, config.runtime, cluster)
-        defaults = self.engine.sampling_defaults
-        logger.info("serving %s; requests that set no temperature/top_p/top_k get %s", self.model_name,
-                    f"the model's generation_config.json values {defaults} (else OpenAI's)" if defaults
-                    else "OpenAI's defaults (temperature 1, top_p 1, no top_k)")
-        self.metrics = Metrics(self.engine)
+        self.metrics = Metrics(lambda: self._engine)
         self.created = int(time.time())
+        self._engine: ServingEngine | None = None
+        self._failure: str | None = None
+        self._lock = threading.Lock()  # a shutdown while loading and the load's end see each other
+        self._stopped = False
+        self._loader = threading.Thread(
+            target=self._load, args=(engine_config, cluster, progress), name="specinfer-load", daemon=True
+        )
+        self._loader.start()
+
+    def _load(self, engine_config: EngineConfig, cluster: ClusterConfig | None, progress: bool) -> None:
+        start = time.perf_counter()
+        try:
+            engine = build_engine(engine_config, self.config.runtime, cluster, progress)
+        except Exception as err:  # noqa: BLE001 - reported by status() and /health, and logged
+            self._failure = str(err) if isinstance(err, SpecInferError) else f"{type(err).__name__}: {err}"
+            logger.error("loading the engine failed: %s", self._failure, exc_info=not isinstance(err, SpecInferError))
+            say(f"loading failed: {self._failure}", "failed", progress)
+            return
+        with self._lock:
+            if self._stopped:  # shut down while loading: nobody will serve from it
+                engine.shutdown()
+                return
+            self._engine = engine
+        defaults = engine.sampling_defaults
+        say(f"requests that set no temperature/top_p/top_k get "
+            + (f"the model's generation_config.json values {defaults} (else OpenAI's)" if defaults
+               else "OpenAI's defaults (temperature 1, top_p 1, no top_k)"), show=progress)
+        say(f"{self.model_name} is ready ({time.perf_counter() - start:.1f} s to load)", "ready", progress)
+
+    @property
+    def engine(self) -> ServingEngine:
+        """The engine; a 503 ``ApiError`` while it loads or after it failed to."""
+        engine = self._engine
+        if self._stopped:
+            raise ApiError(503, "the service is shutting down", type="server_error", code="shutting_down")
+        if engine is None:
+            if self._failure is not None:
+                raise ApiError(503, f"the model failed to load: {self._failure}", type="server_error",
+                               code="model_load_failed")
+            raise ApiError(503, f"the model is loading ({stage()}); retry shortly", type="server_error",
+                           code="model_loading")
+        return engine
+
+    def status(self) -> dict[str, Any]:
+        """{"status": "loading", "stage": ...} | {"status": "failed", "error": ...} | {"status": "ready", ...}
+        | {"status": "stopped"}."""
+        engine = self._engine
+        if self._stopped:
+            return {"status": "stopped", "model": self.model_name}
+        if engine is not None:
+            return {"status": "ready", "model": self.model_name, "running": engine.num_running(),
+                    "waiting": engine.num_waiting()}
+        if self._failure is not None:
+            return {"status": "failed", "model": self.model_name, "error": self._failure}
+        return {"status": "loading", "model": self.model_name, "stage": stage()}
+
+    def wait_ready(self, timeout: float | None = None) -> ServingEngine:
+        """Block until loading ends (tests, embedding callers); the engine, or the 503 error."""
+        self._loader.join(timeout)
+        return self.engine
 
     def generate(self, jobs: list[tuple[Prompt, SamplingParams]], chat: bool = False) -> AsyncIterator[tuple[int, RequestDelta]]:
         """Run every job at once (they batch in the engine); deltas tagged with their job's index.
@@ -71,7 +137,11 @@ class Service:
         return left if cap is None else min(left, cap)
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        with self._lock:
+            self._stopped = True
+            engine = self._engine
+        if engine is not None:
+            engine.shutdown()
 
 
 @dataclass
