@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from helpers import make_tiny_checkpoint
 
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
 from specinfer_dist.config import EngineConfig
-from specinfer_dist.engine.builder import Drafting, build_drafting, load_target
+from specinfer_dist.engine.builder import Drafting, build_drafting, drafters_digest, load_target
+from specinfer_dist.tuning.race import cached_setup
 from specinfer_dist.errors import EngineOverloadedError
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, EngineStepError
 
@@ -192,3 +194,34 @@ def test_async_engine_switches_while_a_request_streams(engines, tmp_path):
         served.shutdown()
     assert [t for d in deltas for t in d.token_ids] == expected.token_ids
     assert served.engine.mode == "tree" and deltas[-1].stats.drafted_tokens > 0
+
+
+def test_from_config_serves_at_once_and_switches_to_what_the_race_chose(engines, tmp_path, monkeypatch):
+    sync, _ = engines
+    monkeypatch.setenv("SPECINFER_DIST_CACHE", str(tmp_path / "cache"))  # nothing raced on this machine yet
+    llm = str(make_tiny_checkpoint(tmp_path, "llama", seed=1))
+    config = EngineConfig(llm=llm, ssms=[llm], device="cpu")  # tree: auto
+    served = AsyncLLMEngine.from_config(config)
+    try:
+        assert served.engine.mode == "incremental" and served.tuning is not None  # serving before any race
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        [expected] = sync.generate("the quick brown fox", params)
+        deltas = asyncio.run(collect(served, "the quick brown fox", params))  # streamed while racing
+        assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+        served.tuning.join(600)
+        winner = cached_setup(config, drafters_digest(config))
+        assert winner is not None, "the race's result is cached for the next start"
+        want = str(build_drafting(winner, load_target(winner)))
+        deadline = time.monotonic() + 30
+        while str(Drafting(served.engine.mode, served.engine.spec, served.engine.drafters)) != want:
+            assert time.monotonic() < deadline, f"never switched to {want}"
+            time.sleep(0.05)
+        deltas = asyncio.run(collect(served, "the quick brown fox", params))
+        assert [t for d in deltas for t in d.token_ids] == expected.token_ids
+    finally:
+        served.shutdown()
+    again = AsyncLLMEngine.from_config(config)  # a second start takes the cached winner at once
+    try:
+        assert again.tuning is None and str(Drafting(again.engine.mode, again.engine.spec, again.engine.drafters)) == want
+    finally:
+        again.shutdown()

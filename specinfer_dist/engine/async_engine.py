@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import dataclasses
 import logging
 import queue
 import threading
@@ -104,6 +105,7 @@ class AsyncLLMEngine:
         self._adds_lock = threading.Lock()
         self._stopped = threading.Event()
         self._switch: tuple[Drafting, bool] | None = None  # (setup, progress) waiting for every request to fit it
+        self.tuning: threading.Thread | None = None  # tree auto racing beside the engine (from_config)
         self._thread = threading.Thread(target=self._run, name="specinfer-engine", daemon=True)
         self._thread.start()
 
@@ -122,12 +124,17 @@ class AsyncLLMEngine:
             return cls(LLMEngine.from_config(config, progress, target))
         served = cls(LLMEngine.from_config(config.replace(mode="incremental", feature_drafter=None), progress, target))
         say("serving with incremental decoding while tree auto races setups in the background", show=progress)
-        threading.Thread(target=served._tune, args=(config, target, progress), name="specinfer-tune", daemon=True).start()
+        served.tuning = threading.Thread(target=served._tune, args=(config, target, progress), name="specinfer-tune",
+                                         daemon=True)
+        served.tuning.start()
         return served
 
     def _tune(self, config: EngineConfig, target: Target, progress: bool) -> None:
+        # The race's engines share the LLM's weights (read-only) but tokenize with their own copy:
+        # a Rust tokenizer used from two threads at once may raise "Already borrowed".
+        racing = dataclasses.replace(target, tokenizer=copy.deepcopy(target.tokenizer))
         try:
-            drafting = build_drafting(LLMEngine.raced(config, target, progress), target, progress)
+            drafting = build_drafting(LLMEngine.raced(config, racing, progress), target, progress)
         except Exception as err:  # noqa: BLE001 - serving goes on as it started
             logger.error("tree auto failed; staying with incremental decoding", exc_info=err)
             say(f"tree auto failed ({type(err).__name__}: {err}); staying with incremental decoding", show=progress)
