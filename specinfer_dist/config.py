@@ -24,11 +24,13 @@ DEVICES = ("auto", "cpu", "cuda")
 GENERATION_CONFIGS = ("auto", "none")
 
 
-def option(default: Any, help: str, **cli: Any) -> Any:
+def option(default: Any, help: str, race: bool = False, **cli: Any) -> Any:
     """A config field with its command-line help; ``cli`` tweaks the derived flag (``flag``,
-    ``choices``, ``const`` for a store-const flag, ``metavar``)."""
+    ``choices``, ``const`` for a store-const flag, ``metavar``). ``race``: the outcome of
+    ``tree: auto`` depends on it, so its tuning results are kept per value (tuning/cache.py;
+    ``add_options`` reads only the keys above)."""
     factory = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
-    return field(metadata={"help": help, **cli}, **factory)
+    return field(metadata={"help": help, "race": race, **cli}, **factory)
 
 
 class _Section:
@@ -69,22 +71,27 @@ class EngineConfig(_Section):
 
     SECTION = "engine"
 
-    llm: str = option("default", "'default', a HF checkpoint dir, a .gguf file or a hub id")
+    llm: str = option("default", "'default', a HF checkpoint dir, a .gguf file or a hub id", race=True)
     ssms: list[str] | None = option(
         None, "SSM source; repeat for several ('none': no SSM). Default: the shipped SSMs for the default LLM, "
-        "none otherwise", flag="--ssm")
-    drafters: list[str] = option([], "model-free drafter: ngram or ngram:<widths>; repeat for several", flag="--drafter")
+        "none otherwise", race=True, flag="--ssm")
+    drafters: list[str] = option([], "model-free drafter: ngram or ngram:<widths>; repeat for several", race=True,
+                                 flag="--drafter")
     tree: str = option("auto", "auto (measured on this machine once, cached: the cost model's tree, raced "
                        "against incremental decoding and dynamic trees), children per node at each depth, "
                        "e.g. 1,1,3,1,1,1,1,1, or dynamic[:K,DEPTH] (EAGLE-2: the best tree-budget nodes)")
-    tree_budget: int = option(DEFAULT_TOKEN_BUDGET, "most drafted tokens per request per step")
-    mode: str | None = option(None, "incremental | sequence | tree (default: tree with a drafter)", choices=MODES)
+    tree_budget: int = option(DEFAULT_TOKEN_BUDGET, "most drafted tokens per request per step", race=True)
+    mode: str | None = option(None, "incremental | sequence | tree (default: tree with a drafter)", race=True,
+                              choices=MODES)
     verify: str = option("mss", "verifier for sampled requests", choices=VERIFY_METHODS)
-    draft_temperature: float | None = option(None, "SSM sampling temperature (default: each request's own)")
+    draft_temperature: float | None = option(None, "SSM sampling temperature (default: each request's own)",
+                                             race=True)
     draft_vocab: bool = option(True, "SSM heads score the whole vocabulary, not their draft_vocab.json",
-                               flag="--full-draft-vocab", const=False)
-    dtype: str | None = option(None, "model dtype (default: bfloat16 on CUDA, float32 on CPU)", choices=DTYPES)
-    device: str = option("auto", "where the LLM and SSMs run (auto: a GPU when torch sees one)", choices=DEVICES)
+                               race=True, flag="--full-draft-vocab", const=False)
+    dtype: str | None = option(None, "model dtype (default: bfloat16 on CUDA, float32 on CPU)", race=True,
+                               choices=DTYPES)
+    device: str = option("auto", "where the LLM and SSMs run (auto: a GPU when torch sees one)", race=True,
+                         choices=DEVICES)
     max_num_seqs: int = option(16, "requests decoded together per step")
     speculation_max_batch: int | None = option(
         None, "with more requests running, decode without drafting (default: always draft)")
@@ -102,14 +109,18 @@ class EngineConfig(_Section):
     gpu_memory_utilization: float = option(
         DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA: fraction of device memory for weights + KV pool (sizes the pool)")
     enforce_eager: bool = option(
-        False, "run every step's forward eagerly: no CUDA graphs (they are captured per batch/token bucket on CUDA)")
+        False, "run every step's forward eagerly: no CUDA graphs (they are captured per batch/token bucket on CUDA)",
+        race=True)
     generation_config: str = option(
         "auto", "auto: requests that leave temperature/top_p/top_k unset get the model's generation_config.json "
         "values; none: the OpenAI defaults", choices=GENERATION_CONFIGS)
     # An EAGLE-3 head (models/eagle3.py) merged with the other drafters; it reads the LLM's hidden states.
     feature_drafter: str | None = option(
         None, "EAGLE-3 head directory (the format vLLM and SGLang load), or 'default': the head shipped "
-        "for the default LLM")
+        "for the default LLM", race=True)
+    tuning_budget_s: float | str = option(
+        "auto", "seconds tree auto may spend measuring on this machine, cost sweep and race together (once; the "
+        "result is cached). auto: 20 on a CPU, 5 on CUDA; 0: the least that still compares every setup")
 
     def __post_init__(self) -> None:
         _check(isinstance(self.llm, str) and bool(self.llm), f"llm must be a model source, got {self.llm!r}")
@@ -141,6 +152,10 @@ class EngineConfig(_Section):
         _check(isinstance(self.draft_vocab, bool), f"draft_vocab must be true or false, got {self.draft_vocab!r}")
         _check(self.feature_drafter is None or (isinstance(self.feature_drafter, str) and bool(self.feature_drafter)),
                f"feature_drafter must be a directory or 'default', got {self.feature_drafter!r}")
+        seconds = self.tuning_budget_s
+        _check(seconds == "auto" or (isinstance(seconds, (int, float)) and not isinstance(seconds, bool)
+                                     and 0 <= seconds < float("inf")),
+               f"tuning_budget_s must be a number of seconds (0 or more) or 'auto', got {seconds!r}")
         _check(isinstance(self.tree, str), f"tree must be 'auto' or widths like 1,1,3,1, got {self.tree!r}")
         if self.tree != "auto":
             TreeSpec.parse(self.tree, self.tree_budget)  # raises with the reason

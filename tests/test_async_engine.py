@@ -11,7 +11,7 @@ from helpers import make_tiny_checkpoint
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
 from specinfer_dist.config import EngineConfig
 from specinfer_dist.engine.builder import Drafting, build_drafting, drafters_digest, load_target
-from specinfer_dist.tuning.race import cached_setup
+from specinfer_dist.tuning.race import cached_setup, describe
 from specinfer_dist.errors import EngineOverloadedError
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, EngineStepError
 
@@ -211,9 +211,9 @@ def test_from_config_serves_at_once_and_switches_to_what_the_race_chose(engines,
         served.tuning.join(600)
         winner = cached_setup(config, drafters_digest(config))
         assert winner is not None, "the race's result is cached for the next start"
-        want = str(build_drafting(winner, load_target(winner)))
+        want = describe(build_drafting(winner, load_target(winner)))
         deadline = time.monotonic() + 30
-        while str(Drafting(served.engine.mode, served.engine.spec, served.engine.drafters)) != want:
+        while describe(served.engine) != want:
             assert time.monotonic() < deadline, f"never switched to {want}"
             time.sleep(0.05)
         deltas = asyncio.run(collect(served, "the quick brown fox", params))
@@ -222,6 +222,6 @@ def test_from_config_serves_at_once_and_switches_to_what_the_race_chose(engines,
         served.shutdown()
     again = AsyncLLMEngine.from_config(config)  # a second start takes the cached winner at once
     try:
-        assert again.tuning is None and str(Drafting(again.engine.mode, again.engine.spec, again.engine.drafters)) == want
+        assert again.tuning is None and describe(again.engine) == want
     finally:
         again.shutdown()

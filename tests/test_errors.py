@@ -128,7 +128,9 @@ def test_cli_errors_are_one_line_and_nonzero(ckpts, capsys, extra):
     code, out, err = run_cli(args, capsys)
     assert code == 2
     assert out == ""
-    assert err.startswith("specinfer-dist: error: ") and "Traceback" not in err
+    lines = err.splitlines()  # start-up progress lines, then the error alone on the last one
+    assert lines[-1].startswith("specinfer-dist: error: ") and "Traceback" not in err
+    assert all(line.startswith("specinfer-dist: ") and "error" not in line for line in lines[:-1]), err
 
 
 def test_cli_json_output(ckpts, capsys):
@@ -155,6 +157,7 @@ def test_installed_cli_reports_bad_model_without_traceback(tmp_path):
 
 @pytest.mark.parametrize("option,value,flag", [
     ("tree", "1,x", "1,x"), ("tree_budget", 0, "0"), ("max_num_seqs", 0, "0"), ("speculation_max_batch", -1, "-1"),
+    ("tuning_budget_s", -1, "-1"),
     ("tree", "4,4,4", "4,4,4"),  # over the default budget of 64
 ])
 def test_bad_option_fails_first_with_one_message_everywhere(tmp_path, capsys, option, value, flag):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +22,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.api import RunTarget
+from ray.serve.exceptions import gRPCStatusError
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serve_helpers import BROKEN_CHAT_TEMPLATE, CHAT_TEMPLATE, free_port, make_chat_checkpoint, wait_ready
 
 from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.cli import main as cli_main
 from specinfer_dist.config import ClusterConfig, EngineConfig, ServeConfig
+from specinfer_dist.engine.async_engine import EngineStepError
+from specinfer_dist.errors import InvalidRequestError
 from specinfer_dist.runtime.sampling_params import MAX_SEED
-from specinfer_dist.serve import make_app
+from specinfer_dist.serve import grpc_api, grpc_status, make_app
+from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.app import proxy_options
 from specinfer_dist.serve.proto import specinfer_pb2 as pb
 from specinfer_dist.serve.proto import specinfer_pb2_grpc as pb_grpc
@@ -536,6 +541,60 @@ def test_grpc_errors_are_status_codes_and_service_goes_on(server, request_, meta
     good = pb.GenerateRequest(text="after", max_tokens=4, temperature=0, ignore_eos=True)
     metadata = SECURED + (("authorization", f"Bearer {KEY}"),) if metadata[0] == SECURED[0] else OPEN
     assert "".join(r.text for r in server.stub().Generate(good, metadata=metadata)) == server.greedy("after", 4).text
+
+
+def test_grpc_client_error_is_one_log_line_without_traceback(server):
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    files = [*logs.glob("proxy_*.log"), *logs.glob("replica_open_*.log")]
+    assert len(files) >= 2, sorted(p.name for p in logs.iterdir())
+    start = {path: path.stat().st_size for path in files}
+
+    def written() -> str:
+        return "".join(path.read_bytes()[start[path]:].decode(errors="replace") for path in files)
+
+    request_id = f"bad-temperature-{time.monotonic_ns()}"  # Serve's request id: on the proxy's and the replica's lines
+    bad = pb.GenerateRequest(text="hi", temperature=-1)
+    with pytest.raises(grpc.RpcError) as err:
+        list(server.stub().Generate(bad, metadata=OPEN + (("request_id", request_id),)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "temperature" in err.value.details()
+    deadline = time.monotonic() + 30
+    while f"{request_id} -- /specinfer.v1.SpecInfer/Generate open INVALID_ARGUMENT" not in written():  # the proxy's last line
+        assert time.monotonic() < deadline, written()
+        time.sleep(0.2)
+    ours = [line for line in written().splitlines() if f"{request_id} -- gRPC request" in line]
+    assert len(ours) == 1 and "refused: INVALID_ARGUMENT temperature" in ours[0], written()
+    assert "Traceback" not in written() and "Request failed" not in written(), written()
+
+
+def test_grpc_failure_log_lines():
+    records, level = [], grpc_api.logger.level
+    handler = logging.Handler()
+    handler.emit = records.append
+    grpc_api.logger.addHandler(handler)
+    grpc_api.logger.setLevel(logging.INFO)
+    try:
+        for request_id, err in (("r-1", InvalidRequestError("top_p must be in (0, 1]")),
+                                ("r-2", EngineStepError("the step failed")), ("r-3", ZeroDivisionError("oops")),
+                                ("r-4", ApiError(503, "the model is loading (loading); retry shortly"))):
+            grpc_api._log_failure(request_id, err, ApiError.of(err))
+    finally:
+        grpc_api.logger.removeHandler(handler)
+        grpc_api.logger.setLevel(level)
+    assert [(r.levelname, r.getMessage(), r.exc_info is not None) for r in records] == [
+        ("INFO", "gRPC request r-1 refused: INVALID_ARGUMENT top_p must be in (0, 1]", False),
+        ("ERROR", "gRPC request r-2 failed: the step failed", False),
+        ("ERROR", "gRPC request r-3 failed: oops", True),  # unexpected: the one traceback
+        ("INFO", "gRPC request r-4 refused: UNAVAILABLE the model is loading (loading); retry shortly", False),
+    ]
+    status_set = gRPCStatusError(grpc_status.StatusSet("x"), grpc.StatusCode.INVALID_ARGUMENT, "x")
+    other = gRPCStatusError(ValueError("x"), grpc.StatusCode.INTERNAL, "x")
+
+    def kept(err: BaseException) -> bool:
+        record = logging.LogRecord("ray.serve", logging.ERROR, __file__, 1, "Request failed.", None,
+                                   (type(err), err, None))
+        return grpc_status._DropStatusSet().filter(record)
+
+    assert not kept(status_set) and kept(other) and kept(ValueError("x"))
 
 
 # ---- runtime ray -------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """A replica answers from its first second: /health and every route say "loading" (503, OpenAI's
 error body, Retry-After) while the engine loads in the background, then serve; a load that fails
-is reported, not hung on. The HTTP app runs under uvicorn on a real socket; clients are the
-openai package and urllib. Loading is the real build, held at its start by a gate so the test
-sees the loading state for as long as it needs."""
+is reported, not hung on. The HTTP app runs under uvicorn on a real socket; clients are the openai
+package and urllib; gRPC health is asked of the same Service. Loading is the real build, held at
+its start by a gate so the test sees the loading state for as long as it needs."""
 
 from __future__ import annotations
 
@@ -16,9 +16,11 @@ from email.message import Message
 import openai
 import pytest
 import uvicorn
+from grpc_health.v1 import health_pb2
 from serve_helpers import free_port, make_chat_checkpoint
 
 from specinfer_dist.config import EngineConfig, ServeConfig
+from specinfer_dist.serve import grpc_api
 from specinfer_dist.serve import service as service_module
 from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.http_api import build_http_app
@@ -87,10 +89,13 @@ def test_loading_answers_503_then_serves(tmp_path, gated_build):
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=5).read().decode()
         assert "specinfer_api_requests_total" in metrics  # counted while loading, no engine gauges yet
         assert "specinfer_num_requests_running" not in metrics
+        whole = health_pb2.HealthCheckRequest(service="")
+        assert grpc_api.check_health(whole, None, service).status == health_pb2.HealthCheckResponse.NOT_SERVING
         gated_build.set()
         service.wait_ready(120)
         status, body, _ = server.health()
         assert status == 200 and body["status"] == "ready"
+        assert grpc_api.check_health(whole, None, service).status == health_pb2.HealthCheckResponse.SERVING
         [model] = server.client.models.list().data
         assert model.id == "tiny"
         out = server.client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
@@ -111,6 +116,8 @@ def test_a_failed_load_is_reported_not_hung_on(tmp_path):
         with pytest.raises(openai.APIStatusError) as err:
             server.client.completions.create(model="tiny", prompt="hi", max_tokens=2)
         assert err.value.status_code == 503 and err.value.body["code"] == "model_load_failed"
+        whole = health_pb2.HealthCheckRequest(service="")
+        assert grpc_api.check_health(whole, None, service).status == health_pb2.HealthCheckResponse.NOT_SERVING
     finally:
         server.stop(service)
 

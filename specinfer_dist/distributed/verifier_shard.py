@@ -45,6 +45,7 @@ from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.device import default_dtype, resolve_device
 from specinfer_dist.runtime.block_pool import KVCapacity
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem, pool_capacity
+from specinfer_dist.tuning.budget import budget_seconds
 from specinfer_dist.tuning.tune import auto_tree
 
 
@@ -107,7 +108,9 @@ class VerifierShard:
         engine = self.spec.engine
         lender = load_target(engine, weights=False)
         ssms = load_ssms(engine, lender)
-        spec, chosen = auto_tree(self.model, lender.tokenizer, ssms, [*key, f"tp={self.spec.world_size}"], engine.tree_budget)
+        seconds = budget_seconds(engine.tuning_budget_s, self.verifier.runner.device)  # the shards race nothing
+        spec, chosen = auto_tree(self.model, lender.tokenizer, ssms, [*key, f"tp={self.spec.world_size}"],
+                                 engine.tree_budget, seconds=seconds)
         del ssms, lender
         if self.verifier.runner.device.type == "cuda":
             torch.cuda.empty_cache()

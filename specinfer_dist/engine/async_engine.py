@@ -36,7 +36,7 @@ from specinfer_dist.errors import EngineOverloadedError
 from specinfer_dist.progress import say
 from specinfer_dist.runtime.device import resolve_device
 from specinfer_dist.runtime.sampling_params import SamplingParams
-from specinfer_dist.tuning.race import cached_setup
+from specinfer_dist.tuning.race import cached_setup, describe
 
 logger = logging.getLogger(__name__)
 
@@ -242,12 +242,12 @@ class AsyncLLMEngine:
             switched = self.engine.switch_drafting(drafting)
         except Exception as err:  # noqa: BLE001 - a setup this engine cannot run: serve on as before
             self._switch = None
-            logger.error("cannot switch to %s; serving on with %s", drafting, self.engine.mode, exc_info=err)
+            logger.error("cannot switch to %s; serving on as before", describe(drafting), exc_info=err)
             return
         if switched:
             self._switch = None
-            logger.info("switched to %s", drafting)
-            say(f"switched to {drafting}", show=progress)
+            logger.info("switched to %s", describe(drafting))
+            say(f"switched to {describe(drafting)}", show=progress)
 
     def _drain(self) -> None:
         """After a stop: what is still in the inbox is handled (aborts free their requests), then

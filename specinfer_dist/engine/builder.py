@@ -9,7 +9,6 @@ not a verifier) builds only those.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,8 @@ from specinfer_dist.runtime.device import default_dtype, default_max_batched_tok
 from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
 from specinfer_dist.tree.spec import TreeSpec
+from specinfer_dist.tuning.budget import TUNE_SHARE, budget_seconds
+from specinfer_dist.tuning.cache import models_digest
 from specinfer_dist.tuning.tune import auto_tree
 
 
@@ -83,9 +84,9 @@ def load_target(config: EngineConfig, progress: bool = False, weights: bool = Tr
     device = resolve_device(config.device)
     dtype = config.dtype or default_dtype(device)
     start = time.perf_counter()
-    say(f"loading the LLM ({config.llm}) on {device.type}, {str(dtype).removeprefix('torch.')}", "loading", progress)
+    say(f"loading the LLM ({config.llm}) on {device.type}, {str(dtype).removeprefix('torch.')}", "loading the LLM", progress)
     model, tokenizer, model_dir = load_model(config.llm, dtype=dtype, device=device, progress=progress, weights=weights)
-    say(f"loaded the LLM in {time.perf_counter() - start:.1f} s", "loading", progress)
+    say(f"loaded the LLM in {time.perf_counter() - start:.1f} s", "loading the LLM", progress)
     defaults = sampling_defaults(model_dir) if config.generation_config == "auto" else {}
     return Target(model, tokenizer, model_dir, eos_ids(model_dir, model.config, tokenizer), defaults)
 
@@ -134,7 +135,10 @@ def plan_drafting(config: EngineConfig, target: Target, ssms: list[Transformer],
         if target.model.model.norm.weight.is_meta:
             raise InvalidConfigError("tree 'auto' is measured where the LLM runs: resolve it there (the verifier) first")
         key = [config.llm, *ssm_sources(config.llm, config.ssms), f"draft_vocab={config.draft_vocab}"]
-        spec, chosen = auto_tree(target.model, target.tokenizer, ssms, key, config.tree_budget, progress)
+        # The cost model's share of tuning_budget_s; the race (which builds this) spends the rest.
+        seconds = TUNE_SHARE * budget_seconds(config.tuning_budget_s, resolve_device(config.device))
+        spec, chosen = auto_tree(target.model, target.tokenizer, ssms, key, config.tree_budget, progress,
+                                 seconds=seconds)
         ssms = [ssms[i] for i in chosen]
         if spec is None:  # speculation would not pay on this machine
             return DraftPlan("incremental", TreeSpec((1,), config.tree_budget))
@@ -160,19 +164,11 @@ def races_tree(config: EngineConfig) -> bool:
 
 
 def drafters_digest(config: EngineConfig) -> bytes:
-    """A digest of the configured SSMs' and feature head's files (names, sizes, modification
-    times), which a race's result depends on: a retrained drafter at the same path changes it,
-    and nothing is loaded to compute it (a hub id counts by name)."""
-    digest = hashlib.sha256()
-    head = feature_drafter_source(config.llm, config.feature_drafter)
-    for source in [*ssm_sources(config.llm, config.ssms), *([head] if head else [])]:
-        path = Path(source)
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
-        digest.update(source.encode())
-        for file in files:
-            stat = file.stat()
-            digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return digest.digest()
+    """A digest of the LLM's, SSMs' and feature head's files (names, sizes, modification
+    times), which a race's result depends on (tuning/cache.py ``models_digest``, the one
+    fingerprint of tuning results): a retrained drafter at the same path changes it, and nothing
+    is loaded to compute it (a hub id counts by name)."""
+    return models_digest(config)
 
 
 def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Head | None = None) -> list[Drafter]:
@@ -203,16 +199,12 @@ def model_free_drafter(name: str, spec: TreeSpec) -> Drafter:
 
 @dataclass
 class Drafting:
-    """How an engine drafts: its mode, tree shape and drafters (``LLMEngine.switch_drafting``)."""
+    """How an engine drafts: its mode, tree shape and drafters (``LLMEngine.switch_drafting``;
+    ``tuning.race.describe`` names it)."""
 
     mode: str
     spec: TreeSpec
     drafters: list[Drafter]
-
-    def __str__(self) -> str:
-        if self.mode == "incremental":
-            return "incremental decoding"
-        return f"{self.mode} {self.spec} drafted by {', '.join(d.name for d in self.drafters)}"
 
 
 def build_drafting(config: EngineConfig, target: Target, progress: bool = False) -> Drafting:

@@ -1,5 +1,6 @@
 """Which device a process computes on, its default dtype, and labels for the device numbers
-were measured on (benchmarks, the tuned-tree cache)."""
+were measured on: ``machine`` labels benchmark numbers, ``device_key`` names the device in the
+tuning cache's key (tuning/cache.py)."""
 
 from __future__ import annotations
 
@@ -42,9 +43,20 @@ def machine() -> str:
     """CPU model and threads (or the GPU), for labelling numbers."""
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    cpu = platform.machine()
+    return f"{_cpu_model()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def device_key(device: torch.device) -> str:
+    """The kind and model of ``device`` ("cuda: NVIDIA H200", "cpu: Intel(R) Xeon(R) Processor"):
+    what tuning results are kept per. The thread count is left out on purpose: on the 2-core CPU
+    it changed the speeds but not the ranking (tuning/cache.py has the measurement)."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"{device.type}: {_cpu_model()}"
+
+
+def _cpu_model() -> str:
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        return platform.machine()

@@ -49,7 +49,7 @@ class SpecInferDeployment:
     async def Check(  # noqa: N802
         self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext
     ) -> health_pb2.HealthCheckResponse:
-        return grpc_api.check_health(request, grpc_context)
+        return grpc_api.check_health(request, grpc_context, self.service)
 
     async def Watch(  # noqa: N802
         self, request: health_pb2.HealthCheckRequest, grpc_context: RayServegRPCContext

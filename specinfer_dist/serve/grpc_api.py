@@ -3,7 +3,10 @@
 each RPC to the deployment method of its name).
 
 Every failure reaches the client as a status code and a one-line message of ours (never a
-traceback, pid, address or actor id); every call is counted by its final code."""
+traceback, pid, address or actor id); every call is counted by its final code. The log gets one
+line per failure: a refusal (the client's error, busy, still loading) at INFO, a server error at
+ERROR, with the traceback only when it was unexpected (Serve's own tracebacks for a failed call:
+grpc_status.py)."""
 
 from __future__ import annotations
 
@@ -17,17 +20,19 @@ import grpc
 from grpc_health.v1 import health_pb2
 from ray.serve.grpc_util import RayServegRPCContext
 
-from specinfer_dist.engine.async_engine import RequestDelta
+from specinfer_dist.engine.async_engine import EngineStepError, RequestDelta
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.auth import check_api_key
+from specinfer_dist.serve.grpc_status import StatusSet, quiet_serve_status_logs
 from specinfer_dist.serve.logprobs import top_logprobs_requested
 from specinfer_dist.serve.proto import specinfer_pb2 as pb
 from specinfer_dist.serve.service import Service
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SpecInfer"].full_name  # "specinfer.v1.SpecInfer"
+# Under Serve's logger: the lines reach the replica's log file and stderr, with the request id.
+logger = logging.getLogger("ray.serve").getChild(__name__)
 # For Serve's grpc_options.grpc_servicer_functions (they must be importable where the proxies run).
-logger = logging.getLogger(__name__)
 GRPC_SERVICER_FUNCTIONS = [
     "specinfer_dist.serve.proto.add_SpecInferServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
@@ -55,8 +60,7 @@ async def generate(service: Service, request: pb.GenerateRequest, context: RaySe
                 yield _response(request_id, [delta async for _, delta in deltas], tokenizer)
     except Exception as err:
         api = ApiError.of(err)
-        if api.status >= 500:
-            logger.error("gRPC request %s failed: %s", request_id, err)
+        _log_failure(request_id, err, api)
         service.metrics.api_requests.labels("grpc", api.grpc_code.name).inc()  # a stream's final status too
         _fail(context, api.grpc_code, api.message)
     except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
@@ -80,11 +84,21 @@ def _response(request_id: str, deltas: list[RequestDelta], tokenizer: Any = None
     )
 
 
+def _log_failure(request_id: str, err: Exception, api: ApiError) -> None:
+    """One line: INFO for a refusal (the client's error; 429 busy; 503 still loading), ERROR for
+    our failure (with the traceback if unexpected)."""
+    if api.status != 500:
+        logger.info("gRPC request %s refused: %s %s", request_id, api.grpc_code.name, api.message)
+    else:
+        unexpected = not isinstance(err, (ApiError, EngineStepError))
+        logger.error("gRPC request %s failed: %s", request_id, err, exc_info=err if unexpected else None)
+
+
 def _fail(context: RayServegRPCContext, code: grpc.StatusCode, message: str) -> NoReturn:
     context.set_code(code)
     context.set_details(message)
-    # Serve sends the code and details set above; the exception only has to cross processes intact.
-    raise RuntimeError(message) from None
+    quiet_serve_status_logs()
+    raise StatusSet(message) from None
 
 
 def _sampling_params(request: pb.GenerateRequest, logprobs: int | None) -> SamplingParams:
@@ -102,12 +116,17 @@ def _usage(last: RequestDelta) -> pb.Usage:
     )
 
 
-def check_health(request: health_pb2.HealthCheckRequest, context: RayServegRPCContext) -> health_pb2.HealthCheckResponse:
-    """SERVING for the whole server ("") and for specinfer.v1.SpecInfer; unknown services: NOT_FOUND.
-    Probes need no API key. Reaching this method means the replica and its engine are up."""
+def check_health(request: health_pb2.HealthCheckRequest, context: RayServegRPCContext,
+                 service: Service) -> health_pb2.HealthCheckResponse:
+    """For the whole server ("") and for specinfer.v1.SpecInfer: SERVING once ``service``'s engine
+    is ready, NOT_SERVING while it loads, if it failed to, or once it stops; unknown services:
+    NOT_FOUND. Probes need no API key."""
     if request.service not in ("", SERVICE_NAME):
         _fail(context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
-    return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+    ready = service.status()["status"] == "ready"
+    return health_pb2.HealthCheckResponse(
+        status=health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
 
 
 async def watch_health(request: health_pb2.HealthCheckRequest, context: RayServegRPCContext) -> AsyncIterator[health_pb2.HealthCheckResponse]:

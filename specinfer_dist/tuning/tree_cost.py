@@ -24,14 +24,18 @@ import torch
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.block_pool import KVCapacity
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.tuning.budget import Deadline
 
 SWEEP_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def forward_cost(model: Transformer, sizes: Sequence[int], context: int, repeats: int = 3) -> dict[int, float]:
+def forward_cost(model: Transformer, sizes: Sequence[int], context: int, repeats: int = 3,
+                 deadline: Deadline | None = None) -> dict[int, float]:
     """Median seconds of one forward over n new tokens (all with logits, left on the device, as a
     verify step leaves them) after ``context`` cached ones. The pool is fixed, as the LLM's, so on
-    a GPU the forwards replay CUDA graphs like the engine's."""
+    a GPU the forwards replay CUDA graphs like the engine's. With a ``deadline``: sizes in
+    increasing order, each warmed up and timed once, while time is left (at least two, so costs
+    extrapolate), then more repeats round-robin while time is left."""
     block_size = 16
     runner = ModelRunner(model, KVCapacity(-(-(context + max(sizes)) // block_size), block_size))
     gen = torch.Generator().manual_seed(0)
@@ -40,20 +44,31 @@ def forward_cost(model: Transformer, sizes: Sequence[int], context: int, repeats
     prefix = torch.randint(vocab, (context,), generator=gen).tolist()
     runner.run([RunItem(cache, prefix, chain_parents(context), [context - 1])])
     cache.commit(range(context))
-    costs = {}
+
+    def timed(item: RunItem) -> float:
+        synchronize(runner.device)
+        start = time.perf_counter()
+        runner.run([item])
+        synchronize(runner.device)
+        seconds = time.perf_counter() - start
+        cache.rollback()
+        return seconds
+
+    times: dict[int, list[float]] = {}
+    items: dict[int, RunItem] = {}
     for n in sizes:
+        if len(times) >= 2 and deadline is not None and deadline.passed():
+            break
         tokens = torch.randint(vocab, (n,), generator=gen).tolist()
-        item = RunItem(cache, tokens, chain_parents(n), list(range(n)))  # cost does not depend on shape
-        times = []
-        for _ in range(repeats + 1):  # the first run warms up (and captures a graph)
-            synchronize(runner.device)
-            start = time.perf_counter()
-            runner.run([item])
-            synchronize(runner.device)
-            times.append(time.perf_counter() - start)
-            cache.rollback()
-        costs[n] = statistics.median(times[1:])
-    return costs
+        items[n] = RunItem(cache, tokens, chain_parents(n), list(range(n)))  # cost does not depend on shape
+        timed(items[n])  # warms up (and captures a graph)
+        times[n] = [timed(items[n])]
+    for _ in range(repeats - 1):
+        for n in times:
+            if deadline is not None and deadline.passed():
+                break
+            times[n].append(timed(items[n]))
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def synchronize(device: torch.device) -> None:
