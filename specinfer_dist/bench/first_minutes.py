@@ -99,8 +99,9 @@ def _poll(url: str) -> tuple[int | str, str]:
     try:
         with urllib.request.urlopen(url, timeout=POLL_TIMEOUT_S) as answer:
             return answer.status, json.loads(answer.read()).get("status", "")
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read() or b"{}").get("status", "")
+    except urllib.error.HTTPError as err:  # ours is JSON; Serve's proxy answers plain text before a replica exists
+        body = err.read()
+        return err.code, json.loads(body).get("status", "") if body.startswith(b"{") else "proxy"
     except (TimeoutError, socket.timeout):
         return "timeout", ""
     except (urllib.error.URLError, ConnectionError):
