@@ -10,7 +10,7 @@ from helpers import make_tiny_checkpoint
 
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
 from specinfer_dist.config import EngineConfig
-from specinfer_dist.engine.builder import Drafting, build_drafting, drafters_digest, load_target
+from specinfer_dist.engine.builder import Drafting, build_drafting, load_target
 from specinfer_dist.tuning.race import cached_setup, describe
 from specinfer_dist.errors import EngineOverloadedError
 from specinfer_dist.engine.async_engine import AsyncLLMEngine, EngineStepError
@@ -209,7 +209,7 @@ def test_from_config_serves_at_once_and_switches_to_what_the_race_chose(engines,
         deltas = asyncio.run(collect(served, "the quick brown fox", params))  # streamed while racing
         assert [t for d in deltas for t in d.token_ids] == expected.token_ids
         served.tuning.join(600)
-        winner = cached_setup(config, drafters_digest(config))
+        winner = cached_setup(config)
         assert winner is not None, "the race's result is cached for the next start"
         want = describe(build_drafting(winner, load_target(winner)))
         deadline = time.monotonic() + 30

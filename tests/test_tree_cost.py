@@ -11,7 +11,6 @@ from helpers import make_tiny_checkpoint
 
 from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.config import EngineConfig
-from specinfer_dist.engine.builder import drafters_digest
 from specinfer_dist.models.loader import load_model
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tuning import tune
@@ -241,13 +240,13 @@ def test_a_load_change_within_a_turn_neither_ends_the_race_early_nor_is_cached(t
 def test_cached_setup_is_the_race_winner_and_none_before(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SPECINFER_DIST_CACHE", str(tmp_path))
     config = EngineConfig(device="cpu", tuning_budget_s=0)
-    assert cached_setup(config) is None and cached_setup(config, drafters_digest(config)) is None
+    assert cached_setup(config) is None
     make_engine, clock, _, built = fake_race({"incremental": 0.10, "tuned": 0.09, "dynamic": 0.08})
-    chosen = raced_setup(config, make_engine, drafters_digest(config), progress=True, clock=clock)
+    chosen = raced_setup(config, make_engine, progress=True, clock=clock)
     assert chosen == race_candidates(config)["dynamic"] and chosen.kv_blocks is None
     # The race's engines hold one request: a KV pool just big enough for it.
     assert all(c.max_num_seqs == 1 and c.kv_blocks == race_kv_blocks(config) for c in built)
-    assert cached_setup(config) == chosen == cached_setup(config, drafters_digest(config))
+    assert cached_setup(config) == chosen
     err = capsys.readouterr().err
     assert "racing incremental, tuned, dynamic within a 0 s budget" in err and "chose dynamic" in err
     # Once raced, the next start builds nothing to race and says where the result came from.

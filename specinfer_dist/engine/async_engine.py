@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from specinfer_dist.config import EngineConfig
-from specinfer_dist.engine.builder import Drafting, Target, build_drafting, drafters_digest, load_target, races_tree
+from specinfer_dist.engine.builder import Drafting, Target, build_drafting, load_target, races_tree
 from specinfer_dist.engine.engine import LLMEngine, Prompt
 from specinfer_dist.engine.sequence import Sequence, SpecStats, TokenLogprob
 from specinfer_dist.errors import EngineOverloadedError
@@ -119,7 +119,7 @@ class AsyncLLMEngine:
         thread's kernels is not safe."""
         target = load_target(config, progress)
         later = (races_tree(config) and resolve_device(config.device).type != "cuda"
-                 and cached_setup(config, drafters_digest(config)) is None)
+                 and cached_setup(config) is None)
         if not later:
             return cls(LLMEngine.from_config(config, progress, target))
         served = cls(LLMEngine.from_config(config.replace(mode="incremental", feature_drafter=None), progress, target))

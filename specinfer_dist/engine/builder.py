@@ -33,7 +33,6 @@ from specinfer_dist.runtime.sampling_params import SAMPLING_DEFAULT_FIELDS
 from specinfer_dist.runtime.verifier import LocalVerifier, Verifier
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tuning.budget import TUNE_SHARE, budget_seconds
-from specinfer_dist.tuning.cache import models_digest
 from specinfer_dist.tuning.tune import auto_tree
 
 
@@ -161,14 +160,6 @@ def races_tree(config: EngineConfig) -> bool:
     (SSMs or a feature drafter), whose dynamic trees the cost model cannot rank."""
     return (config.tree == "auto" and config.mode != "incremental"
             and bool(ssm_sources(config.llm, config.ssms) or config.feature_drafter))
-
-
-def drafters_digest(config: EngineConfig) -> bytes:
-    """A digest of the LLM's, SSMs' and feature head's files (names, sizes, modification
-    times), which a race's result depends on (tuning/cache.py ``models_digest``, the one
-    fingerprint of tuning results): a retrained drafter at the same path changes it, and nothing
-    is loaded to compute it (a hub id counts by name)."""
-    return models_digest(config)
 
 
 def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Head | None = None) -> list[Drafter]:

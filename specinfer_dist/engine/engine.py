@@ -26,7 +26,7 @@ from tqdm import tqdm
 from specinfer_dist.config import MODES, VERIFY_METHODS, EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.drafters.feature import FeatureDrafter
-from specinfer_dist.engine.builder import Drafting, Target, build_parts, drafters_digest, load_target, races_tree
+from specinfer_dist.engine.builder import Drafting, Target, build_parts, load_target, races_tree
 from specinfer_dist.engine.outputs import RequestOutput
 from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence, TokenLogprob
@@ -111,7 +111,7 @@ class LLMEngine:
         if not races_tree(config):
             return config
         return raced_setup(config, lambda setup: cls(**vars(build_parts(setup, progress, target))),
-                           drafters_digest(config), progress)
+                           progress)
 
     @classmethod
     def load(cls, llm: str = "default", *, progress: bool = False, **options: Any) -> "LLMEngine":

@@ -76,17 +76,17 @@ class Service:
 
     @property
     def engine(self) -> ServingEngine:
-        """The engine; a 503 ``ApiError`` while it loads or after it failed to."""
+        """The engine; a 503 ``ApiError`` saying why (``status``) while there is none to serve from."""
         engine = self._engine
-        if self._stopped:
-            raise ApiError(503, "the service is shutting down", type="server_error", code="shutting_down")
-        if engine is None:
-            if self._failure is not None:
-                raise ApiError(503, f"the model failed to load: {self._failure}", type="server_error",
-                               code="model_load_failed")
-            raise ApiError(503, f"the model is loading ({stage()}); retry shortly", type="server_error",
-                           code="model_loading")
-        return engine
+        if engine is not None and not self._stopped:  # every request: no status(), remote on Ray
+            return engine
+        status = self.status()
+        message, code = {
+            "stopped": ("the service is shutting down", "shutting_down"),
+            "failed": (f"the model failed to load: {status.get('error')}", "model_load_failed"),
+            "loading": (f"the model is loading ({status.get('stage')}); retry shortly", "model_loading"),
+        }[status["status"]]
+        raise ApiError(503, message, type="server_error", code=code)
 
     def status(self) -> dict[str, Any]:
         """{"status": "loading", "stage": ...} | {"status": "failed", "error": ...} | {"status": "ready", ...}

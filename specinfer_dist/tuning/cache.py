@@ -57,16 +57,14 @@ def result_path(kind: str, device: torch.device, dtype: str | torch.dtype, sourc
     return cache_root() / kind / f"{digest[:16]}.json"
 
 
-def race_path(config: EngineConfig, models: bytes | None = None) -> Path:
-    """Where the race's result for ``config`` on this machine lives. ``models``: a digest of the
-    model files to key by instead of ``models_digest(config)`` (the caller's, if it has one)."""
+def race_path(config: EngineConfig) -> Path:
+    """Where the race's result for ``config`` on this machine lives."""
     device = resolve_device(config.device)
     options = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.metadata.get("race")}
     # Resolved: "auto" and "cpu" on a CPU-only machine are one device, dtype None is its default.
     options.pop("device", None)
     options["dtype"] = config.dtype or default_dtype(device)
-    digest = (models if models is not None else models_digest(config)).hex()
-    return result_path("tree-race", device, options["dtype"], [], options=options, models=digest)
+    return result_path("tree-race", device, options["dtype"], [], options=options, models=models_digest(config).hex())
 
 
 def model_sources(config: EngineConfig) -> list[str]:

@@ -217,20 +217,19 @@ def _take_turns(runs: dict[str, _Run], prompts: list[list[int]], reference: str,
     return "every prompt decoded", steady
 
 
-def cached_setup(config: EngineConfig, drafters: bytes | None = None) -> EngineConfig | None:
-    """The race's cached winner for ``config`` on this machine, or None (not raced here yet).
-    ``drafters``: the model files' digest (cache.py ``models_digest``; computed when None)."""
-    result = read_result(race_path(config, drafters))
+def cached_setup(config: EngineConfig) -> EngineConfig | None:
+    """The race's cached winner for ``config`` on this machine, or None (not raced here yet)."""
+    result = read_result(race_path(config))
     return race_candidates(config).get(result.get("best", "")) if result else None
 
 
-def raced_setup(config: EngineConfig, make_engine: Callable[[EngineConfig], Engine], drafters: bytes | None = None,
-                progress: bool = False, *, clock: Callable[[], float] = time.perf_counter) -> EngineConfig:
-    """The fastest of ``race_candidates(config)`` on this machine (raced once, cached), raced
-    within ``config.tuning_budget_s`` on engines with a one-request KV pool. ``drafters``: as
-    for ``cached_setup`` (a retrained drafter is raced again)."""
+def raced_setup(config: EngineConfig, make_engine: Callable[[EngineConfig], Engine], progress: bool = False, *,
+                clock: Callable[[], float] = time.perf_counter) -> EngineConfig:
+    """The fastest of ``race_candidates(config)`` on this machine (raced once, cached; a
+    retrained drafter changes the key, cache.py), raced within ``config.tuning_budget_s`` on
+    engines with a one-request KV pool."""
     candidates = race_candidates(config)
-    path = race_path(config, drafters)
+    path = race_path(config)
     result = read_result(path)
     if result is not None and result.get("best") in candidates:
         say(f"tree auto: using cached tuning result from {path}: {result['best']} ({result.get('chosen')})",
