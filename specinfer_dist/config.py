@@ -106,6 +106,9 @@ class EngineConfig(_Section):
     kv_blocks: int | None = option(
         None, "LLM KV pool size in blocks (default: from memory: 1 GiB on a CPU, gpu_memory_utilization on a GPU)")
     kv_block_size: int = option(DEFAULT_BLOCK_SIZE, "tokens per KV block")
+    enable_prefix_caching: bool = option(
+        True, "reuse the KV of prompt prefixes computed before (full blocks, shared by reference, least recently "
+        "used evicted first), in the LLM and the drafters; outputs are the same either way")
     gpu_memory_utilization: float = option(
         DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA: fraction of device memory for weights + KV pool (sizes the pool)")
     enforce_eager: bool = option(
@@ -148,7 +151,8 @@ class EngineConfig(_Section):
         t = self.draft_temperature
         _check(t is None or (isinstance(t, (int, float)) and 0 < t < float("inf")),
                f"draft_temperature must be positive, got {t!r}")
-        _check(isinstance(self.enforce_eager, bool), f"enforce_eager must be true or false, got {self.enforce_eager!r}")
+        for name in ("enforce_eager", "enable_prefix_caching"):
+            _check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         _check(isinstance(self.draft_vocab, bool), f"draft_vocab must be true or false, got {self.draft_vocab!r}")
         _check(self.feature_drafter is None or (isinstance(self.feature_drafter, str) and bool(self.feature_drafter)),
                f"feature_drafter must be a directory or 'default', got {self.feature_drafter!r}")

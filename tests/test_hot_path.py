@@ -227,8 +227,8 @@ def test_kv_moves_and_zeroing_copy_at_most_one_index():
     pool = BlockPool(KVCapacity(8, 4), num_layers=1, num_kv_heads=1, head_dim=2, dtype=torch.float32, device="meta")
     a, b = PagedKVCache(pool), PagedKVCache(pool)
     with HostToDevice() as h2d:
-        a.reserve(6)  # blocks 0-1 (block 0 again: it was zeroed at once), then 2 for b
-        b.reserve(4)
+        a.reserve(range(6))  # blocks 0-1 (block 0 again: it was zeroed at once), then 2 for b
+        b.reserve(range(4))
         a.commit([0, 3, 5])  # rows move: source and target slots in one copy
     assert h2d.copies == [("to", "block_pool:index_tensor")]
     a.free()

@@ -45,7 +45,7 @@ def test_paged_cache_ops_keep_the_right_rows():
         pending = []
         for n in sizes:  # one forward each: write the new rows where the runner would
             first = cache.length + cache.pending
-            cache.reserve(n)
+            cache.reserve(range(n))
             rows = torch.randn(LAYERS, 2, n, HEADS, HEAD_DIM, generator=gen)
             pool.kv[:, :, cache.slots(range(first, first + n))] = rows
             pending.append(rows)
@@ -55,22 +55,22 @@ def test_paged_cache_ops_keep_the_right_rows():
         torch.testing.assert_close(cache.committed(), want, rtol=0, atol=0)
         assert len(cache.blocks) == pool.num_used == -(-cache.length // BLOCK)
 
-    cache.reserve(6)
+    cache.reserve(range(6))
     cache.rollback()
     assert len(cache.blocks) == -(-cache.length // BLOCK)
     cache.free()
     assert pool.num_free == 12 and not cache.blocks
     with pytest.raises(RuntimeError, match="exhausted"):
-        cache.reserve(12 * BLOCK + 1)
+        cache.reserve(range(12 * BLOCK + 1))
 
 
 def test_growable_pool_keeps_rows_when_it_grows():
     pool = BlockPool(KVCapacity(2, BLOCK), LAYERS, HEADS, HEAD_DIM, torch.float32, growable=True)
     a, b = PagedKVCache(pool), PagedKVCache(pool)
-    a.reserve(7)
+    a.reserve(range(7))
     pool.kv[:, :, a.slots(range(7))] = rows = torch.randn(LAYERS, 2, 7, HEADS, HEAD_DIM)
     a.commit(range(7))
-    b.reserve(3 * BLOCK)  # needs 3 more blocks than the 2 there are
+    b.reserve(range(3 * BLOCK))  # needs 3 more blocks than the 2 there are
     assert pool.capacity.num_blocks >= 5 and pool.num_used == 5
     torch.testing.assert_close(a.committed(), rows, rtol=0, atol=0)
 

@@ -72,7 +72,7 @@ def test_buckets_and_scratch_block(models):
     assert graphs.scratch_block not in pool._free
     caches = [verifier.runner.new_cache() for _ in range(3)]
     for cache, n in zip(caches, (1, 3, 20)):
-        cache.reserve(n)
+        cache.reserve(range(n))
     items = [RunItem(c, [5] * n, chain_parents(n), [n - 1]) for c, n in zip(caches, (1, 3, 20))]
     assert graphs.bucket(items, ()) == StepShape(batch=4, queries=32, tree_rows=0, blocks=2)
     too_big = [RunItem(caches[2], [5] * 2000, chain_parents(2000), [0])]
@@ -91,9 +91,9 @@ def test_steps_replay_a_larger_captured_bucket(models):
         items = []
         for _ in range(batch):
             cache = runner.new_cache()
-            cache.reserve(context)
+            cache.reserve(range(context))
             cache.commit(range(context))
-            cache.reserve(tokens)  # as ModelRunner.run does before it picks the bucket
+            cache.reserve(range(tokens))  # as ModelRunner.run does before it picks the bucket
             items.append(RunItem(cache, [5] * tokens, chain_parents(tokens), [tokens - 1]))
         shape = graphs.bucket(items, ())
         graphs.run(items, shape, (), runner._to_device)  # captures (records) its bucket if it is new

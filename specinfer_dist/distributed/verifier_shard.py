@@ -5,8 +5,11 @@ Each ``VerifierShard`` loads the LLM, keeps its tensor-parallel shard (tp.py), j
 share of every request's KV cache in a ``LocalVerifier``, the same class the single-process
 engine uses. ``ShardGroupVerifier`` sends each forward to all ranks at once (the same
 request-sized inputs; the ranks exchange activations among themselves) and returns rank 0's
-logits. Commits and releases queue up and ride along with the next forward: one round trip
-per step. Weights never pass through the coordinator: every shard reads only its own slices
+logits. The coordinator decides every block operation on its own ``KVBlocks`` (a pool with no
+storage): admission, prefix reuse, commits, releases. The operations queue up in order and ride
+along with the next forward (one round trip per step); every shard replays them in that order on
+its own pool, so all hold the coordinator's block tables, each with its slice of every block.
+Rank 0 returns a fingerprint of the step's tables and a mismatch fails the group. Weights never pass through the coordinator: every shard reads only its own slices
 (tp.py) from its own disk, straight onto its device.
 
 ``--tree auto`` is measured here, on the verifier's own device (``tune``): every rank runs
@@ -30,6 +33,7 @@ import socket
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import ray
 import torch
@@ -43,8 +47,8 @@ from specinfer_dist.distributed.tp import TensorParallel
 from specinfer_dist.engine.builder import load_ssms, load_target
 from specinfer_dist.models.loader import load_model
 from specinfer_dist.runtime.device import default_dtype, resolve_device
-from specinfer_dist.runtime.block_pool import KVCapacity
-from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem, pool_capacity
+from specinfer_dist.runtime.block_pool import BlockPool, KVCapacity
+from specinfer_dist.runtime.verifier import KVBlocks, LocalVerifier, VerifyItem, pool_capacity
 from specinfer_dist.tuning.budget import budget_seconds
 from specinfer_dist.tuning.tune import auto_tree
 
@@ -98,8 +102,9 @@ class VerifierShard:
         )
 
     def allocate(self, capacity: KVCapacity) -> None:
+        engine = self.spec.engine
         self.verifier = LocalVerifier(self.model, capacity.num_blocks, capacity.block_size,
-                                      enforce_eager=self.spec.engine.enforce_eager)
+                                      enforce_eager=engine.enforce_eager, prefix_caching=engine.enable_prefix_caching)
 
     def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
         """``tree: auto`` measured on this rank's device (every rank at once): the tree widths
@@ -117,17 +122,15 @@ class VerifierShard:
         return (list(spec.widths) if spec else None), chosen
 
     def step(
-        self, commits: list[tuple[int, list[int]]], releases: list[int], items: list[VerifyItem],
-        aux_layers: Sequence[int] = (),
-    ) -> tuple[torch.Tensor, torch.Tensor | None, float | None] | None:
-        """Apply the queued commits and releases, then one forward; rank 0 returns all items'
-        logit rows (one tensor, as ``LocalVerifier.logits``), with ``aux_layers`` every item row's
-        hidden states entering them (one tensor, items one after another; else None), and its KV
-        pool's usage."""
-        for request_id, keep in commits:
-            self.verifier.commit(request_id, keep)
-        for request_id in releases:
-            self.verifier.release(request_id)
+        self, ops: list[tuple[Any, ...]], items: list[VerifyItem], aux_layers: Sequence[int] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None, int] | None:
+        """Replay the coordinator's block operations (``(method, *args)`` of ``LocalVerifier``:
+        attach, commit, release, reset_prefix_cache), in order, then one forward; rank 0 returns
+        all items' logit rows (one tensor, as ``LocalVerifier.logits``), with ``aux_layers`` every
+        item row's hidden states entering them (one tensor, items one after another; else None),
+        and the fingerprint of the items' block tables."""
+        for method, *args in ops:
+            getattr(self.verifier, method)(*args)
         if self.rank:  # only rank 0's outputs are used: the others skip gathering hidden states
             self.verifier.logits(items)
             return None
@@ -137,7 +140,8 @@ class VerifierShard:
             hidden = torch.cat(per_item).to("cpu")  # one tensor of its own: pickled views would each ship the base
         else:
             logits = self.verifier.logits(items)
-        return logits.to("cpu", copy=True), hidden, self.verifier.kv_usage()  # a copy: pickling a view ships its base
+        # A copy: pickling a view ships its base.
+        return logits.to("cpu", copy=True), hidden, self.verifier.blocks.tables(items)
 
 
 @dataclass
@@ -147,6 +151,7 @@ class Submitted:
 
     refs: list[ray.ObjectRef]
     rows: list[int] | None
+    tables: int  # fingerprint of the items' block tables on the coordinator
 
 
 class ShardGroupVerifier:
@@ -160,12 +165,10 @@ class ShardGroupVerifier:
 
     def __init__(self, engine: EngineConfig, cluster: ClusterConfig, pg: PlacementGroup) -> None:
         self.spec = ShardSpec(engine, cluster.tp, max(1, int(cluster.cpus_per_shard)), cluster.step_timeout_s)
-        self._kv_usage: float | None = None
         self.cluster, self.pg = cluster, pg
         self.kv_capacity: KVCapacity | None = None  # known once the shards have allocated their pools
         self.shards: list[ray.actor.ActorHandle] = []
-        self._commits: list[tuple[int, list[int]]] = []
-        self._releases: list[int] = []
+        self._ops: list[tuple[Any, ...]] = []  # block operations the shards have not replayed yet
         self.build()
 
     def build(self) -> None:
@@ -191,6 +194,9 @@ class ShardGroupVerifier:
             )
         # Every rank, and every rebuilt group, allocates the first group's pool size.
         ray.get([shard.allocate.remote(self.kv_capacity) for shard in self.shards], timeout=timeout)
+        self._ops = []
+        self.blocks = KVBlocks(BlockPool(self.kv_capacity, 1, 1, 1, torch.float32, "meta",
+                                         prefix_caching=self.spec.engine.enable_prefix_caching))
 
     def logits(self, items: list[VerifyItem]) -> torch.Tensor:
         """All items' logit rows, one after the other (on this host: rank 0 sends them)."""
@@ -210,21 +216,26 @@ class ShardGroupVerifier:
             if not self.shards:  # the last group failed (or its rebuild did)
                 self.build()
             aux = list(aux_layers)
-            refs = [shard.step.remote(self._commits, self._releases, items, aux) for shard in self.shards]
-            self._commits, self._releases = [], []
-            return Submitted(refs, [len(item.tokens) for item in items] if aux else None)
+            for item in self.blocks.run_items(items):  # as the shards' runners will reserve them
+                item.cache.reserve(item.tokens)
+            refs = [shard.step.remote(self._ops, items, aux) for shard in self.shards]
+            self._ops = []
+            return Submitted(refs, [len(item.tokens) for item in items] if aux else None, self.blocks.tables(items))
 
     def collect(self, submitted: Submitted) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Rank 0's results of a submitted forward: all its items' logit rows, one after the other,
         and (if asked for) each item's hidden states [len(item.tokens), k * hidden], else None."""
         with self._failing():
             # Raises as soon as any rank fails, not after the slowest (a survivor may be stuck in a collective).
-            logits, hidden, self._kv_usage = ray.get(submitted.refs, timeout=self.spec.timeout_s)[0]
+            logits, hidden, tables = ray.get(submitted.refs, timeout=self.spec.timeout_s)[0]
+        if tables != submitted.tables:
+            self.shutdown()
+            raise ShardGroupError("verifier shards hold other block tables than the coordinator's; rebuilding them")
         return logits, None if hidden is None else list(hidden.split(submitted.rows))
 
-    def kv_usage(self) -> float | None:
-        """Rank 0's KV pool usage after the last collected forward (None without a pool)."""
-        return self._kv_usage
+    def kv_usage(self) -> float:
+        """Fraction of the KV pool's blocks in use (the coordinator's tables, which the shards follow)."""
+        return self.blocks.usage()
 
     def tune(self, key: list[str]) -> tuple[list[int] | None, list[int]]:
         """VerifierShard.tune on every rank at once; rank 0's answer."""
@@ -237,16 +248,25 @@ class ShardGroupVerifier:
         try:
             yield
         except RayError as err:  # includes GetTimeoutError
-            self.shutdown()
-            self._commits, self._releases = [], []  # their caches are gone with the group
+            self.shutdown()  # the caches go with the group; the next build starts empty tables
             reason = (str(err).strip().splitlines() or [""])[0]
             raise ShardGroupError(f"verifier shard group failed ({type(err).__name__}: {reason}); rebuilding it") from err
 
+    def attach(self, request_id: int, tokens: list[int]) -> int:
+        self._ops.append(("attach", request_id, tokens))
+        return self.blocks.attach(request_id, tokens)
+
     def commit(self, request_id: int, keep: list[int]) -> None:
-        self._commits.append((request_id, keep))
+        self._ops.append(("commit", request_id, keep))
+        self.blocks.commit(request_id, keep)
 
     def release(self, request_id: int) -> None:
-        self._releases.append(request_id)
+        self._ops.append(("release", request_id))
+        self.blocks.release(request_id)
+
+    def reset_prefix_cache(self) -> int:
+        self._ops.append(("reset_prefix_cache",))
+        return self.blocks.reset_prefix_cache()
 
     def shutdown(self) -> None:
         for shard in self.shards:

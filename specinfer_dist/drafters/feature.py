@@ -14,6 +14,11 @@ commits to ``observe`` (no extra LLM pass). Invariants:
 - Children are chosen as an SSM's are (top-k greedy; k draws from q, recorded, when sampled);
   q is over the draft vocabulary mapped to the LLM's ids, 0 elsewhere, which MSS handles.
 - Only the committed rows stay in the cache after a step (like SSMs, drafted rows are dropped).
+- Prefix caching: row t depends on tokens 0 .. t+1, so a cache's blocks are keyed by the rows'
+  ids (token t+1) chained from token 0 (the cache's seed). A request starts on its cached rows
+  when admitted (``start``, before the LLM's first rows reach ``observe``), and the engine lets
+  the LLM reuse no more of the prefix than ``reusable_rows``: the LLM's hidden states for every
+  row after them must arrive.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from specinfer_dist.drafters.base import DraftRequest
 from specinfer_dist.drafters.ssm import SSMDrafter, _Expansion
 from specinfer_dist.models.eagle3 import Eagle3Head
+from specinfer_dist.runtime.block_pool import chain_digests
 from specinfer_dist.runtime.kv_cache import PagedKVCache
 from specinfer_dist.tree.spec import TreeSpec
 
@@ -31,12 +37,31 @@ class FeatureDrafter(SSMDrafter):
     """Expands trees like an SSM (same shapes, same q bookkeeping) from an EAGLE-3 head."""
 
     def __init__(
-        self, head: Eagle3Head, spec: TreeSpec, name: str = "feature", draft_temperature: float | None = None
+        self, head: Eagle3Head, spec: TreeSpec, name: str = "feature", draft_temperature: float | None = None,
+        prefix_caching: bool = False,
     ) -> None:
-        super().__init__(head, spec, name, draft_temperature)  # type: ignore[arg-type]  # the runner takes heads too
+        super().__init__(head, spec, name, draft_temperature, prefix_caching)  # type: ignore[arg-type]  # the runner takes heads too
         self.head = head
         self.aux_layers = list(head.aux_layers)
         self.features: dict[int, torch.Tensor] = {}  # request -> fused features not yet in its cache
+
+    def reusable_rows(self, request_id: int, tokens: list[int]) -> int:
+        """Rows of ``tokens`` this drafter holds or would take from its prefix cache when started
+        (the LLM must compute its hidden states from there on)."""
+        cache = self.caches.get(request_id)
+        if cache is not None:
+            pending = self.features.get(request_id)
+            return cache.length + (len(pending) if pending is not None else 0)
+        if not self.runner.pool.prefix_caching:
+            return 0
+        blocks, _ = PagedKVCache(self.runner.pool, self._seed(tokens)).reusable(self._row_ids(tokens))
+        return blocks * self.runner.pool.block_size
+
+    def _seed(self, tokens: list[int]) -> bytes:
+        return chain_digests(tokens[:1], 1)[0] if tokens else b""
+
+    def _row_ids(self, tokens: list[int]) -> list[int]:
+        return tokens[1:-1]  # row t's id is token t+1; the root's predecessor's row is always fed
 
     def observe(self, request_id: int, start: int, aux: torch.Tensor) -> None:
         """The LLM's captured hidden states [k, 3 * hidden] of tokens ``start .. start+k-1`` (committed)."""

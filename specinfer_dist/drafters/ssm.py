@@ -10,6 +10,7 @@ from specinfer_dist.drafters.base import Drafter, DraftRequest, draft_generator
 from specinfer_dist.models.transformer import Transformer
 from specinfer_dist.runtime.kv_cache import PagedKVCache
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
+from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.tree.dynamic import best_nodes, prune_tree
 from specinfer_dist.tree.sampling import sampling_probs
 from specinfer_dist.tree.spec import TreeSpec
@@ -43,14 +44,17 @@ class SSMDrafter(Drafter):
     With a dynamic spec (tree/dynamic.py) only the k most probable new nodes of a depth form
     the next frontier, and greedy trees keep their token_budget most probable nodes.
     Subclasses change what is fed (``_chain``) and how a depth is computed (``_forward``).
+    With ``prefix_caching`` a request's cache starts on the longest prefix its pool has cached
+    (runtime/kv_cache.py), so only the rest is fed.
     """
 
     def __init__(
-        self, model: Transformer, spec: TreeSpec, name: str = "ssm", draft_temperature: float | None = None
+        self, model: Transformer, spec: TreeSpec, name: str = "ssm", draft_temperature: float | None = None,
+        prefix_caching: bool = False,
     ) -> None:
         super().__init__(name, spec)
         self.draft_temperature = draft_temperature
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, prefix_caching=prefix_caching)
         self.caches: dict[int, PagedKVCache] = {}
         self.generators: dict[int, torch.Generator] = {}
 
@@ -58,8 +62,7 @@ class SSMDrafter(Drafter):
         states = []
         for request, max_depth in zip(requests, max_depths):
             if request.request_id not in self.caches:
-                self.caches[request.request_id] = self.runner.new_cache()
-                self.generators[request.request_id] = draft_generator(request.params, self.name)
+                self.start(request.request_id, request.tokens, request.params)
             cache = self.caches[request.request_id]
             chain = self._chain(request, cache)
             states.append(
@@ -99,6 +102,26 @@ class SSMDrafter(Drafter):
             if self.spec.dynamic and state.request.params.greedy:  # sampled draws are never dropped by value
                 state.tree = prune_tree(state.tree, state.scores, self.spec.token_budget)
         return [state.tree for state in states]
+
+    def start(self, request_id: int, tokens: list[int], params: SamplingParams) -> None:
+        """A new request's cache, on its longest cached prefix (the rows ``_chain`` need not feed)."""
+        if request_id in self.caches:
+            return
+        self.caches[request_id] = cache = self.runner.new_cache(self._seed(tokens))
+        self.generators[request_id] = draft_generator(params, self.name)
+        if self.runner.pool.prefix_caching:
+            cache.attach(self._row_ids(tokens))
+
+    def _seed(self, tokens: list[int]) -> bytes:
+        """What every cache row depends on besides its own and earlier rows' ids (here nothing)."""
+        return b""
+
+    def _row_ids(self, tokens: list[int]) -> list[int]:
+        """The ids of the rows that may come from the prefix cache: all but the root, which is fed."""
+        return tokens[:-1]
+
+    def reset_prefix_cache(self) -> None:
+        self.runner.pool.reset_prefix_cache()
 
     @staticmethod
     def _score(state: _Expansion, logits: torch.Tensor, new: list[int]) -> None:

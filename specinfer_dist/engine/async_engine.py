@@ -53,6 +53,7 @@ class RequestDelta:
     prompt_tokens: int
     token_ids: list[int]
     text: str
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
     finish_reason: str | None = None  # set on the last delta
     stats: SpecStats = field(default_factory=SpecStats)
     logprobs: list[TokenLogprob] | None = None  # one per token id, when the request asked for them
@@ -70,6 +71,8 @@ class Counters:
     requests_aborted: int = 0
     requests_failed: int = 0  # ended by an error in the engine (their own, or their step's)
     prompt_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache when first admitted
+    prefix_cache_hits: int = 0  # of them, found cached (not computed)
     generation_tokens: int = 0
     spec_decode_num_drafts: int = 0  # verification steps that carried a draft
     spec_decode_num_draft_tokens: int = 0
@@ -229,6 +232,8 @@ class AsyncLLMEngine:
             except Exception as err:  # noqa: BLE001 - any failure ends only the requests in it
                 self._fail_running(err)
                 continue
+            self.counters.prefix_cache_queries = self.engine.prefix_cache_queries
+            self.counters.prefix_cache_hits = self.engine.prefix_cache_hits
             for seq in stepped:
                 self._emit(self._streams[seq.request_id])
             self._try_switch()
@@ -314,7 +319,8 @@ class AsyncLLMEngine:
         logprobs = None if seq.logprobs is None else seq.logprobs[stream.sent_tokens :]
         stream.sent_tokens = len(seq.output_ids)
         delta = RequestDelta(
-            seq.request_id, len(seq.prompt_ids), new_tokens, text[stream.sent_text :], logprobs=logprobs
+            seq.request_id, len(seq.prompt_ids), new_tokens, text[stream.sent_text :], seq.cached_tokens or 0,
+            logprobs=logprobs,
         )
         stream.sent_text = max(stream.sent_text, len(text))
         self._count_step(stream, len(new_tokens))

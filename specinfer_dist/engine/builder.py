@@ -168,14 +168,15 @@ def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Hea
     runtime's coordinator (fed by verifier rank 0), never in a separate draft worker."""
     if plan.mode == "incremental":
         return []
+    caching = config.enable_prefix_caching
     drafters: list[Drafter] = [
-        SSMDrafter(model, plan.spec, f"ssm{i}", config.draft_temperature) for i, model in enumerate(plan.ssms)
+        SSMDrafter(model, plan.spec, f"ssm{i}", config.draft_temperature, caching) for i, model in enumerate(plan.ssms)
     ]
     drafters.extend(model_free_drafter(name, plan.spec) for name in config.drafters)
     if config.feature_drafter is not None:
         if feature_head is None:
             raise InvalidConfigError("a feature drafter needs its head loaded (load_feature_head)")
-        drafters.append(FeatureDrafter(feature_head, plan.spec, "feature", config.draft_temperature))
+        drafters.append(FeatureDrafter(feature_head, plan.spec, "feature", config.draft_temperature, caching))
     return drafters
 
 
@@ -216,7 +217,7 @@ def build_parts(config: EngineConfig, progress: bool = False, target: Target | N
         sampling_defaults=target.sampling_defaults,
         verifier=LocalVerifier(
             target.model, config.kv_blocks, config.kv_block_size, config.max_num_seqs, config.gpu_memory_utilization,
-            enforce_eager=config.enforce_eager,
+            enforce_eager=config.enforce_eager, prefix_caching=config.enable_prefix_caching,
         ),
         drafters=drafting.drafters,
         spec=drafting.spec,

@@ -10,6 +10,13 @@ which every request in the step shares, raises out of ``step``.
 
 Chunked prefill: with a per-step token budget, a long prompt goes through the LLM over several
 steps (chunks cached, no logits needed), interleaved with the other requests' steps.
+
+Prefix caching: a request admitted to the running batch starts its LLM cache on the cached
+blocks of its longest computed prefix (runtime/block_pool.py), all but its newest token at most,
+so ``num_cached`` starts there and only the rest runs through the LLM. A feature drafter needs
+the LLM's hidden states for every row it has not cached itself, so the reuse stops where its own
+cache of the same prefix does. SSM drafters reuse their own caches' prefixes when they first
+see the request.
 """
 
 from __future__ import annotations
@@ -33,7 +40,7 @@ from specinfer_dist.engine.sequence import FinishReason, Sequence, TokenLogprob
 from specinfer_dist.errors import EngineOverloadedError, InvalidConfigError, InvalidRequestError
 from specinfer_dist.runtime.model_runner import chain_parents
 from specinfer_dist.runtime.sampling_params import SamplingParams
-from specinfer_dist.runtime.verifier import Verifier, VerifyItem
+from specinfer_dist.runtime.verifier import KVBlocks, Verifier, VerifyItem
 from specinfer_dist.tree.merge import merge_trees
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.device_verify import NonFiniteProbabilities
@@ -88,7 +95,8 @@ class LLMEngine:
         self.sampling_defaults = dict(sampling_defaults or {})
         self.verifier = verifier
         self.verify = verify
-        self.scheduler = Scheduler(max_num_seqs, verifier.release, verifier.kv_capacity)
+        self.scheduler = Scheduler(max_num_seqs, _LLMKV(self))
+        self.prefix_cache_queries = self.prefix_cache_hits = 0  # prompt tokens looked up / found cached
         self._set_drafting(Drafting(mode, spec, drafters))
         self.max_num_batched_tokens = max_num_batched_tokens  # LLM rows per step (None: no budget)
         self.max_queued_seqs = max_queued_seqs
@@ -218,6 +226,42 @@ class LLMEngine:
         usage = getattr(self.verifier, "kv_usage", None)  # remote verifiers may not report it
         return usage() if usage else None
 
+    def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (the LLM's and the drafters'; running requests keep their
+        blocks); returns how many LLM blocks were published."""
+        for drafter in self.drafters:
+            reset = getattr(drafter, "reset_prefix_cache", None)
+            if reset:
+                reset()
+        return self.verifier.reset_prefix_cache()
+
+    def _reusable_tokens(self, seq: Sequence) -> list[int]:
+        """The tokens whose KV ``seq`` may take from the prefix cache when admitted: all but the
+        newest (its logits are needed), and no more than each feature drafter continues from."""
+        tokens = seq.tokens[:-1]
+        for drafter in self.feature_drafters:
+            tokens = tokens[: drafter.reusable_rows(seq.request_id, seq.tokens)]
+        return tokens
+
+    def _admit(self, seq: Sequence) -> None:
+        """Start an admitted request's caches: the LLM's on its cached prefix."""
+        for drafter in self.feature_drafters:  # its cache must exist before the LLM's rows reach it
+            drafter.start(seq.request_id, seq.tokens, seq.params)
+        if seq.cached_tokens is None:  # first admission (not a preempted request coming back)
+            seq.cached_tokens = 0
+            self.prefix_cache_queries += len(seq.prompt_ids)
+        self._reuse_prefix(seq)
+
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Take cached blocks for ``seq``'s next uncached tokens: when admitted, and before each
+        step while it is prefilling (requests admitted together share a prefix that only the
+        first of them computes)."""
+        before, seq.num_cached = seq.num_cached, self.verifier.attach(seq.request_id, self._reusable_tokens(seq))
+        # Prompt tokens found cached (a preempted request finding its own prefix again counts once).
+        found = max(0, min(seq.num_cached, len(seq.prompt_ids)) - max(before, seq.cached_tokens))
+        self.prefix_cache_hits += found
+        seq.cached_tokens += found
+
     def abort(self, request_id: int) -> bool:
         """Drop a request (e.g. its client went away) and free everything it holds."""
         seq = self.scheduler.remove(request_id)
@@ -228,7 +272,7 @@ class LLMEngine:
     def output(self, seq: Sequence) -> RequestOutput:
         return RequestOutput(
             seq.request_id, seq.prompt_ids, seq.text or "", list(seq.output_ids), seq.finish_reason.value, seq.stats,
-            None if seq.logprobs is None else list(seq.logprobs), seq.error,
+            None if seq.logprobs is None else list(seq.logprobs), seq.error, seq.cached_tokens or 0,
         )
 
     # ---- one iteration --------------------------------------------------------------------
@@ -241,6 +285,9 @@ class LLMEngine:
         seqs = self.scheduler.schedule()
         if not seqs:
             return []
+        for seq in seqs:
+            if seq.prefilling and seq.num_cached % self.scheduler.block_size == 0:
+                self._reuse_prefix(seq)
         whole, chunks = self.scheduler.split(seqs, self.max_num_batched_tokens, self._drafting())
         start = time.perf_counter()
         whole, trees, failed = self._drop_failed(whole, self.draft(whole))
@@ -502,6 +549,34 @@ class LLMEngine:
         for drafter in self.drafters:
             drafter.release(seq.request_id)
 
+
+
+class _LLMKV:
+    """The scheduler's view of the LLM's KV (engine/scheduler.py: SchedulerKV): the verifier's
+    blocks, with the engine's prefix reuse."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.capacity = engine.verifier.kv_capacity
+
+    @property
+    def blocks(self) -> KVBlocks:  # a verifier may replace its blocks (a rebuilt shard group starts empty)
+        return self.engine.verifier.blocks
+
+    def free_blocks(self) -> int:
+        return self.blocks.free_blocks()
+
+    def held_blocks(self, request_id: int) -> int:
+        return self.blocks.held_blocks(request_id)
+
+    def reusable(self, seq: Sequence) -> tuple[int, int]:
+        return self.blocks.reusable(self.engine._reusable_tokens(seq))
+
+    def admit(self, seq: Sequence) -> None:
+        self.engine._admit(seq)
+
+    def release(self, request_id: int) -> None:
+        self.engine.verifier.release(request_id)
 
 
 def max_drafted(drafting: Drafting) -> int:

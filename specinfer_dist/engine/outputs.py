@@ -18,6 +18,7 @@ class RequestOutput:
     stats: SpecStats
     logprobs: list[TokenLogprob] | None = None  # one per token id, when requested
     error: str | None = None
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache, not computed
 
     def to_dict(self) -> dict[str, Any]:
         extra: dict[str, Any] = {}
@@ -30,6 +31,7 @@ class RequestOutput:
             "token_ids": self.token_ids,
             "finish_reason": self.finish_reason,
             "prompt_tokens": len(self.prompt_token_ids),
+            "cached_tokens": self.cached_tokens,
             **extra,
             **self.stats.to_dict(),
         }

@@ -3,7 +3,13 @@
 With a KV pool, a batch is scheduled only if every request in it can hold its worst case for
 the step (its tokens plus a full draft tree), so the LLM never runs out of KV memory and no
 request fails for it: new requests wait, and when running requests outgrow the pool the most
-recently admitted one is preempted (its LLM cache freed, its prefix recomputed once it is back).
+recently admitted one is preempted (its LLM cache freed, its prefix recomputed once it is back,
+or taken from the prefix cache where it is still there).
+
+Admission counts blocks as the pool holds them: a step of the running requests needs each one's
+growth past the blocks it holds (a block shared by several is held once), and a newcomer needs
+its rows less the cached prefix blocks it will take, plus those of them nobody holds now (taking
+them leaves fewer for allocations). Free and evictable blocks are what is there to take.
 
 With a per-step token budget (chunked prefill), ``split`` bounds the rows a step sends through the
 LLM: every decoding request runs, and prompts are prefilled in chunks with what is left, so a long
@@ -13,27 +19,40 @@ prompt never holds up the others for more than a step's worth of work.
 from __future__ import annotations
 
 from collections import deque
-from typing import Callable, Iterable
+from typing import Protocol
 
 from specinfer_dist.engine.sequence import Sequence
 from specinfer_dist.errors import InvalidRequestError
 from specinfer_dist.runtime.block_pool import KVCapacity
 
 
-class Scheduler:
-    """``release_kv(request_id)`` frees a request's LLM cache; ``max_drafted`` is the most
-    tree tokens a step drafts for one request."""
+class SchedulerKV(Protocol):
+    """The LLM's KV as the scheduler sees it (the engine's, over its verifier's ``KVBlocks``)."""
 
-    def __init__(
-        self,
-        max_num_seqs: int,
-        release_kv: Callable[[int], None],
-        kv_capacity: KVCapacity | None = None,
-        max_drafted: int = 0,
-    ) -> None:
+    capacity: KVCapacity | None  # None: no bounded pool, no admission control
+
+    def free_blocks(self) -> int: ...
+
+    def held_blocks(self, request_id: int) -> int: ...
+
+    def reusable(self, seq: Sequence) -> tuple[int, int]:
+        """Cached prefix blocks ``seq`` would take when admitted, and how many of them nobody holds."""
+
+    def admit(self, seq: Sequence) -> None:
+        """Start ``seq``'s LLM cache (on its cached prefix: sets ``num_cached``)."""
+
+    def release(self, request_id: int) -> None: ...
+
+
+class Scheduler:
+    """``kv`` is the LLM's KV pool and caches; ``max_drafted`` is the most tree tokens a step
+    drafts for one request."""
+
+    def __init__(self, max_num_seqs: int, kv: SchedulerKV, max_drafted: int = 0) -> None:
         self.max_num_seqs = max_num_seqs
-        self.release_kv = release_kv
-        self.kv_capacity = kv_capacity
+        self.kv = kv
+        self.kv_capacity = kv.capacity
+        self.block_size = kv.capacity.block_size if kv.capacity else 1
         self.max_drafted = max_drafted
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
@@ -61,8 +80,10 @@ class Scheduler:
         topped up first-come first-served as far as ``max_num_seqs`` and the KV pool allow."""
         while not self._fits(self.running):
             self._preempt(self.running.pop())
-        while self.waiting and len(self.running) < self.max_num_seqs and self._fits([*self.running, self.waiting[0]]):
-            self.running.append(self.waiting.popleft())
+        while self.waiting and len(self.running) < self.max_num_seqs and self._fits(self.running, self.waiting[0]):
+            seq = self.waiting.popleft()
+            self.kv.admit(seq)
+            self.running.append(seq)
         return list(self.running)
 
     def split(
@@ -93,20 +114,25 @@ class Scheduler:
         chunks = [(s, left) for s in prefilling if s.request_id in waiting][:1] if left > 0 else []
         return [s for s in seqs if s.request_id not in waiting], chunks
 
-    def _fits(self, seqs: Iterable[Sequence]) -> bool:
-        """Whether a step of ``seqs`` fits the KV pool even if each gets a full draft tree:
-        the step's rows are the request's tokens (its root last) plus the drafted ones."""
+    def _fits(self, running: list[Sequence], newcomer: Sequence | None = None) -> bool:
+        """Whether a step of ``running`` (and ``newcomer``) fits the KV pool even if each gets a
+        full draft tree: the step's rows are the request's tokens (its root last) plus the
+        drafted ones (see the module docstring)."""
         cap = self.kv_capacity
         if cap is None:
             return True
-        rows = (len(s.prompt_ids) + len(s.output_ids) + self.max_drafted for s in seqs)
-        return sum(map(cap.blocks_for, rows)) <= cap.num_blocks
+        rows = lambda s: cap.blocks_for(len(s.prompt_ids) + len(s.output_ids) + self.max_drafted)  # noqa: E731
+        need = sum(max(0, rows(s) - self.kv.held_blocks(s.request_id)) for s in running)
+        if newcomer is not None:
+            reused, unheld = self.kv.reusable(newcomer)
+            need += rows(newcomer) - reused + unheld
+        return need <= self.kv.free_blocks()
 
     def _preempt(self, seq: Sequence) -> None:
         # Only the LLM cache goes. Drafters keep their state (caches of the same tokens, and
         # seeded random streams where they were), so what a request drafts, and thus a seeded
         # sampled output, does not depend on whether it was preempted.
-        self.release_kv(seq.request_id)
+        self.kv.release(seq.request_id)
         seq.num_cached = 0
         self.waiting.appendleft(seq)
         self.num_preemptions += 1

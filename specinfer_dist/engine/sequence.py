@@ -68,6 +68,7 @@ class Sequence:
     finish_reason: FinishReason | None = None
     stats: SpecStats = field(default_factory=SpecStats)
     num_cached: int = 0  # tokens whose K/V the LLM holds (all but the newest, after a step)
+    cached_tokens: int | None = None  # prompt tokens taken from the prefix cache (None: never admitted)
     error: str | None = None  # why the request failed (finish_reason ERROR)
     logprobs: list[TokenLogprob] | None = None  # one per output token, when params.logprobs is set
     generator: torch.Generator = field(init=False)  # the verifier's random draws for this request

@@ -11,11 +11,33 @@ handed out, and block 0 (where block tables are padded) at once: attention masks
 one wrote, but a masked NaN would still poison a softmax. Zeroing never synchronises with the
 device: consecutive blocks are a slice, others one index copied without blocking. Memory is
 not touched up front, so on a CPU the resident set grows with use although the pool is reserved.
+
+Prefix caching (``prefix_caching``): a block full of committed rows can be published under a
+digest of everything its rows depend on (``chain_digests``), so a later request with the same
+prefix takes it by reference instead of recomputing it (vLLM's automatic prefix caching, over
+block hashes). Invariants:
+
+- A block is free, held (reference count > 0), or cached and unreferenced (``evictable``). Only
+  full blocks of committed rows are published, and rows are only ever written at or past a
+  cache's committed length, so a published block is never written again while it is published:
+  drafted (tree) rows never reach one.
+- Unreferenced cached blocks stay until an allocation finds no free block; then the least
+  recently released goes first. A cache gives its blocks back last block first, so a chain's
+  leaves are evicted before its parents.
+- A digest is a 128-bit BLAKE2b chained over the parent block's digest and the block's token ids:
+  a hit compares digests only (a collision needs ~2^64 distinct blocks; Python's ``hash`` of a
+  tuple could be forced by a client). The index dies with the pool, so cached KV never outlives
+  the model or dtype that computed it.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 import torch
 
@@ -79,11 +101,12 @@ def auto_capacity(
 
 
 class BlockPool:
-    """Preallocated K/V for ``capacity.num_blocks`` blocks, and which of them are free.
+    """Preallocated K/V for ``capacity.num_blocks`` blocks: which are free, who holds them, and
+    (with ``prefix_caching``) which hold a published prefix.
 
-    A ``growable`` pool (drafters' caches, tools) doubles its storage instead of running out;
-    block ids stay valid, so caches do not notice. The LLM's pool never grows: the scheduler
-    admits by its capacity.
+    A ``growable`` pool (drafters' caches, tools) doubles its storage instead of running out
+    (after evicting what it caches); block ids stay valid, so caches do not notice. The LLM's
+    pool never grows: the scheduler admits by its capacity.
     """
 
     def __init__(
@@ -95,13 +118,19 @@ class BlockPool:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         growable: bool = False,
+        prefix_caching: bool = False,
     ) -> None:
         self.capacity = capacity
         self.growable = growable
+        self.prefix_caching = prefix_caching
         self.kv = torch.empty(
             num_layers, 2, capacity.num_blocks * capacity.block_size, num_kv_heads, head_dim, dtype=dtype, device=device
         )
         self._free = list(range(capacity.num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._refs = [0] * capacity.num_blocks
+        self._block_of: dict[bytes, int] = {}  # published digest -> block
+        self._digest_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
         self._zero([0])
 
     @property
@@ -110,21 +139,91 @@ class BlockPool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks an allocation can have: free ones and cached ones nobody holds."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return self.capacity.num_blocks - len(self._free)
+        """Blocks some cache holds (a shared one counts once)."""
+        return self.capacity.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Published blocks (held or not)."""
+        return len(self._block_of)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
+        if n > self.num_free:
             if not self.growable:
                 # The scheduler reserves every step's worst case, so this is a bug, not load.
-                raise RuntimeError(f"KV block pool exhausted: {n} blocks wanted, {len(self._free)} free")
+                raise RuntimeError(f"KV block pool exhausted: {n} blocks wanted, {self.num_free} free")
             self._grow(max(2 * self.capacity.num_blocks, self.num_used + n))
+        while len(self._free) < n:
+            self._evict(next(iter(self._evictable)))
         blocks = [self._free.pop() for _ in range(n)]
+        for block in blocks:
+            self._refs[block] = 1
         self._zero(blocks)
         return blocks
+
+    def set_aside(self) -> int:
+        """The highest free block, never handed out (a step graph's scratch block): the blocks
+        requests get are then numbered as in a pool without it."""
+        block = self._free.pop(0)
+        self._refs[block] = 1
+        self._zero([block])
+        return block
+
+    def hold(self, blocks: Sequence[int]) -> None:
+        """Take another reference to blocks in use or cached (a prefix hit)."""
+        for block in blocks:
+            self._refs[block] += 1
+            self._evictable.pop(block, None)
+
+    def free(self, blocks: Sequence[int]) -> None:
+        """Drop a reference to each block, in the order given: the last one given is evicted last."""
+        for block in blocks:
+            self._refs[block] -= 1
+            if self._refs[block] == 0:
+                if block in self._digest_of:
+                    self._evictable[block] = None
+                else:
+                    self._free.append(block)
+
+    def publish(self, block: int, digest: bytes) -> None:
+        """Offer a held block, full of committed rows, to later prefixes. A digest already
+        published keeps its first block (this one stays its holder's alone)."""
+        if self.prefix_caching and digest not in self._block_of and block not in self._digest_of:
+            self._block_of[digest] = block
+            self._digest_of[block] = digest
+
+    def lookup(self, digests: Sequence[bytes]) -> list[int]:
+        """The blocks of the longest published prefix of ``digests`` (nothing is taken)."""
+        blocks = []
+        for digest in digests:
+            block = self._block_of.get(digest)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def num_evictable(self, blocks: Sequence[int]) -> int:
+        """How many of ``blocks`` nobody holds (taking them leaves fewer for allocations)."""
+        return sum(block in self._evictable for block in blocks)
+
+    def reset_prefix_cache(self) -> int:
+        """Forget every published prefix (blocks in use stay with their holders); returns how many."""
+        count = len(self._block_of)
+        while self._evictable:
+            self._evict(next(iter(self._evictable)))
+        self._block_of.clear()
+        self._digest_of.clear()
+        return count
+
+    def _evict(self, block: int) -> None:
+        del self._evictable[block]
+        del self._block_of[self._digest_of.pop(block)]
+        self._free.append(block)
 
     def _zero(self, blocks: list[int]) -> None:
         if not blocks:
@@ -143,10 +242,19 @@ class BlockPool:
         grown[:, :, : self.kv.shape[2]] = self.kv
         self.kv = grown
         self.capacity = KVCapacity(num_blocks, self.block_size)
+        self._refs += [0] * (num_blocks - old)
         self._free[:0] = range(num_blocks - 1, old - 1, -1)  # new blocks handed out after the old free ones
 
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+
+def chain_digests(tokens: Sequence[int], block_size: int, seed: bytes = b"") -> list[bytes]:
+    """One digest per full block of ``tokens``, each covering the block and everything before it
+    (``seed`` stands for what comes before the first block)."""
+    digests, parent = [], seed
+    ids = np.asarray(tokens[: len(tokens) // block_size * block_size], dtype=np.int64)
+    for start in range(0, len(ids), block_size):
+        parent = hashlib.blake2b(parent + ids[start : start + block_size].tobytes(), digest_size=16).digest()
+        digests.append(parent)
+    return digests
 
 
 def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:

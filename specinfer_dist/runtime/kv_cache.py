@@ -10,6 +10,12 @@ Row r is at offset ``r % block_size`` of block ``blocks[r // block_size]``, i.e.
 rows need: ``reserve`` takes more, ``commit`` and ``rollback`` give back the ones past the kept
 rows, ``free`` gives back all. The model never sees a cache: the runner turns caches into block
 tables and slots (runtime/model_runner.py), and attention writes and reads the pool directly.
+
+Prefix caching (the pool's ``prefix_caching``): a cache remembers the token ids of its committed
+rows (the ids ``reserve`` was given) and publishes each block once its rows are all committed;
+``attach`` starts an empty cache on the published blocks of the longest matching prefix. Shared
+blocks are full and below ``length``, and rows are written only from ``length`` on (the
+accepted-path compaction included), so a cache never writes into a block another one holds.
 """
 
 from __future__ import annotations
@@ -18,20 +24,53 @@ from typing import Sequence
 
 import torch
 
-from specinfer_dist.runtime.block_pool import BlockPool, index_tensor
+from specinfer_dist.runtime.block_pool import BlockPool, chain_digests, index_tensor
 
 
 class PagedKVCache:
-    def __init__(self, pool: BlockPool) -> None:
+    """``seed`` is what every row depends on besides the ids given to ``reserve`` (a feature
+    drafter's row t also depends on the request's token 0; see drafters/feature.py)."""
+
+    def __init__(self, pool: BlockPool, seed: bytes = b"") -> None:
         self.pool = pool
+        self.seed = seed
         self.length = 0  # committed rows
         self.pending = 0  # rows reserved since the last commit/rollback
         self.blocks: list[int] = []
+        self.tokens: list[int] = []  # ids of the committed rows (prefix caching only)
+        self._pending_tokens: list[int] = []
+        self._published: list[bytes] = []  # digests of blocks[:len(_published)]
 
-    def reserve(self, n: int) -> None:
-        """Make room for the next forward's ``n`` rows, written after the pending ones."""
-        self._hold(self.length + self.pending + n)
-        self.pending += n
+    def reserve(self, tokens: Sequence[int]) -> None:
+        """Make room for the next forward's rows (one per id in ``tokens``), written after the pending ones."""
+        self._hold(self.length + self.pending + len(tokens))
+        self.pending += len(tokens)
+        if self.pool.prefix_caching:
+            self._pending_tokens.extend(tokens)
+
+    def attach(self, tokens: Sequence[int]) -> int:
+        """Take the published blocks that continue this cache's rows along ``tokens`` (the ids of
+        all its rows, cached or not; pass only those the caller may skip, not the ones whose
+        logits it needs); returns the committed length after. Only a cache whose rows are all
+        in published blocks, with nothing pending, can take more."""
+        size = self.pool.block_size
+        done = len(self._published)
+        if self.pending or self.length != done * size or len(self.blocks) != done or len(tokens) < (done + 1) * size:
+            return self.length
+        parent = self._published[-1] if done else self.seed
+        digests = chain_digests(tokens[done * size :], size, parent)
+        blocks = self.pool.lookup(digests)
+        self.pool.hold(blocks)
+        self.blocks += blocks
+        self._published += digests[: len(blocks)]
+        self.length += len(blocks) * size
+        self.tokens += tokens[done * size : self.length]
+        return self.length
+
+    def reusable(self, tokens: Sequence[int]) -> tuple[int, int]:
+        """What ``attach(tokens)`` would take: (blocks, of which nobody holds now)."""
+        blocks = self.pool.lookup(chain_digests(tokens, self.pool.block_size, self.seed))
+        return len(blocks), self.pool.num_evictable(blocks)
 
     @torch.inference_mode()  # the pool may have been grown during a forward: an inference tensor
     def commit(self, keep: Sequence[int]) -> None:
@@ -40,16 +79,21 @@ class PagedKVCache:
         if keep != list(range(len(keep))):
             self._move([self.length + i for i in keep], self.length)
         self.length += len(keep)
+        if self.pool.prefix_caching:
+            self.tokens.extend(self._pending_tokens[i] for i in keep)
+            self._publish()
         self.rollback()
 
     def rollback(self) -> None:
         """Drop every pending row."""
         self.pending = 0
+        self._pending_tokens = []
         self._hold(self.length)
 
     def free(self) -> None:
         """Drop every row and give the blocks back."""
         self.length = 0
+        self.tokens, self._published = [], []
         self.rollback()
 
     def slots(self, rows: Sequence[int]) -> list[int]:
@@ -60,12 +104,22 @@ class PagedKVCache:
         """A copy of the committed K/V, [layers, 2, length, kv_heads, head_dim] (for tests and tools)."""
         return self.pool.kv[:, :, self.slots(range(self.length))]
 
+    def _publish(self) -> None:
+        size, done = self.pool.block_size, len(self._published)
+        full = self.length // size
+        if full > done:
+            parent = self._published[-1] if done else self.seed
+            new = chain_digests(self.tokens[done * size : full * size], size, parent)
+            for block, digest in zip(self.blocks[done:full], new):
+                self.pool.publish(block, digest)
+            self._published += new
+
     def _hold(self, rows: int) -> None:
         need = -(-rows // self.pool.block_size) - len(self.blocks)
         if need > 0:
             self.blocks += self.pool.allocate(need)
         elif need < 0:
-            self.pool.free(self.blocks[need:])
+            self.pool.free(self.blocks[:need-1:-1])  # last block first: leaves are evicted before parents
             del self.blocks[need:]
 
     def _move(self, src: list[int], dst: int) -> None:

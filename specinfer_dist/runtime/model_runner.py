@@ -33,11 +33,12 @@ class ModelRunner:
     ``kv_capacity`` None: the runner's pool grows on demand (drafters, tools); otherwise it is
     fixed and the caller admits requests by it. A fixed pool on CUDA also gets step graphs
     (runtime/step_graphs.py) unless ``enforce_eager``; ``static_steps`` runs the same bucketed
-    static-buffer path without capture on any device (how CPU tests check it)."""
+    static-buffer path without capture on any device (how CPU tests check it). With
+    ``prefix_caching`` its caches share published prefix blocks (runtime/block_pool.py)."""
 
     def __init__(
         self, model: Transformer | Eagle3Head, kv_capacity: KVCapacity | None = None, enforce_eager: bool = False,
-        static_steps: bool = False,
+        static_steps: bool = False, prefix_caching: bool = False,
     ) -> None:
         self.model = model.fuse_projections()  # one matmul for q/k/v and for gate/up (same parameters)
         param = next(model.parameters())
@@ -49,14 +50,14 @@ class ModelRunner:
             capacity = KVCapacity(capacity.num_blocks + 1, capacity.block_size)
         self.pool = BlockPool(
             capacity, model.num_layers, model.num_kv_heads, model.head_dim,
-            self.dtype, self.device, growable=kv_capacity is None,
+            self.dtype, self.device, growable=kv_capacity is None, prefix_caching=prefix_caching,
         )
         self.graphs = StepGraphs(model, self.pool, capture) if graphs else None
         self._host = torch.empty(0, dtype=torch.long)
         self._copied: torch.cuda.Event | None = None  # the last host->device copy of _host
 
-    def new_cache(self) -> PagedKVCache:
-        return PagedKVCache(self.pool)
+    def new_cache(self, seed: bytes = b"") -> PagedKVCache:
+        return PagedKVCache(self.pool, seed)
 
     def forward(self, items: list[RunItem]) -> list[torch.Tensor]:
         """Logits [len(item.logit_rows), vocab] for every item, fp32 on the host (drafters, tools)."""
@@ -68,7 +69,7 @@ class ModelRunner:
         ``aux_layers`` also every row's hidden states entering them, [sum of len(item.tokens), k * hidden]
         (a feature drafter's input: the same forward, no extra pass)."""
         for item in items:
-            item.cache.reserve(len(item.tokens))
+            item.cache.reserve(item.tokens)
         shape = self.graphs.bucket(items, tuple(aux_layers)) if self.graphs is not None else None
         if shape is not None:
             return self.graphs.run(items, shape, tuple(aux_layers), self._to_device)
@@ -79,7 +80,7 @@ class ModelRunner:
     def prepare(self, items: list[RunItem]) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], AttentionMetadata]:
         """Reserve the items' rows and build the step's inputs: (ids, positions, logit rows) and metadata."""
         for item in items:
-            item.cache.reserve(len(item.tokens))
+            item.cache.reserve(item.tokens)
         return self._prepare(items)
 
     def _prepare(self, items: list[RunItem]) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], AttentionMetadata]:

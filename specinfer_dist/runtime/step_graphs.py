@@ -87,7 +87,7 @@ class StepGraphs:
     def __init__(self, model: torch.nn.Module, pool: BlockPool, capture: bool,
                  max_tokens: int = DEFAULT_MAX_GRAPH_TOKENS) -> None:
         self.model, self.pool, self.capture, self.max_tokens = model, pool, capture, max_tokens
-        self.scratch_block = pool.allocate(1)[0]  # never handed to a request (the runner sized the pool for it)
+        self.scratch_block = pool.set_aside()  # never handed to a request (the runner sized the pool for it)
         self._graphs: dict[tuple, _Graph | None] = {}  # None: capture failed, run eagerly
         self._mempool = torch.cuda.graph_pool_handle() if capture else None
 
