@@ -60,3 +60,39 @@ def test_synthetic_gpu_bench_smoke_on_cpu(tmp_path):
         assert rows["incremental"]["tokens_per_step"] == 1.0
         # Higher acceptance, more tokens per step: the synthetic drafter does what it says.
         assert rows["sequence-alpha0.8"]["tokens_per_step"] > rows["sequence-alpha0.6"]["tokens_per_step"] > 1.0
+
+
+def test_prefix_cache_bench_smoke(tmp_path):
+    """The prefix-caching bench at a tiny scale: every scenario runs caching on and off, the
+    answers agree, and the counts it reports add up (speed is not checked)."""
+    from serve_helpers import make_chat_checkpoint
+
+    from specinfer_dist.bench import prefix_cache
+
+    llm = make_chat_checkpoint(tmp_path)
+    result = prefix_cache.run(str(llm), users=2, turns=2, max_tokens=4, system_tokens=120, batch=4, prefix_tokens=64,
+                              suffix_tokens=8, memory_users=2, memory_turns=2)
+    assert result["system_prompt_tokens"] >= 120 and result["targets"]["outputs_equal"]
+    chat = result["multi_turn"]
+    assert chat["outputs_equal"] and chat["requests_equal"] == "4/4"
+    for name in ("on", "off"):
+        s = chat[name]
+        assert len(s["requests"]) == 4 and s["prefix_cache_queries"] == s["prompt_tokens"]
+        assert s["ttft_turn1_p50_s"] > 0 and s["ttft_later_turns_p99_s"] > 0 and s["total_tokens_per_s"] > 0
+        assert s["pool_at_end"]["num_used"] == 0 and s["pool_at_end"]["caches_left"] == 0  # nothing leaked
+    assert chat["off"]["prefix_cache_hits"] == 0 and chat["off"]["pool_at_end"]["num_cached"] == 0
+    # The second user's first turn and every second turn find the system prompt (and more) cached.
+    assert chat["on"]["prefix_cache_hits"] >= 3 * 112 and chat["on"]["hit_rate"] > 0.5
+    batch = result["shared_prefix"]
+    assert batch["outputs_equal"] and batch["requests"] == 4
+    for name in ("on", "off"):  # forward rows counted in the LLM = what the outputs say was not cached
+        assert batch[name]["prompt_rows_computed"] == batch[name]["prompt_tokens_minus_cached"]
+    assert batch["off"]["prompt_rows_computed"] == 4 * 72
+    # At least the first request computes its whole prompt; the last ones take the 4 prefix blocks
+    # (how many take them depends on what ran in the same step).
+    assert 72 + 8 <= batch["on"]["prompt_rows_computed"] < batch["off"]["prompt_rows_computed"]
+    memory = result["memory"]
+    assert memory["outputs_equal"] and memory["pool_smaller_than_histories"]
+    assert memory["on"]["pool_at_end"]["kv_blocks"] == memory["kv_blocks"]
+    assert set(result["targets"]) >= {"ttft_later_turns_p50_ratio_le_0.25", "throughput_ratio_ge_1.5",
+                                      "prompt_rows_ratio_le_0.125"}

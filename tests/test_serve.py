@@ -28,7 +28,7 @@ from serve_helpers import BROKEN_CHAT_TEMPLATE, CHAT_TEMPLATE, free_port, make_c
 
 from specinfer_dist import LLMEngine, SamplingParams
 from specinfer_dist.cli import main as cli_main
-from specinfer_dist.config import ClusterConfig, EngineConfig, ServeConfig
+from specinfer_dist.config import DEFAULT_BLOCK_SIZE, ClusterConfig, EngineConfig, ServeConfig
 from specinfer_dist.engine.async_engine import EngineStepError
 from specinfer_dist.errors import InvalidRequestError
 from specinfer_dist.runtime.sampling_params import MAX_SEED
@@ -346,6 +346,10 @@ def test_api_key(server):
     )
     assert out.choices[0].text == server.greedy("hello world", 6).text
     assert requests.get(f"{server.http}/secured/health", timeout=10).status_code == 200  # probes need no key
+    reset = f"{server.http}/secured/reset_prefix_cache"
+    denied = requests.post(reset, timeout=10)
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert requests.post(reset, headers={"Authorization": f"Bearer {KEY}"}, timeout=60).json()["reset"] is True
 
 
 def test_requests_without_sampling_fields_get_the_models_defaults(server):
@@ -376,6 +380,50 @@ def test_metrics_move_after_a_request(server):
     assert positions[0].labels["position"] == "0" and positions[0].value > 0
     assert {"specinfer_num_requests_running", "specinfer_num_requests_waiting"} <= set(after)
     assert any(s.labels == {"protocol": "http", "status": "200"} for s in after["specinfer_api_requests"].samples)
+
+
+@pytest.mark.parametrize("prefix, grpc_app", [("", OPEN), ("/ray", DISTRIBUTED)])
+def test_prefix_cache_reports_cached_tokens_and_resets(server, prefix, grpc_app):
+    """A repeated prompt takes its full blocks from the prefix cache: usage (HTTP and gRPC) says
+    how many, /metrics counts them, and POST /reset_prefix_cache forgets them. Sequential
+    requests: only blocks an earlier step computed are found."""
+    client = server.client(prefix)
+    prompt = f"cache probe {prefix or 'local'}: " + "a shared system prompt. " * 3  # unique first block
+    prompt_tokens = len(server.reference.encode(prompt))
+    cacheable = (prompt_tokens - 1) // DEFAULT_BLOCK_SIZE * DEFAULT_BLOCK_SIZE  # full blocks before the last token
+
+    def complete():
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0, extra_body=IGNORE_EOS)
+
+    def value(families, name):
+        return sum(s.value for s in families[f"specinfer_{name}"].samples if s.name.endswith("_total"))
+
+    before = server.metrics(prefix)
+    first = complete()
+    assert (first.usage.prompt_tokens, first.usage.prompt_tokens_details.cached_tokens) == (prompt_tokens, 0)
+    assert cacheable >= 2 * DEFAULT_BLOCK_SIZE and complete().usage.prompt_tokens_details.cached_tokens == cacheable
+    after = server.metrics(prefix)
+    assert value(after, "prefix_cache_queries") - value(before, "prefix_cache_queries") == 2 * prompt_tokens
+    assert value(after, "prefix_cache_hits") - value(before, "prefix_cache_hits") == cacheable
+    request = pb.GenerateRequest(text=prompt, max_tokens=4, temperature=0, ignore_eos=True)
+    [response] = server.stub().Generate(request, metadata=grpc_app)
+    assert (response.usage.prompt_tokens, response.usage.cached_tokens) == (prompt_tokens, cacheable)
+
+    messages = [{"role": "user", "content": f"chat probe {prefix or 'local'}: " + "tell me more. " * 4}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0, extra_body=IGNORE_EOS)
+    assert chat.usage.prompt_tokens_details.cached_tokens == 0
+    *_, last = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0, stream=True,
+                                              stream_options={"include_usage": True}, extra_body=IGNORE_EOS)
+    streamed = last.usage.prompt_tokens_details.cached_tokens
+    assert last.choices == [] and 0 < streamed < last.usage.prompt_tokens and streamed % DEFAULT_BLOCK_SIZE == 0
+
+    answered = value(server.metrics(prefix), "api_requests")
+    reset = requests.post(f"{server.http}{prefix}/reset_prefix_cache", timeout=60)
+    assert reset.status_code == 200, reset.text
+    assert reset.json() == {"reset": True, "blocks": reset.json()["blocks"]}
+    assert reset.json()["blocks"] >= (cacheable + streamed) // DEFAULT_BLOCK_SIZE  # at least this test's two prompts
+    assert value(server.metrics(prefix), "api_requests") == answered  # not a generation request
+    assert complete().usage.prompt_tokens_details.cached_tokens == 0
 
 
 @pytest.mark.parametrize("prefix", ["", "/ray"])

@@ -146,6 +146,11 @@ class Coordinator:
     def kv_usage(self) -> float | None:
         return self.served.kv_usage()
 
+    async def reset_prefix_cache(self) -> int:
+        # Async: the wait for the engine's loop (a step may be running) leaves this actor's event
+        # loop free to stream deltas meanwhile. The shards replay it with their next forward.
+        return await self.served.reset_prefix_cache()
+
     def actors(self) -> dict[str, list[ray.actor.ActorHandle]]:
         """The current verifier shards (rank order) and draft workers (for operators and tests)."""
         return {"shards": list(self.verifier.shards), "draft_workers": list(self.workers)}
@@ -161,8 +166,9 @@ class Coordinator:
 
 class CoordinatorClient:
     """A Coordinator actor behind AsyncLLMEngine's surface (``generate``, ``counters``,
-    ``num_waiting``, ``num_running``, ``tokenizer``, ``max_model_len``, ``sampling_defaults``, ``shutdown``), so the serving layer can use
-    either. Errors arrive as the engine raised them (InvalidRequestError, EngineStepError)."""
+    ``num_waiting``, ``num_running``, ``tokenizer``, ``max_model_len``, ``sampling_defaults``,
+    ``reset_prefix_cache``, ``shutdown``), so the serving layer can use either. Errors arrive as
+    the engine raised them (InvalidRequestError, EngineStepError)."""
 
     def __init__(self, coordinator: ray.actor.ActorHandle) -> None:
         self.coordinator = coordinator
@@ -226,6 +232,13 @@ class CoordinatorClient:
     def kv_usage(self) -> float | None:
         """Fraction of the verifier's KV pool in use (None without a pool)."""
         return _call(self.coordinator.kv_usage)
+
+    async def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix, between two of the engine's steps; how many LLM blocks were published."""
+        try:
+            return await self.coordinator.reset_prefix_cache.remote()
+        except RayTaskError as err:
+            raise _cause(err) from None
 
     def info(self) -> dict[str, Any]:
         """The engine's mode, tree spec, sampled-request verifier, pipelining and co-location flags, and

@@ -12,6 +12,9 @@ Setup switch: ``switch`` hands the loop a new drafting setup (``tree: auto``'s r
 beside a serving engine, see ``from_config``); the loop applies it between steps, once every
 request fits the KV pool with the new tree's reservation. No request is dropped or changed.
 
+Prefix cache reset: ``reset_prefix_cache`` goes through the inbox too, so the loop forgets the
+cached prefixes between steps, never while a step holds them; running requests keep their blocks.
+
 Admission: ``generate`` refuses a sequence with ``EngineOverloadedError`` when
 ``max_queued_seqs`` are already waiting (counting those still in the inbox); ``check_capacity``
 lets the serving layer test a whole request (prompts x n) before starting any of it.
@@ -20,6 +23,7 @@ lets the serving layer test a whole request (prompts x n) before starting any of
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import dataclasses
 import logging
@@ -178,6 +182,16 @@ class AsyncLLMEngine:
             if not finished:  # the caller went away, or the request failed: free it
                 self._inbox.put(("abort", seq.request_id))
 
+    async def reset_prefix_cache(self) -> int:
+        """Forget every cached prefix (the LLM's and the drafters'), between two steps; returns how
+        many LLM blocks were published. Raises EngineStepError if the engine failed to."""
+        done: concurrent.futures.Future[int] = concurrent.futures.Future()
+        with self._adds_lock:  # as generate: nothing lands in the inbox after the final drain
+            if self._stopped.is_set():
+                raise EngineOverloadedError("the engine is shutting down")
+            self._inbox.put(("reset", done))
+        return await asyncio.wrap_future(done)
+
     @property
     def tokenizer(self) -> Any:
         """The LLM's tokenizer (the serving layer renders chat templates with it)."""
@@ -282,10 +296,23 @@ class AsyncLLMEngine:
         elif kind == "switch":
             self._switch = payload
             self._try_switch()
+        elif kind == "reset":
+            self._reset_prefix_cache(payload)
         elif kind == "abort" and payload in self._streams:
             del self._streams[payload]
             if self.engine.abort(payload):
                 self.counters.requests_aborted += 1
+
+    def _reset_prefix_cache(self, done: concurrent.futures.Future[int]) -> None:
+        if not done.set_running_or_notify_cancel():  # the caller gave up waiting (cancelled): no reset
+            return
+        try:
+            blocks = self.engine.reset_prefix_cache()
+        except Exception as err:  # noqa: BLE001 - the caller hears of it; serving goes on
+            logger.error("resetting the prefix cache failed", exc_info=err)
+            done.set_exception(EngineStepError(f"resetting the prefix cache failed: {type(err).__name__}: {err}"))
+            return
+        done.set_result(blocks)
 
     def _fail_running(self, err: Exception) -> None:
         running = self.engine.running()

@@ -131,6 +131,7 @@ class BlockPool:
         self._block_of: dict[bytes, int] = {}  # published digest -> block
         self._digest_of: dict[int, bytes] = {}
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self.evictions = 0  # cached blocks given to allocations since the start
         self._zero([0])
 
     @property
@@ -160,6 +161,7 @@ class BlockPool:
             self._grow(max(2 * self.capacity.num_blocks, self.num_used + n))
         while len(self._free) < n:
             self._evict(next(iter(self._evictable)))
+            self.evictions += 1
         blocks = [self._free.pop() for _ in range(n)]
         for block in blocks:
             self._refs[block] = 1

@@ -168,6 +168,10 @@ class LocalVerifier:
         logits, aux = self.runner.run(self.blocks.run_items(items), aux_layers)
         return logits, list(aux.split([len(item.tokens) for item in items]))
 
+    @property
+    def caches(self) -> dict[int, PagedKVCache]:
+        return self.blocks.caches
+
     def attach(self, request_id: int, tokens: list[int]) -> int:
         return self.blocks.attach(request_id, tokens)
 

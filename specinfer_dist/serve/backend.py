@@ -31,6 +31,8 @@ class ServingEngine(Protocol):
 
     def num_running(self) -> int: ...
 
+    async def reset_prefix_cache(self) -> int: ...  # between two steps; LLM blocks that were published
+
     def shutdown(self) -> None: ...
 
 

@@ -109,7 +109,7 @@ def _sampling_params(request: pb.GenerateRequest, logprobs: int | None) -> Sampl
 def _usage(last: RequestDelta) -> pb.Usage:
     stats = last.stats
     return pb.Usage(
-        prompt_tokens=last.prompt_tokens, completion_tokens=stats.generated_tokens,
+        prompt_tokens=last.prompt_tokens, cached_tokens=last.cached_tokens, completion_tokens=stats.generated_tokens,
         accepted_prediction_tokens=stats.accepted_tokens,
         rejected_prediction_tokens=stats.drafted_tokens - stats.accepted_tokens,
         verification_steps=stats.steps, accepted_at_depth=stats.accepted_at_depth,

@@ -1,10 +1,11 @@
 """OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions, /v1/chat/completions,
-plus /health and /metrics.
+plus /health, /metrics and POST /reset_prefix_cache (vLLM's path; behind the API key).
 
 Invariants: every error answer uses OpenAI's body {"error": {message, type, param, code}},
-whatever raised it (anything unexpected is a logged 500 "internal error: <type>"); every POST is
-counted by the status it got; no body over ``max_request_bytes`` reaches the handlers, with or
-without Content-Length; after a stream's 200, errors arrive in-band as an error event."""
+whatever raised it (anything unexpected is a logged 500 "internal error: <type>"); every
+generation POST is counted by the status it got; no body over ``max_request_bytes`` reaches the
+handlers, with or without Content-Length; after a stream's 200, errors arrive in-band as an
+error event."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from specinfer_dist.serve.openai_protocol import (
 from specinfer_dist.serve.service import Service, Usage
 
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's
+RESET_PREFIX_CACHE = "/reset_prefix_cache"
 logger = logging.getLogger(__name__)
 
 
@@ -124,7 +126,8 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         started = False
-        count = scope["method"] == "POST"
+        # An operator's reset is no generation request. endswith: behind Serve's route prefix.
+        count = scope["method"] == "POST" and not scope["path"].endswith(RESET_PREFIX_CACHE)
 
         async def counting_send(message: Message) -> None:
             nonlocal started
@@ -197,6 +200,14 @@ def build_http_app(service: Service) -> FastAPI:
         return await _answer(service, CHAT, body, [prompt], max_tokens)
 
     app.include_router(v1)
+
+    @app.post(RESET_PREFIX_CACHE, dependencies=[Depends(authorized)])
+    async def reset_prefix_cache() -> dict[str, Any]:
+        """Forget every cached prompt prefix of the replica Serve routes this to (e.g. to measure
+        cold prefills); running requests keep their blocks. ``blocks``: LLM blocks that were published."""
+        blocks = await service.engine.reset_prefix_cache()
+        logger.info("prefix cache reset: %d published blocks forgotten", blocks)
+        return {"reset": True, "blocks": blocks}
 
     # Plain functions: FastAPI runs them in a thread, as the Ray runtime's engine answers by blocking calls.
     @app.get("/health")

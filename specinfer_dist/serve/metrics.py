@@ -22,6 +22,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _COUNTERS = (  # (name, Counters field, help)
     ("prompt_tokens", "prompt_tokens", "Prompt tokens admitted."),
+    # Hit rate = hits / queries (vLLM's vllm:prefix_cache_queries/hits): a preempted request's return is not a query.
+    ("prefix_cache_queries", "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."),
+    ("prefix_cache_hits", "prefix_cache_hits", "Prompt tokens found in the prefix cache (not computed)."),
     ("generation_tokens", "generation_tokens", "Tokens generated."),
     ("request_success", "requests_finished", "Requests that finished (EOS, stop string or max_tokens)."),
     ("request_aborted", "requests_aborted", "Requests dropped unfinished (client went away, step failed)."),

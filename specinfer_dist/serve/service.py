@@ -146,29 +146,38 @@ class Service:
 
 @dataclass
 class Usage:
-    """Token counts over a request's choices, with OpenAI's prediction-token details."""
+    """Token counts over a request's choices, with OpenAI's prompt (cached) and prediction-token details."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     accepted_prediction_tokens: int = 0
     rejected_prediction_tokens: int = 0
-    _prompted: set[int] = field(default_factory=set, repr=False)  # requests whose prompt is counted
+    _cached: dict[int, int] = field(default_factory=dict, repr=False)  # per counted request: its cached tokens
 
     def add(self, delta: RequestDelta, count_prompt: bool = True) -> None:
-        # The prompt counts from a request's first delta, so streamed usage has it from the start.
-        if count_prompt and delta.request_id not in self._prompted:
-            self._prompted.add(delta.request_id)
-            self.prompt_tokens += delta.prompt_tokens
+        if count_prompt:
+            # The prompt counts from a request's first delta, so streamed usage has it from the start.
+            if delta.request_id not in self._cached:
+                self.prompt_tokens += delta.prompt_tokens
+            # Cached tokens: the latest delta's, as a prompt prefilled over several steps (chunked
+            # prefill) may find more of itself cached later, published by a request beside it.
+            self._cached[delta.request_id] = delta.cached_tokens
         self.completion_tokens += len(delta.token_ids)
         if delta.finished:
             self.accepted_prediction_tokens += delta.stats.accepted_tokens
             self.rejected_prediction_tokens += delta.stats.drafted_tokens - delta.stats.accepted_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Of ``prompt_tokens``, those taken from the prefix cache (counted over the same requests)."""
+        return sum(self._cached.values())
 
     def to_openai(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
             "completion_tokens_details": {
                 "accepted_prediction_tokens": self.accepted_prediction_tokens,
                 "rejected_prediction_tokens": self.rejected_prediction_tokens,
