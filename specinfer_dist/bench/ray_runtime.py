@@ -50,6 +50,7 @@ async def _throughput(engine: Any, prompts: list[dict[str, Any]], concurrency: i
 
 def run(config: EngineConfig, tps: list[int], concurrency: list[int], max_tokens: int, repeats: int) -> list[dict[str, Any]]:
     prompts = load_prompts(BENCH_PROMPTS)
+    config = config.replace(enable_prefix_caching=False)  # repeated prompts: decoding speed is measured
     torch.set_num_threads(1)  # the local engine gets what one shard gets (cpus_per_shard: 1)
     engines: dict[str, Any] = {"local": AsyncLLMEngine(LLMEngine.from_config(config))}
     # Logical CPUs: every setup's actors stay placed at once.

@@ -169,7 +169,9 @@ def run_bench(config: BenchConfig, progress: bool = True) -> dict[str, Any]:
     if config.batch > 1 and "hf-assisted" in config.modes:
         raise InvalidConfigError("Hugging Face assisted generation runs one prompt at a time: drop hf-assisted or --batch")
     rows = load_prompts(config.prompts or BENCH_PROMPTS)
-    engine_config = config.engine.replace(max_num_seqs=max(config.engine.max_num_seqs, config.batch))
+    # Decoding speed, not prefix reuse: the warm-up and every mode send the same prompts.
+    engine_config = config.engine.replace(max_num_seqs=max(config.engine.max_num_seqs, config.batch),
+                                          enable_prefix_caching=False)
     target = load_target(engine_config, progress)  # every engine mode shares these weights
     dtype = target.model.model.norm.weight.dtype  # the configured dtype, or the device's default
     base = LLMEngine.from_config(engine_config.replace(mode="incremental"), target=target)

@@ -253,8 +253,12 @@ class ShardGroupVerifier:
             raise ShardGroupError(f"verifier shard group failed ({type(err).__name__}: {reason}); rebuilding it") from err
 
     def attach(self, request_id: int, tokens: list[int]) -> int:
-        self._ops.append(("attach", request_id, tokens))
-        return self.blocks.attach(request_id, tokens)
+        cache = self.blocks.caches.get(request_id)
+        before = cache.length if cache is not None else 0
+        length = self.blocks.attach(request_id, tokens)
+        if length != before:  # else a no-op the shards need not replay (a cache appears at its first forward)
+            self._ops.append(("attach", request_id, tokens[:length]))
+        return length
 
     def commit(self, request_id: int, keep: list[int]) -> None:
         self._ops.append(("commit", request_id, keep))

@@ -148,7 +148,7 @@ class LocalVerifier:
         gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
         enforce_eager: bool = False,
         static_steps: bool = False,
-        prefix_caching: bool = True,
+        prefix_caching: bool = False,
     ) -> None:
         capacity = pool_capacity(model, kv_blocks, kv_block_size, max_num_seqs, gpu_memory_utilization, enforce_eager)
         self.runner = ModelRunner(model, capacity, enforce_eager=enforce_eager, static_steps=static_steps,

@@ -175,7 +175,8 @@ def _resolve(candidates: dict[str, EngineConfig], make_engine: Callable[[EngineC
     same: dict[str, Any] = {}
     seen: dict[tuple[Any, ...], str] = {}
     for name in [reference, *(n for n in candidates if n != reference)]:
-        engine = make_engine(candidates[name])
+        # Prompts repeat across turns: a cached prefix would make the candidate run later faster.
+        engine = make_engine(candidates[name].replace(enable_prefix_caching=False))
         setup = effective_setup(engine)
         if setup in seen:  # e.g. the cost model's tree is empty: "tuned" is incremental decoding
             same[name] = seen[setup]
