@@ -669,7 +669,7 @@ def test_ray_runtime_serves_the_engine_output(server):
 LEVEL_FIELDS = {
     "concurrency", "requests", "errors", "output_tokens", "ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99",
     "tpot_ms_mean", "latency_ms_p50", "latency_ms_p99", "tokens_per_chunk_mean", "output_tokens_per_s",
-    "requests_per_s", "wall_s", "per_chunk_counts", "error_samples",
+    "requests_per_s", "wall_s", "prefix_cache_hit_rate", "per_chunk_counts", "error_samples",
     "long_requests", "ttft_short_ms_p50", "ttft_short_ms_p99", "ttft_long_ms_p50", "ttft_long_ms_p99", "prompt_tokens_long_mean",
 }
 LONG_FIELDS = {"ttft_long_ms_p50", "ttft_long_ms_p99", "prompt_tokens_long_mean"}  # None without long prompts
@@ -695,6 +695,7 @@ def test_bench_serve_measures_levels_and_compares_setups(server, tmp_path, capsy
             if label == "open":  # 1200 byte-level tokens (+ BOS) in the long prompts
                 assert lvl["long_requests"] == 3 and lvl["prompt_tokens_long_mean"] >= 1200
                 assert lvl["ttft_short_ms_p50"] <= lvl["ttft_short_ms_p99"] and lvl["ttft_long_ms_p50"] > 0
+                assert 0 < lvl["prefix_cache_hit_rate"] < 1  # the long prompt repeats: found cached after the first
             else:
                 assert lvl["long_requests"] == 0 and lvl["ttft_short_ms_p50"] == lvl["ttft_ms_p50"]
             assert (lvl["requests"], lvl["errors"], lvl["output_tokens"]) == (6, 0, 6 * 5) and lvl["per_chunk_counts"]
@@ -716,7 +717,7 @@ def test_bench_serve_measures_levels_and_compares_setups(server, tmp_path, capsy
     assert cli_main(["bench-serve", "--compare", str(out), "--baseline", "open"]) == 0
     table = capsys.readouterr().out
     assert "| open | 4 |" in table and "| secured | 1 |" in table and table.count(" 1.00x |") >= 2
-    assert "short TTFT p50 / p99 (ms)" in table
+    assert "short TTFT p50 / p99 (ms)" in table and "prefix cache hits" in table
     for png in ("speedup_by_concurrency.png", "latency_by_concurrency.png"):
         assert (out / png).read_bytes().startswith(b"\x89PNG"), png
     assert cli_main(["bench-serve", "--compare", str(out), "--baseline", "missing"]) == 2

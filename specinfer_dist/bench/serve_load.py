@@ -22,6 +22,8 @@ How tokens and latencies are counted:
   per token once streaming", whether tokens arrive one by one or in bursts.
 - TPOT: per request (latency - TTFT) / (tokens - 1), averaged over requests.
 - Throughput: output tokens (and requests) of successful requests over the level's wall time.
+- Prefix cache hit rate: prompt tokens the server reports as cached (``usage.prompt_tokens_details
+  .cached_tokens``, as OpenAI and vLLM report them) over prompt tokens, where it reports them.
 
 Mixed lengths (``--long-fraction F --long-prompt-tokens N``): a fraction F of each level's
 requests, spread evenly, are completions whose prompt is " the" repeated N times (one token
@@ -98,6 +100,7 @@ class _Record:
     error: str | None = None
     long: bool = False  # a long prompt (mixed-length mode)
     prompt_tokens: int | None = None  # as the server's usage counted them
+    cached_tokens: int | None = None  # of them, found in the server's prefix cache (None: not reported)
 
 
 def run_load(config: LoadConfig, progress: bool = False) -> dict[str, Any]:
@@ -231,6 +234,7 @@ async def _request(session: aiohttp.ClientSession, base: str, body: dict[str, An
                     continue
                 if usage:
                     record.prompt_tokens = usage.get("prompt_tokens")
+                    record.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
                     tokens = usage["completion_tokens"] - usage_so_far
                     usage_so_far = usage["completion_tokens"]
                 else:
@@ -279,6 +283,7 @@ def _summarize(records: list[_Record], concurrency: int, wall: float) -> dict[st
     short_ttft = _percentiles([r.ttft for r in ok if not r.long])
     long_ttft = _percentiles([r.ttft for r in ok if r.long])
     long_prompts = [r.prompt_tokens for r in ok if r.long and r.prompt_tokens]
+    reported = [r for r in ok if r.cached_tokens is not None and r.prompt_tokens]
     return {
         "concurrency": concurrency, "requests": len(records), "errors": len(failed), "output_tokens": round(sum(tokens)),
         "ttft_ms_p50": ttft[0], "ttft_ms_p99": ttft[1], "itl_ms_p50": itl_p[0], "itl_ms_p99": itl_p[1],
@@ -287,6 +292,9 @@ def _summarize(records: list[_Record], concurrency: int, wall: float) -> dict[st
         "tokens_per_chunk_mean": round(sum(tokens) / chunks, 3) if chunks else None,
         "output_tokens_per_s": round(sum(tokens) / wall, 3), "requests_per_s": round(len(ok) / wall, 3),
         "wall_s": round(wall, 3),
+        # Prompt tokens the server found cached over those it counted (OpenAI usage cached_tokens).
+        "prefix_cache_hit_rate": round(sum(r.cached_tokens for r in reported) / sum(r.prompt_tokens for r in reported), 4)
+        if reported else None,
         "per_chunk_counts": bool(ok) and all(r.per_chunk_counts for r in ok),
         "error_samples": [r.error for r in failed[:MAX_ERROR_SAMPLES]],
         # Mixed-length mode (all requests are short without it):
@@ -316,9 +324,9 @@ def format_table(results: list[dict[str, Any]], baseline: str | None = None) -> 
     mixed = any(lvl.get("long_requests") for r in results for lvl in r["levels"])
     rows = [
         "| setup | concurrency | requests | errors | TTFT p50 / p99 (ms) | ITL p50 / p99 (ms) | TPOT (ms) "
-        "| tokens/chunk | output tokens/s | requests/s |" + (" long | short TTFT p50 / p99 (ms) |" if mixed else "")
+        "| tokens/chunk | output tokens/s | requests/s | prefix cache hits |" + (" long | short TTFT p50 / p99 (ms) |" if mixed else "")
         + (f" speedup vs {baseline} |" if baseline else ""),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mixed else "") + ("---:|" if baseline else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if mixed else "") + ("---:|" if baseline else ""),
     ]
     for result in results:
         for lvl in result["levels"]:
@@ -326,7 +334,7 @@ def format_table(results: list[dict[str, Any]], baseline: str | None = None) -> 
                 f"| {result['label']} | {lvl['concurrency']} | {lvl['requests']} | {lvl['errors']} "
                 f"| {_ms(lvl['ttft_ms_p50'])} / {_ms(lvl['ttft_ms_p99'])} | {_ms(lvl['itl_ms_p50'])} / {_ms(lvl['itl_ms_p99'])} "
                 f"| {_ms(lvl['tpot_ms_mean'])} | {lvl['tokens_per_chunk_mean'] or '-'} | {lvl['output_tokens_per_s']:.1f} "
-                f"| {lvl['requests_per_s']:.2f} |"
+                f"| {lvl['requests_per_s']:.2f} | {_percent(lvl.get('prefix_cache_hit_rate'))} |"
             )
             if mixed:
                 row += (f" {lvl.get('long_requests', 0)} | {_ms(lvl.get('ttft_short_ms_p50'))} / "
@@ -336,6 +344,10 @@ def format_table(results: list[dict[str, Any]], baseline: str | None = None) -> 
                 row += f" {'-' if ratio is None else f'{ratio:.2f}x'} |"
             rows.append(row)
     return "\n".join(rows)
+
+
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{100 * share:.1f}%"
 
 
 def _speedup(level: dict[str, Any], base: dict[int, float]) -> float | None:
