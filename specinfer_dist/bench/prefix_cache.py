@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -121,8 +122,29 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(float(np.percentile(values, q)), 3) if values else None
 
 
-def load_avg() -> float:
-    return round(os.getloadavg()[0], 2)
+class Busy:
+    """How busy the machine was while the block ran: the 1-minute load average (sampled every
+    2 s: its peak) and the CPU seconds this process got (threads together) per wall second."""
+
+    def __enter__(self) -> "Busy":
+        self.peak_load = os.getloadavg()[0]
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._done.wait(2.0):
+            self.peak_load = max(self.peak_load, os.getloadavg()[0])
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+        self.cpu_per_wall = (time.process_time() - self._cpu) / max(time.perf_counter() - self._wall, 1e-9)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"load_avg_1min_peak": round(self.peak_load, 2), "cpu_s_per_wall_s": round(self.cpu_per_wall, 2)}
 
 
 # ---- engines ------------------------------------------------------------------------------
@@ -185,10 +207,10 @@ def multi_turn(engine: LLMEngine, system: str, users: int, turns: int, max_token
     async def main() -> None:
         await asyncio.gather(*(user(u) for u in range(users)))
 
-    load_before = load_avg()
     start = time.perf_counter()
     try:
-        asyncio.run(main())
+        with Busy() as busy:
+            asyncio.run(main())
     finally:
         served.shutdown()
     wall = time.perf_counter() - start
@@ -208,7 +230,7 @@ def multi_turn(engine: LLMEngine, system: str, users: int, turns: int, max_token
         **cache_counters(engine),
         "num_preemptions": engine.scheduler.num_preemptions,
         "pool_at_end": pool_state(engine),
-        "load_avg_1min": [load_before, load_avg()],
+        **busy.as_dict(),
         "requests": records,
     }
 
@@ -293,7 +315,8 @@ def shared_prefix(config: EngineConfig, target: Target, prefix: list[int], suffi
     for name, engine in engine_pair(config, target).items():
         log = PromptRows(engine)
         start = time.perf_counter()
-        done = engine.generate(prompts, params)
+        with Busy() as busy:
+            done = engine.generate(prompts, params)
         wall = time.perf_counter() - start
         log.remove()
         outputs[name] = [o.token_ids for o in done]
@@ -304,7 +327,7 @@ def shared_prefix(config: EngineConfig, target: Target, prefix: list[int], suffi
             "prompt_rows_computed": log.prompt_rows, "prompt_tokens_minus_cached": prompt - cached,
             "llm_rows_computed": log.rows, "generated_tokens": sum(len(o) for o in outputs[name]),
             **cache_counters(engine), "num_preemptions": engine.scheduler.num_preemptions,
-            "pool_at_end": pool_state(engine), "outputs": outputs[name],
+            "pool_at_end": pool_state(engine), **busy.as_dict(), "outputs": outputs[name],
         }
     on, off = results["on"], results["off"]
     return {
@@ -344,7 +367,7 @@ def memory_kv_blocks(tokenizer: Any, system_tokens: int, turns: int, max_tokens:
 
 def run(llm: str = "default", users: int = 8, turns: int = 6, max_tokens: int = 16, system_tokens: int = 1500,
         batch: int = 16, prefix_tokens: int = 1000, suffix_tokens: int = 20, memory_users: int = 4,
-        memory_turns: int = 3, memory_kv_blocks_: int | None = None, scenarios: str = "chat,prefix,memory",
+        memory_turns: int = 3, memory_blocks: int | None = None, scenarios: str = "chat,prefix,memory",
         **options: Any) -> dict[str, Any]:
     config = EngineConfig(llm=llm, ssms=["none"], mode="incremental", **options)
     target = load_target(config)
@@ -368,8 +391,8 @@ def run(llm: str = "default", users: int = 8, turns: int = 6, max_tokens: int = 
                                                 make_suffixes(tokenizer, batch, suffix_tokens), max_tokens)
         print(table(result, "shared_prefix"), flush=True)
     if "memory" in todo:
-        blocks = memory_kv_blocks_ or memory_kv_blocks(tokenizer, system_count, memory_turns, max_tokens,
-                                                       config.kv_block_size)
+        blocks = memory_blocks or memory_kv_blocks(tokenizer, system_count, memory_turns, max_tokens,
+                                               config.kv_block_size)
         result["memory"] = chat_scenario(config, target, system, memory_users, memory_turns, max_tokens,
                                          kv_blocks=blocks)
         result["memory"]["kv_blocks"] = blocks
@@ -413,10 +436,13 @@ def table(result: dict[str, Any], name: str) -> str:
         head = (f"\n{name}: {r['users']} users x {r['turns']} turns, max_tokens {r['max_tokens']}; TTFT turns 2+ p50 "
                 f"on/off {r['ttft_later_turns_p50_on_over_off']}, tokens/s on/off {r['total_tokens_per_s_on_over_off']}"
                 f"; outputs equal {r['outputs_equal']}")
+    if "kv_blocks" in r:
+        head += (f"; pool {r['kv_blocks']} blocks, every history needs {r['blocks_to_cache_every_history']}, "
+                 f"evicted at least {r['evicted_blocks_at_least']}")
     lines = [head, "| | caching off | caching on |", "|---|---|---|"]
     for label, key in rows:
-        cell = lambda s: " / ".join(str(r[s][k]) for k in key) if isinstance(key, tuple) else str(r[s][key])  # noqa: E731
-        lines.append(f"| {label} | {cell('off')} | {cell('on')} |")
+        keys = key if isinstance(key, tuple) else (key,)
+        lines.append(f"| {label} | " + " | ".join(" / ".join(str(r[s][k]) for k in keys) for s in ("off", "on")) + " |")
     return "\n".join(lines)
 
 
