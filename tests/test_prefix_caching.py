@@ -242,3 +242,28 @@ def test_mss_keeps_the_llm_distribution_on_cached_prefixes(ckpts):  # noqa: F811
     p_value = g_test(counts, exact_distribution(ckpts["hf"], prompt, NEW_TOKENS, 1.0))
     print(f"G-test p={p_value:.3g}")
     assert p_value > 1e-3
+
+
+def test_requests_admitted_together_share_a_prefix_prefilled_in_chunks(models):
+    """Three prompts with one 30-token stem, sent at once under a 10-row step budget: the first
+    computes the stem in chunks; the others, waiting for their chunks (which end on block
+    boundaries), take its blocks as they are published and compute little more than their own tails."""
+    stem = list(range(10, 40))
+    prompts = [stem + [50, 51, 52], stem + [60, 61, 62], stem + [70, 71]]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    options = dict(mode="incremental", kv_block_size=BLOCK, max_num_batched_tokens=10)
+    want = [o.token_ids for o in LLMEngine.load(models["llm"], **options, enable_prefix_caching=False).generate(prompts, params)]
+    engine = LLMEngine.load(models["llm"], **options)
+    rows: Counter = Counter()
+    real = engine.verifier.logits
+
+    def logits(items):
+        for item in items:
+            rows[item.request_id] += len(item.tokens) - len(item.logit_rows)  # prompt rows, not roots
+        return real(items)
+
+    engine.verifier.logits = logits
+    outs = engine.generate(prompts, params)
+    assert [o.token_ids for o in outs] == want
+    assert rows[outs[0].request_id] == 32 and all(rows[o.request_id] <= BLOCK for o in outs[1:])
+    assert [o.cached_tokens for o in outs][1:] == [len(p) - 1 - rows[o.request_id] for p, o in zip(prompts[1:], outs[1:])]

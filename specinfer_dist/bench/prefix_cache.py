@@ -10,6 +10,10 @@
 
     python -m specinfer_dist.bench.prefix_cache --out docs/bench/cpu/prefix-cache
 
+``--drafting feature`` runs the chat with the shipped EAGLE-3 head drafting dynamic trees: its
+own KV cache reuses prefixes too, and the LLM reuses no more of a prompt than the head holds
+(it needs the LLM's hidden states for every row after that), which is what that run measures.
+
 The default LLM, incremental decoding (drafting is not what is measured), greedy, the engine's
 defaults otherwise (on a CPU: chunked prefill, 128 rows per step). Every scenario gets two fresh
 engines built on the same loaded weights: ``enable_prefix_caching`` on and off; outputs must be
@@ -368,15 +372,17 @@ def memory_kv_blocks(tokenizer: Any, system_tokens: int, turns: int, max_tokens:
 def run(llm: str = "default", users: int = 8, turns: int = 6, max_tokens: int = 16, system_tokens: int = 1500,
         batch: int = 16, prefix_tokens: int = 1000, suffix_tokens: int = 20, memory_users: int = 4,
         memory_turns: int = 3, memory_blocks: int | None = None, scenarios: str = "chat,prefix,memory",
-        **options: Any) -> dict[str, Any]:
-    config = EngineConfig(llm=llm, ssms=["none"], mode="incremental", **options)
+        drafting: str = "incremental", **options: Any) -> dict[str, Any]:
+    if drafting == "feature":
+        options = {"mode": "tree", "tree": "dynamic", "feature_drafter": "default", **options}
+    config = EngineConfig(llm=llm, ssms=["none"], **{"mode": "incremental", **options})
     target = load_target(config)
     tokenizer = target.tokenizer
     system, system_count = system_prompt(tokenizer, system_tokens)
     budget = scheduling_options(config)["max_num_batched_tokens"]
     result: dict[str, Any] = {
         "machine": machine(), "llm": llm, "dtype": str(target.model.model.norm.weight.dtype).removeprefix("torch."),
-        "mode": "incremental", "greedy": True, "max_num_batched_tokens": budget,
+        "mode": config.mode, "drafting": drafting, "greedy": True, "max_num_batched_tokens": budget,
         "kv_block_size": config.kv_block_size, "system_prompt_tokens": system_count,
     }
     todo = scenarios.split(",")
@@ -468,10 +474,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-turns", type=int, default=3)
     parser.add_argument("--memory-kv-blocks", type=int, help="default: the longest conversation's last turn + 4")
     parser.add_argument("--scenarios", default="chat,prefix,memory")
+    parser.add_argument("--drafting", choices=("incremental", "feature"), default="incremental",
+                        help="feature: the shipped EAGLE-3 head drafts dynamic trees (see the module docstring)")
     parser.add_argument("--out", help="directory for results.json")
     args = parser.parse_args(argv)
     result = run(args.llm, args.users, args.turns, args.max_tokens, args.system_tokens, args.batch, args.prefix_tokens,
-                 args.suffix_tokens, args.memory_users, args.memory_turns, args.memory_kv_blocks, args.scenarios)
+                 args.suffix_tokens, args.memory_users, args.memory_turns, args.memory_kv_blocks, args.scenarios,
+                 args.drafting)
     if args.out:
         write(result, Path(args.out) / "results.json")
     for name in ("multi_turn", "shared_prefix", "memory"):

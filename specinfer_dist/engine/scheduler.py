@@ -97,7 +97,7 @@ class Scheduler:
         prompts whose rest fits run whole (in admission order: a short prompt is not held up by
         a long one), and the oldest prompt that does not fit gets a chunk of what is left. Prompts
         get at least half the budget however many requests decode, so a long one keeps advancing.
-        Prompts that get nothing wait for the next step.
+        Prompts that get nothing wait for the next step. A chunk ends on a block boundary where it can.
         """
         if budget is None:
             return list(seqs), []
@@ -111,8 +111,19 @@ class Scheduler:
                 left -= chain + step_rows
             else:
                 waiting.add(seq.request_id)
-        chunks = [(s, left) for s in prefilling if s.request_id in waiting][:1] if left > 0 else []
-        return [s for s in seqs if s.request_id not in waiting], chunks
+        oldest = next((s for s in prefilling if s.request_id in waiting), None)
+        rows = self._block_end(oldest, left, budget) if oldest is not None and left > 0 else 0
+        return [s for s in seqs if s.request_id not in waiting], [(oldest, rows)] if rows else []
+
+    def _block_end(self, seq: Sequence, rows: int, budget: int) -> int:
+        """A chunk of at most ``rows`` ending on a block boundary, so the request can still take
+        blocks another request publishes meanwhile (engine: prefix caching); none this step if
+        that leaves nothing and a later step surely has a block's worth (prompts get at least
+        half the budget)."""
+        aligned = (seq.num_cached + rows) // self.block_size * self.block_size - seq.num_cached
+        if aligned > 0:
+            return aligned
+        return 0 if budget // 2 >= self.block_size else rows
 
     def _fits(self, running: list[Sequence], newcomer: Sequence | None = None) -> bool:
         """Whether a step of ``running`` (and ``newcomer``) fits the KV pool even if each gets a
