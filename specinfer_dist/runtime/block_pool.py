@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,15 +199,16 @@ class BlockPool:
             self._block_of[digest] = block
             self._digest_of[block] = digest
 
-    def lookup(self, digests: Sequence[bytes]) -> list[int]:
-        """The blocks of the longest published prefix of ``digests`` (nothing is taken)."""
-        blocks = []
+    def lookup(self, digests: Iterable[bytes]) -> list[tuple[int, bytes]]:
+        """(block, digest) of the longest published prefix of ``digests`` (nothing is taken). It
+        stops at the first miss: pass ``iter_digests`` and nothing past it is hashed."""
+        hits = []
         for digest in digests:
             block = self._block_of.get(digest)
             if block is None:
                 break
-            blocks.append(block)
-        return blocks
+            hits.append((block, digest))
+        return hits
 
     def num_evictable(self, blocks: Sequence[int]) -> int:
         """How many of ``blocks`` nobody holds (taking them leaves fewer for allocations)."""
@@ -248,15 +249,18 @@ class BlockPool:
         self._free[:0] = range(num_blocks - 1, old - 1, -1)  # new blocks handed out after the old free ones
 
 
-def chain_digests(tokens: Sequence[int], block_size: int, seed: bytes = b"") -> list[bytes]:
+def iter_digests(tokens: Sequence[int], block_size: int, seed: bytes = b"") -> Iterator[bytes]:
     """One digest per full block of ``tokens``, each covering the block and everything before it
-    (``seed`` stands for what comes before the first block)."""
-    digests, parent = [], seed
+    (``seed`` stands for what comes before the first block), computed as they are asked for."""
+    parent = seed
     ids = np.asarray(tokens[: len(tokens) // block_size * block_size], dtype=np.int64)
     for start in range(0, len(ids), block_size):
         parent = hashlib.blake2b(parent + ids[start : start + block_size].tobytes(), digest_size=16).digest()
-        digests.append(parent)
-    return digests
+        yield parent
+
+
+def chain_digests(tokens: Sequence[int], block_size: int, seed: bytes = b"") -> list[bytes]:
+    return list(iter_digests(tokens, block_size, seed))
 
 
 def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from specinfer_dist.runtime.block_pool import BlockPool, chain_digests, index_tensor
+from specinfer_dist.runtime.block_pool import BlockPool, chain_digests, index_tensor, iter_digests
 
 
 class PagedKVCache:
@@ -57,20 +57,19 @@ class PagedKVCache:
         done = len(self._published)
         if self.pending or self.length != done * size or len(self.blocks) != done or len(tokens) < (done + 1) * size:
             return self.length
-        parent = self._published[-1] if done else self.seed
-        digests = chain_digests(tokens[done * size :], size, parent)
-        blocks = self.pool.lookup(digests)
+        hits = self.pool.lookup(iter_digests(tokens[done * size :], size, self._parent()))
+        blocks = [block for block, _ in hits]
         self.pool.hold(blocks)
         self.blocks += blocks
-        self._published += digests[: len(blocks)]
+        self._published += [digest for _, digest in hits]
         self.length += len(blocks) * size
         self.tokens += tokens[done * size : self.length]
         return self.length
 
     def reusable(self, tokens: Sequence[int]) -> tuple[int, int]:
         """What ``attach(tokens)`` would take: (blocks, of which nobody holds now)."""
-        blocks = self.pool.lookup(chain_digests(tokens, self.pool.block_size, self.seed))
-        return len(blocks), self.pool.num_evictable(blocks)
+        hits = self.pool.lookup(iter_digests(tokens, self.pool.block_size, self.seed))
+        return len(hits), self.pool.num_evictable([block for block, _ in hits])
 
     @torch.inference_mode()  # the pool may have been grown during a forward: an inference tensor
     def commit(self, keep: Sequence[int]) -> None:
@@ -108,11 +107,14 @@ class PagedKVCache:
         size, done = self.pool.block_size, len(self._published)
         full = self.length // size
         if full > done:
-            parent = self._published[-1] if done else self.seed
-            new = chain_digests(self.tokens[done * size : full * size], size, parent)
+            new = chain_digests(self.tokens[done * size : full * size], size, self._parent())
             for block, digest in zip(self.blocks[done:full], new):
                 self.pool.publish(block, digest)
             self._published += new
+
+    def _parent(self) -> bytes:
+        """What the next block's digest chains from."""
+        return self._published[-1] if self._published else self.seed
 
     def _hold(self, rows: int) -> None:
         need = -(-rows // self.pool.block_size) - len(self.blocks)
