@@ -109,6 +109,9 @@ class EngineConfig(_Section):
     enable_prefix_caching: bool = option(
         True, "reuse the KV of prompt prefixes computed before (full blocks, shared by reference, least recently "
         "used evicted first), in the LLM and the drafters; outputs are the same either way")
+    grammar_draft_tokens: int = option(
+        16, "structured outputs: most tokens a request's grammar forces that are drafted per step below its "
+        "tree's leaves (verified like any draft; 0: off; incremental decoding drafts none)")
     gpu_memory_utilization: float = option(
         DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA: fraction of device memory for weights + KV pool (sizes the pool)")
     enforce_eager: bool = option(
@@ -143,6 +146,8 @@ class EngineConfig(_Section):
         budget = self.max_num_batched_tokens
         _check(budget in (None, "auto") or _positive_int(budget),
                f"max_num_batched_tokens must be a positive integer, 'auto' or null, got {budget!r}")
+        _check(_positive_int(self.grammar_draft_tokens) or self.grammar_draft_tokens in (0,) and type(self.grammar_draft_tokens) is int,
+               f"grammar_draft_tokens must be an integer >= 0, got {self.grammar_draft_tokens!r}")
         for name in ("speculation_max_batch", "kv_blocks", "max_queued_seqs"):
             value = getattr(self, name)
             _check(value is None or _positive_int(value), f"{name} must be a positive integer, got {value!r}")

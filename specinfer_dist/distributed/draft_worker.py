@@ -143,8 +143,8 @@ class DraftPool:
         calls = {}
         for worker, rows in batches.items():
             released, self.released[worker] = self.released[worker], []
-            calls[worker] = self.workers[worker].propose.remote(
-                [requests[i] for i in rows], [max_depths[i] for i in rows], released
+            calls[worker] = self.workers[worker].propose.remote(  # grammars stay here: trees are pruned here
+                [requests[i].shippable() for i in rows], [max_depths[i] for i in rows], released
             )
         trees = [[TokenTree.from_root(r.tokens[-1]) for r in requests] for _ in range(self.num_drafters)]
         for worker, call in calls.items():

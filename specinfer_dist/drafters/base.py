@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import zlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from specinfer_dist.runtime.grammar import Grammar
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
@@ -20,6 +21,13 @@ class DraftRequest:
     request_id: int
     tokens: list[int]  # prompt + output so far; the tree's root is the last one
     params: SamplingParams
+    # The request's grammar at its committed tokens, where the drafter runs in the engine's
+    # process: drafters mask their distributions with it (masks for the nodes they expand).
+    # Requests shipped to another process travel without it (``shippable``).
+    grammar: Grammar | None = None
+
+    def shippable(self) -> "DraftRequest":
+        return replace(self, grammar=None) if self.grammar is not None else self
 
 
 class Drafter(ABC):

@@ -82,6 +82,8 @@ class SSMDrafter(Drafter):
             logits = self._forward(active)
             still = []
             for state, node_logits in zip(active, logits):
+                if state.request.grammar is not None:
+                    node_logits = self._constrained(state, node_logits)
                 children = self._children(state.request, node_logits, self.spec.widths[depth])
                 new = [
                     state.tree.add(parent, token, q)
@@ -92,7 +94,7 @@ class SSMDrafter(Drafter):
                     self._score(state, node_logits, new)
                     new = best_nodes(new, state.scores, self.spec.widths[0])
                 state.frontier = new
-                if depth + 1 < state.max_depth:
+                if depth + 1 < state.max_depth and new:  # a grammar may leave a frontier no allowed token
                     self._feed_frontier(state)
                     still.append(state)
             active, depth = still, depth + 1
@@ -148,6 +150,17 @@ class SSMDrafter(Drafter):
         for i, node in enumerate(new):
             state.scores.append(state.scores[tree.parents[node]] + steps[i])
 
+    @staticmethod
+    def _constrained(state: _Expansion, logits: torch.Tensor) -> torch.Tensor:
+        """The frontier's logits with what the request's grammar forbids after each frontier node
+        at -inf: greedy children are allowed tokens, and a sampled child's q is the drafter's
+        distribution renormalised over them (so the grammar never drops a draw, see runtime/grammar.py)."""
+        allowed = state.request.grammar.allowed([tuple(state.tree.path(n)) for n in state.frontier], logits.device)
+        width = logits.shape[-1]
+        if allowed.shape[-1] < width:  # the drafter's head is wider than the LLM's vocabulary
+            allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[-1]))
+        return logits.masked_fill(~allowed[:, :width], float("-inf"))
+
     def _chain(self, request: DraftRequest, cache: PagedKVCache) -> list[int]:
         """Tokens fed before the tree: those committed since the last step, ending with the root
         (empty: nothing to draft from this step)."""
@@ -162,8 +175,10 @@ class SSMDrafter(Drafter):
     ) -> list[list[tuple[int, torch.Tensor | None]]]:
         """For each frontier row of ``logits``: k (token, q) children; q None = chosen, not drawn."""
         params = request.params
-        if params.greedy:
-            return [[(t, None) for t in row] for row in logits.topk(k, dim=-1).indices.tolist()]
+        if params.greedy:  # a grammar may allow fewer than k tokens (the others are at -inf)
+            top = logits.topk(k, dim=-1)
+            return [[(t, None) for t, v in zip(ids, values) if v > float("-inf")]
+                    for ids, values in zip(top.indices.tolist(), top.values.tolist())]
         if self.draft_temperature is None:
             q = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
         else:

@@ -74,6 +74,7 @@ class EngineParts:
     max_num_batched_tokens: int | None
     max_queued_seqs: int | None
     max_seqs_per_request: int | None
+    grammar_draft_tokens: int
 
 
 def load_target(config: EngineConfig, progress: bool = False, weights: bool = True) -> Target:
@@ -239,6 +240,7 @@ def scheduling_options(config: EngineConfig) -> dict[str, Any]:
         "max_num_batched_tokens": budget,
         "max_queued_seqs": config.max_queued_seqs,
         "max_seqs_per_request": config.max_seqs_per_request,
+        "grammar_draft_tokens": config.grammar_draft_tokens,
     }
 
 

@@ -17,6 +17,13 @@ so ``num_cached`` starts there and only the rest runs through the LLM. A feature
 the LLM's hidden states for every row it has not cached itself, so the reuse stops where its own
 cache of the same prefix does. SSM drafters reuse their own caches' prefixes when they first
 see the request.
+
+Structured outputs: a constrained request's grammar (runtime/grammar.py) masks its drafters'
+distributions while they draft, drops the drafted nodes it forbids, drafts the tokens it forces
+below the tree's leaves (the grammar drafter: no forward, verified like any draft), and masks
+the LLM's logits at every node before verification, so greedy takes the best allowed token and
+sampling draws from the LLM's distribution renormalised over the allowed ones. A request whose
+grammar is complete ends with ``stop``.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import time
 from typing import Any, Iterable
 from typing import Sequence as Seq
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -39,6 +47,7 @@ from specinfer_dist.engine.scheduler import Scheduler
 from specinfer_dist.engine.sequence import FinishReason, Sequence, TokenLogprob
 from specinfer_dist.errors import EngineOverloadedError, InvalidConfigError, InvalidRequestError
 from specinfer_dist.runtime.model_runner import chain_parents
+from specinfer_dist.runtime.grammar import GrammarCompiler, mask_logits
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.runtime.verifier import KVBlocks, Verifier, VerifyItem
 from specinfer_dist.tree.merge import merge_trees
@@ -82,6 +91,7 @@ class LLMEngine:
         max_num_batched_tokens: int | None = None,
         max_queued_seqs: int | None = None,
         max_seqs_per_request: int | None = None,
+        grammar_draft_tokens: int = 0,
     ) -> None:
         if verify not in VERIFY_METHODS:
             raise InvalidConfigError(f"verify must be one of {', '.join(VERIFY_METHODS)}, got {verify!r}")
@@ -97,6 +107,8 @@ class LLMEngine:
         self.verify = verify
         self.scheduler = Scheduler(max_num_seqs, _LLMKV(self))
         self.prefix_cache_queries = self.prefix_cache_hits = 0  # prompt tokens looked up / found cached
+        self.grammar_draft_tokens = grammar_draft_tokens  # forced tokens drafted per constrained request and step
+        self._grammars: GrammarCompiler | None = None  # built at the first constrained request
         self._set_drafting(Drafting(mode, spec, drafters))
         self.max_num_batched_tokens = max_num_batched_tokens  # LLM rows per step (None: no budget)
         self.max_queued_seqs = max_queued_seqs
@@ -165,7 +177,18 @@ class LLMEngine:
                 f"context of {self.max_positions} tokens"
             )
         self.scheduler.check(len(ids), params.max_tokens)
-        return Sequence(next(self._ids), ids, params)
+        seq = Sequence(next(self._ids), ids, params)
+        if params.structured_outputs is not None:
+            seq.grammar = self.grammar_compiler().grammar(params.structured_outputs)
+        return seq
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles structured-output constraints for this LLM's tokenizer (built once)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise InvalidRequestError("structured outputs need the model's tokenizer")
+            self._grammars = GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_ids)
+        return self._grammars
 
     def generate(
         self,
@@ -353,6 +376,8 @@ class LLMEngine:
         fresh draws: exact in distribution). Feature drafters get the committed rows' ``hidden`` states."""
         if not seqs:
             return
+        raw = logits.split([len(item.logit_rows) for item in items[: len(seqs)]])  # logprobs report these
+        logits = self._masked(seqs, trees, logits)
         per_request = logits.split([len(item.logit_rows) for item in items[: len(seqs)]])
         settings = [(seq.params.temperature, seq.params.top_k, seq.params.top_p) for seq in seqs]
         results: list[tuple[list[int], int] | None]
@@ -364,15 +389,27 @@ class LLMEngine:
             results = [None] * len(seqs)
         for i, (seq, tree, item, node_logits, result) in enumerate(zip(seqs, trees, items, per_request, results)):
             try:
-                self._apply_one(seq, tree, item, node_logits, result, None if hidden is None else hidden[i])
+                self._apply_one(seq, tree, item, node_logits, result, None if hidden is None else hidden[i], raw[i])
             except Exception as err:  # noqa: BLE001 - one request's failure is its own
                 self._fail(seq, "verifying its step", err)
 
+    @staticmethod
+    def _masked(seqs: list[Sequence], trees: list[TokenTree], logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (the trees' node rows, one tree after another) with every constrained
+        request's rows masked by its grammar (the masks ``draft`` computed with its tree)."""
+        starts = np.cumsum([0] + [len(tree) for tree in trees])
+        constrained = [(start, seq.tree_masks) for seq, start in zip(seqs, starts) if seq.tree_masks is not None]
+        if not constrained:
+            return logits
+        rows = np.concatenate([np.arange(start, start + len(bits)) for start, bits in constrained])
+        return mask_logits(logits, rows, np.concatenate([bits for _, bits in constrained]))
+
     def _apply_one(
         self, seq: Sequence, tree: TokenTree, item: VerifyItem, node_logits: torch.Tensor,
-        result: tuple[list[int], int] | None, hidden: torch.Tensor | None,
+        result: tuple[list[int], int] | None, hidden: torch.Tensor | None, raw_logits: torch.Tensor,
     ) -> None:
-        """Commit one request's verified step; ``result`` None: verify it here, on the host."""
+        """Commit one request's verified step; ``result`` None: verify it here, on the host.
+        ``node_logits`` are masked by the request's grammar, ``raw_logits`` are the LLM's."""
         params = seq.params
         accepted, bonus = result or verify_tree(
             tree, node_logits.float().cpu(), seq.generator, temperature=params.temperature, top_k=params.top_k,
@@ -388,7 +425,7 @@ class LLMEngine:
         appended = self._append(seq, tokens)
         if seq.logprobs is not None:  # row n of node_logits is the LLM's prediction after node n
             rows = [0, *accepted][:appended]
-            seq.logprobs.extend(token_logprobs(node_logits[rows], tokens[:appended], params.logprobs))
+            seq.logprobs.extend(token_logprobs(raw_logits[rows], tokens[:appended], params.logprobs))
         # Drafted tokens cut by EOS, a stop string or max_tokens were not accepted.
         seq.stats.record(tree.num_drafted, min(len(accepted), appended), len(seq.output_ids))
         if seq.finished:
@@ -411,7 +448,7 @@ class LLMEngine:
             raise InvalidConfigError("feature drafters need a verifier that returns hidden states (logits_hidden)")
         self.mode, self.spec, self.drafters, self.feature_drafters = mode, spec, drafters, feature_drafters
         self.aux_layers = feature_drafters[0].aux_layers if feature_drafters else []
-        self.scheduler.max_drafted = max_drafted(drafting)
+        self.scheduler.max_drafted = max_drafted(drafting, self.grammar_draft_tokens)
 
     def switch_drafting(self, drafting: Drafting) -> bool:
         """Draft with ``drafting`` from the next step on (call between steps); False, and nothing
@@ -420,7 +457,7 @@ class LLMEngine:
         outputs are the LLM's either way. Requests already running start the new drafters from
         their tokens (a feature drafter, which needs hidden states from their start, leaves them
         undrafted), and the old drafters' state goes with them."""
-        old_reserve, self.scheduler.max_drafted = self.scheduler.max_drafted, max_drafted(drafting)
+        old_reserve, self.scheduler.max_drafted = self.scheduler.max_drafted, max_drafted(drafting, self.grammar_draft_tokens)
         try:
             for seq in [*self.scheduler.waiting, *self.scheduler.running]:
                 self.scheduler.check(len(seq.prompt_ids), seq.params.max_tokens)
@@ -441,12 +478,25 @@ class LLMEngine:
 
     def draft(self, seqs: list[Sequence]) -> list[TokenTree | Exception]:
         """One merged, DFS-ordered tree per request from every drafter (just the root without),
-        or the error that drafting this request raised."""
-        if not self._drafting():  # SSM caches catch up on the skipped tokens when drafting resumes
-            return [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
+        or the error that drafting this request raised. A constrained request's tree is pruned
+        and extended by its grammar, which also gives the masks of its nodes (``tree_masks``)."""
+        drafting = self._drafting()
+        trees = self._draft(seqs) if drafting else [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
+        for i, (seq, tree) in enumerate(zip(seqs, trees)):
+            seq.tree_masks = None
+            if seq.grammar is not None and not isinstance(tree, Exception):
+                try:
+                    forced = self.grammar_draft_tokens if drafting else 0
+                    trees[i], seq.tree_masks = seq.grammar.constrain(tree, forced, max_depth=seq.remaining - 1)
+                except Exception as err:  # noqa: BLE001 - one request's failure is its own
+                    trees[i] = err
+        return trees
+
+    def _draft(self, seqs: list[Sequence]) -> list[TokenTree | Exception]:
+        # SSM caches catch up on the skipped tokens when drafting resumes.
         # A step yields at most depth + 1 tokens: never draft past max_tokens.
         max_depths = [seq.remaining - 1 for seq in seqs]
-        requests = [DraftRequest(seq.request_id, seq.tokens, seq.params) for seq in seqs]
+        requests = [DraftRequest(seq.request_id, seq.tokens, seq.params, seq.grammar) for seq in seqs]
         proposals = [self._propose(d, requests, max_depths) for d in self.drafters]
         trees: list[TokenTree | Exception] = []
         for seq, own in zip(seqs, zip(*proposals)):
@@ -500,9 +550,13 @@ class LLMEngine:
         for token in tokens:
             added += 1
             seq.output_ids.append(token)
+            if seq.grammar is not None:
+                seq.grammar.advance(token)
             if token in self.eos_ids and not seq.params.ignore_eos:
                 seq.finish_reason = FinishReason.STOP
             elif seq.params.stop and self._cut_at_stop(seq):
+                seq.finish_reason = FinishReason.STOP
+            elif seq.grammar is not None and seq.grammar.stopped:  # complete: nothing but EOS may follow
                 seq.finish_reason = FinishReason.STOP
             elif seq.remaining == 0:
                 seq.finish_reason = FinishReason.LENGTH
@@ -579,12 +633,13 @@ class _LLMKV:
         self.engine.verifier.release(request_id)
 
 
-def max_drafted(drafting: Drafting) -> int:
+def max_drafted(drafting: Drafting, grammar_draft_tokens: int = 0) -> int:
     """The most tree tokens a step drafts for one request: the merge of every drafter's tree,
-    capped by the token budget (what the scheduler reserves KV for)."""
+    capped by the token budget, plus the tokens a grammar forces below it (what the scheduler
+    reserves KV for)."""
     if drafting.mode == "incremental":
         return 0
-    return min(drafting.spec.token_budget, sum(d.spec.num_tokens for d in drafting.drafters))
+    return min(drafting.spec.token_budget, sum(d.spec.num_tokens for d in drafting.drafters)) + grammar_draft_tokens
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:

@@ -10,8 +10,10 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
+import numpy as np
 import torch
 
+from specinfer_dist.runtime.grammar import Grammar
 from specinfer_dist.runtime.sampling_params import SamplingParams
 
 
@@ -72,6 +74,8 @@ class Sequence:
     error: str | None = None  # why the request failed (finish_reason ERROR)
     logprobs: list[TokenLogprob] | None = None  # one per output token, when params.logprobs is set
     generator: torch.Generator = field(init=False)  # the verifier's random draws for this request
+    grammar: Grammar | None = None  # structured outputs: the grammar at the committed output tokens
+    tree_masks: np.ndarray | None = None  # the grammar's bitmask per node of the tree in this step
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None and self.logprobs is None:

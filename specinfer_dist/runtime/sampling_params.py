@@ -18,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from specinfer_dist.errors import InvalidRequestError
+from specinfer_dist.runtime.grammar import StructuredOutputsParams
 
 # Positive temperatures below this are greedy (vLLM's _SAMPLING_EPS). vLLM also raises
 # temperatures in (0, 0.01) to 0.01; here sampling runs in float64, where dividing any finite
@@ -55,6 +56,10 @@ class SamplingParams:
     # its logits, before temperature/top-k/top-p, as OpenAI and vLLM's default report them),
     # plus the ``logprobs`` most likely alternatives; None: none computed.
     logprobs: int | None = None
+    # The output follows this constraint (runtime/grammar.py): a JSON schema, any JSON object, a
+    # regex, one of some strings, or a grammar. Drafts it forbids are dropped; the LLM's
+    # distribution is renormalised over the tokens it allows at every step.
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +82,8 @@ class SamplingParams:
             raise InvalidRequestError(f"seed must be an integer in [0, {MAX_SEED}], got {self.seed!r}")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise InvalidRequestError(f"logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise InvalidRequestError("structured_outputs must be a StructuredOutputsParams")
         if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
             raise InvalidRequestError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
 
