@@ -20,7 +20,8 @@ see the request.
 
 Structured outputs: a constrained request's grammar (runtime/grammar.py) masks its drafters'
 distributions while they draft, drops the drafted nodes it forbids, drafts the tokens it forces
-below the tree's leaves (the grammar drafter: no forward, verified like any draft), and masks
+below the tree's leaves (the grammar drafter: no forward, verified like any draft; a token that
+is the only one allowed is appended at once, ``_jump_forward``), and masks
 the LLM's logits at every node before verification, so greedy takes the best allowed token and
 sampling draws from the LLM's distribution renormalised over the allowed ones. A request whose
 grammar is complete ends with ``stop``.
@@ -426,6 +427,8 @@ class LLMEngine:
         if seq.logprobs is not None:  # row n of node_logits is the LLM's prediction after node n
             rows = [0, *accepted][:appended]
             seq.logprobs.extend(token_logprobs(raw_logits[rows], tokens[:appended], params.logprobs))
+        elif seq.grammar is not None and self.grammar_draft_tokens:
+            self._jump_forward(seq)
         # Drafted tokens cut by EOS, a stop string or max_tokens were not accepted.
         seq.stats.record(tree.num_drafted, min(len(accepted), appended), len(seq.output_ids))
         if seq.finished:
@@ -563,6 +566,15 @@ class LLMEngine:
             if seq.finished:
                 break
         return added
+
+    def _jump_forward(self, seq: Sequence) -> None:
+        """The grammar drafter's certain part (SGLang's jump-forward), in every mode: append the
+        tokens the grammar alone decides. While it allows exactly one token (not EOS), the masked distribution is a point mass on it, so the LLM's choice is known without
+        a forward (greedy or sampled). Their KV is computed with the next step's tree, as the
+        chain before its root. Not for requests reporting logprobs, which need the LLM's logits."""
+        while not seq.finished and (token := seq.grammar.only_token()) is not None and token not in self.eos_ids:
+            self._append(seq, [token])
+            seq.stats.forced_tokens += 1
 
     def _cut_at_stop(self, seq: Sequence) -> bool:
         text = self.decode(seq.output_ids)

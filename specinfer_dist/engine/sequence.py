@@ -40,6 +40,7 @@ class SpecStats:
     accepted_tokens: int = 0  # drafted tokens the LLM kept and the request emitted
     generated_tokens: int = 0
     accepted_at_depth: list[int] = field(default_factory=list)  # steps that kept a token at depth d+1
+    forced_tokens: int = 0  # tokens a grammar alone decided, appended without a forward (engine: _jump_forward)
 
     def record(self, drafted: int, accepted: int, generated: int) -> None:
         """One verification step: ``drafted`` tree tokens, the first ``accepted`` of the

@@ -184,6 +184,16 @@ class Grammar:
         rows = np.stack([_or_all(self.mask(p), self.words) for p in paths])
         return unpack(torch.from_numpy(rows).to(device), self.vocab_size)
 
+    def only_token(self) -> int | None:
+        """The one token the grammar allows next, if it allows exactly one: the LLM's masked
+        distribution is a point mass there, so it is the next token whatever the logits."""
+        words = self.mask().view(np.uint32)
+        nonzero = np.flatnonzero(words)
+        if len(nonzero) != 1:
+            return None
+        word = int(words[nonzero[0]])
+        return 32 * int(nonzero[0]) + word.bit_length() - 1 if word & (word - 1) == 0 else None
+
     def forced(self, path: tuple[int, ...], limit: int) -> list[int]:
         """Up to ``limit`` tokens the grammar forces after ``path`` (its only continuation, in
         the tokenizer's canonical tokenisation); empty if none or if ``path`` is forbidden."""
@@ -202,7 +212,9 @@ class Grammar:
         node deeper than ``max_depth``), in DFS order; and a bitmask row per node of the result:
         the tokens allowed after it."""
         out = TokenTree.from_root(tree.tokens[0])
-        paths: list[tuple[int, ...] | None] = [()]  # None: a kept forbidden draw (its row stays unmasked)
+        # None: a node nothing may follow (a kept forbidden draw, EOS): its row stays unmasked,
+        # and it is never used (the draw is never accepted; the request ends at the other)
+        paths: list[tuple[int, ...] | None] = [()]
         kids = tree.children()
         stack = [(0, 0)]
         while stack:  # DFS: children are kept in their order
@@ -213,8 +225,12 @@ class Grammar:
             for child in kids[old]:
                 token, q = tree.tokens[child], tree.probs[child]
                 if _has(mask, token):
-                    added.append((child, out.add(new, token, q)))
-                    paths.append((*path, token))
+                    node = out.add(new, token, q)
+                    if self.mask((*path, token)) is None:  # EOS, or a token that ends the grammar
+                        paths.append(None)
+                    else:
+                        added.append((child, node))
+                        paths.append((*path, token))
                 elif q is not None:  # a forbidden draw: tried and rejected by MSS, never descended
                     out.add(new, token, q)
                     paths.append(None)
