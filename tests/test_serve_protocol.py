@@ -1,6 +1,7 @@
-"""The serving protocol without a server: what SamplingParams makes of dangerous values, and
-OpenAI's logprobs shapes from per-token entries (HTTP
-and gRPC refusals are tested end to end in test_serve.py)."""
+"""The serving protocol without a server: what SamplingParams makes of dangerous values,
+OpenAI's logprobs shapes from per-token entries, and the one constraint a body's
+response_format or structured_outputs asks for (HTTP and gRPC refusals are tested end to end in
+test_serve.py and test_structured_serve.py)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from helpers import make_tiny_tokenizer
 
 from specinfer_dist.errors import InvalidRequestError
+from specinfer_dist.runtime.grammar import StructuredOutputsParams
 from specinfer_dist.runtime.sampling_params import MAX_SEED, SAMPLING_EPS, SamplingParams
 from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.logprobs import LogprobsFormatter, top_logprobs_requested
@@ -77,3 +79,24 @@ def test_logprobs_shapes():
     # A stream's next chunk continues the offsets of its own choice; other choices start at 0.
     assert completions.format(0, entries[:1])["text_offset"] == [2]
     assert completions.format(1, entries[:1])["text_offset"] == [0]
+
+
+def test_response_format_and_structured_outputs_are_one_constraint_on_both_endpoints():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    formats = {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}},
+        "structured_outputs": {"json": schema},
+    }
+    for key, value in formats.items():
+        chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], key: value, "n": 2})
+        completion = CompletionRequest.model_validate({"prompt": "x", key: value})
+        assert chat.constraint == completion.constraint == StructuredOutputsParams(json=schema)
+        assert chat.sampling_params(4, 1).structured_outputs is chat.constraint  # every choice: the same one
+    assert CompletionRequest.model_validate({"prompt": "x", "response_format": {"type": "json_object"}}).constraint \
+        == StructuredOutputsParams(json_object=True)
+    for free in ({}, {"response_format": {"type": "text"}}):
+        assert CompletionRequest.model_validate({"prompt": "x", **free}).sampling_params(4, 0).structured_outputs is None
+    with pytest.raises(ApiError, match="cannot be combined") as err:
+        CompletionRequest.model_validate({"prompt": "x", "response_format": {"type": "json_object"},
+                                          "structured_outputs": {"regex": "a"}})
+    assert (err.value.status, err.value.param) == (400, "structured_outputs")

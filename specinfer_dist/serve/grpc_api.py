@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2
 from ray.serve.grpc_util import RayServegRPCContext
 
 from specinfer_dist.engine.async_engine import EngineStepError, RequestDelta
+from specinfer_dist.runtime.grammar import StructuredOutputsParams
 from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.serve.api_errors import ApiError
 from specinfer_dist.serve.auth import check_api_key
@@ -103,7 +104,25 @@ def _fail(context: RayServegRPCContext, code: grpc.StatusCode, message: str) -> 
 
 def _sampling_params(request: pb.GenerateRequest, logprobs: int | None) -> SamplingParams:
     given = {f: getattr(request, f) for f in ("max_tokens", "temperature", "top_p", "top_k", "seed") if request.HasField(f)}
-    return SamplingParams(**given, stop=list(request.stop), ignore_eos=request.ignore_eos, logprobs=logprobs)
+    return SamplingParams(**given, stop=list(request.stop), ignore_eos=request.ignore_eos, logprobs=logprobs,
+                          structured_outputs=_structured_outputs(request))
+
+
+def _structured_outputs(request: pb.GenerateRequest) -> StructuredOutputsParams | None:
+    """The request's constraint (None: unset); a schema stays JSON text, which the engine parses."""
+    if not request.HasField("structured_outputs"):
+        return None
+    constraint = request.structured_outputs
+    which = constraint.WhichOneof("constraint")
+    if which is None:
+        raise ApiError(400, "structured_outputs: set one of json_schema, json_object, regex, choice or grammar",
+                       param="structured_outputs")
+    value = getattr(constraint, which)
+    if which == "json_schema":
+        return StructuredOutputsParams(json=value)
+    if which == "choice":
+        return StructuredOutputsParams(choice=list(value.choices))
+    return StructuredOutputsParams(**{which: value})  # json_object, regex, grammar: the same names
 
 
 def _usage(last: RequestDelta) -> pb.Usage:

@@ -5,6 +5,11 @@ Invariants of a validated body: it names only options we honour (an option we do
 implement is accepted only at the value that means "off", e.g. ``echo: false``; anything else
 is a 400 naming it, never silently ignored), and every string in it is valid Unicode (a lone
 surrogate such as ``"\\ud800"`` is a 400, not a tokenizer crash).
+
+Structured outputs: OpenAI's ``response_format`` (text, json_object, json_schema) and vLLM's
+``structured_outputs`` extension become one ``StructuredOutputsParams`` (``constraint``), whose
+shape is checked here (a 400 naming the option); whether the schema, regex or grammar itself
+compiles is the engine's verdict, also a 400, given before the request is queued.
 """
 
 from __future__ import annotations
@@ -12,9 +17,11 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from specinfer_dist.engine.engine import Prompt
+from specinfer_dist.errors import InvalidRequestError
+from specinfer_dist.runtime.grammar import StructuredOutputsParams
 from specinfer_dist.runtime.sampling_params import (
     MAX_LOGPROBS,
     MAX_SEED,
@@ -38,7 +45,6 @@ _OFF: dict[str, tuple[Any, ...]] = {
     "parallel_tool_calls": (None, True, False),  # meaningless without tools
     "functions": (None, []),
     "function_call": (None, "none"),
-    "response_format": (None, {"type": "text"}),
     "store": (None, False),
     "metadata": (None, {}),
     "modalities": (None, ["text"]),
@@ -61,15 +67,16 @@ class _Body(BaseModel):
         # ApiError, not ValueError: pydantic passes it through unchanged, with the option as param.
         if not isinstance(data, dict):
             return data
+        known = {field.alias or name for name, field in cls.model_fields.items()}  # the names a body uses
         for key, value in data.items():
-            if key in cls.model_fields:
+            if key in known:
                 continue
             where = f" in {cls._IN}" if cls._IN else ""
             if key not in _OFF or cls._IN:
                 raise ApiError(400, f"unknown option '{key}'{where}", param=cls._IN or key)
             if not any(type(value) is type(off) and value == off for off in _OFF[key]):  # typed: 0 is not False
                 raise ApiError(400, f"'{key}' is not supported (only {_off_values(key)})", param=key)
-        return {k: v for k, v in data.items() if k in cls.model_fields}
+        return {k: v for k, v in data.items() if k in known}
 
 
 def _off_values(key: str) -> str:
@@ -118,6 +125,41 @@ class StreamOptions(_Body):
     continuous_usage_stats: bool = False  # extension (as vLLM): usage so far on every chunk, with include_usage
 
 
+class JsonSchemaFormat(_Body):
+    _IN = "response_format"
+    name: str = Field(min_length=1, max_length=64)
+    # Aliased: "schema" would shadow a BaseModel attribute. The schema itself is checked by the engine.
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None  # outputs always follow the schema exactly, strict or not
+
+
+class ResponseFormat(_Body):
+    """OpenAI's ``response_format``."""
+
+    _IN = "response_format"
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> "ResponseFormat":
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ApiError(400, "response_format.json_schema is required with type 'json_schema', and only with it",
+                           param="response_format")
+        return self
+
+
+class StructuredOutputs(_Body):
+    """vLLM's ``structured_outputs`` extension: exactly one of these (runtime/grammar.py)."""
+
+    _IN = "structured_outputs"
+    json_: dict[str, Any] | str | None = Field(None, alias="json")  # a JSON schema, or JSON text of one
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # Lark, llguidance's dialect
+
+
 class SamplingRequest(_Request):
     """The fields completions and chat share."""
 
@@ -134,13 +176,29 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # extension (as vLLM): keep going past EOS
     user: str | None = None  # the caller's end-user id: only for the provider's records, no effect on output
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # extension (as vLLM)
+    _constraint: StructuredOutputsParams | None = PrivateAttr(None)
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> "SamplingRequest":
+        self._constraint = structured_outputs_params(self.response_format, self.structured_outputs)
+        return self
+
+    @property
+    def constraint(self) -> StructuredOutputsParams | None:
+        """What the output must follow (from response_format or structured_outputs); None: free text."""
+        return self._constraint
 
     def sampling_params(self, max_tokens: int, choice: int) -> SamplingParams:
+        # One constraint for every choice: the engine compiles it once and gives each sequence
+        # a matcher of its own.
         return SamplingParams(
             max_tokens=max_tokens, temperature=self.temperature, top_p=self.top_p,
             top_k=0 if self.top_k == -1 else self.top_k,  # -1: vLLM's "off"
             seed=None if self.seed is None else (self.seed + choice) % (MAX_SEED + 1),
             stop=self.stop or [], ignore_eos=self.ignore_eos, logprobs=self.top_logprobs_wanted(),
+            structured_outputs=self.constraint,
         )
 
     def top_logprobs_wanted(self) -> int | None:
@@ -155,6 +213,30 @@ class SamplingRequest(_Request):
     def continuous_usage(self) -> bool:
         # Speculation streams several tokens per chunk; this tells clients how many.
         return self.include_usage and self.stream_options.continuous_usage_stats
+
+
+def structured_outputs_params(
+    response_format: ResponseFormat | None, extension: StructuredOutputs | None
+) -> StructuredOutputsParams | None:
+    """The one constraint a body asks for; a 400 naming the option if its shape is wrong or it
+    asks for two (a non-text response_format and structured_outputs)."""
+    wanted = None if response_format is None or response_format.type == "text" else response_format
+    if wanted is not None and extension is not None:
+        raise ApiError(400, f"structured_outputs cannot be combined with response_format of type '{wanted.type}'; "
+                       "set one of them", param="structured_outputs")
+    if wanted is not None:
+        if wanted.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        return StructuredOutputsParams(json=wanted.json_schema.schema_)
+    if extension is None:
+        return None
+    try:
+        return StructuredOutputsParams(
+            json=extension.json_, json_object=bool(extension.json_object), regex=extension.regex,
+            choice=extension.choice, grammar=extension.grammar,
+        )
+    except InvalidRequestError as err:  # a ValueError, which pydantic would reword
+        raise ApiError(400, f"structured_outputs: {err}", param="structured_outputs") from None
 
 
 class CompletionRequest(SamplingRequest):

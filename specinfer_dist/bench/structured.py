@@ -1,0 +1,399 @@
+"""Structured outputs: schema-constrained generation with and without the grammar drafter,
+incremental and tree speculation side by side in one process on one loaded LLM.
+
+    python -m specinfer_dist.bench.structured --out docs/bench/cpu/structured
+
+The workload (structured_prompts.jsonl, written for this bench): extraction from a short text
+(invoice, event, product, ticket, recipe, booking, CV, ...: the values are in the prompt, which
+prompt lookup copies), tool-call arguments and enum classification, each with its JSON schema
+(nested objects, arrays with maxItems, enums, bounded numbers, booleans, strings with pattern and
+maxLength, optional fields). The default LLM, greedy, chat template on, prefix caching off (every
+setup sends the same prompts), the same max_tokens everywhere. Setups:
+
+- ``incremental``: no drafting, grammar drafter off (``grammar_draft_tokens=0``): the baseline;
+- ``incremental+grammar``: the grammar drafter's jump-forward only (tokens that are the only ones
+  the grammar allows are appended without a forward);
+- ``tree`` and ``tree+grammar``: the drafters (``--ssm``, default the shipped SSMs, and
+  ``--drafter``, default prompt lookup) on ``--tree``, without and with the grammar drafter
+  (forced tokens drafted below the tree's leaves, and jump-forward).
+
+For each ``--batches`` size (``max_num_seqs``; every prompt is sent at once to
+``LLMEngine.generate``, which runs that many together): tokens/step (generated tokens over
+verification steps; jump-forward tokens count as generated), tokens/s (wall clock), the share of
+outputs that are valid JSON under their schema (``jsonschema``), and whether every setup's token ids
+equal the baseline's (greedy: they must; a mismatch is a bug and the command exits 1). Before the
+timed run each engine generates once and compiles every schema (compilation is cached per engine,
+so the timed run measures decoding).
+
+Grammar overhead (``--overhead-batch``, default 16): the tree+grammar setup runs that many prompts
+together with timing wrappers installed on the grammar's work: ``Grammar.constrain`` (pruning the
+tree, forced-token drafting, node masks), ``Grammar.allowed``/``Grammar.mask`` (the SSM drafters'
+masks), ``Grammar.forced``, ``Grammar.only_token``, ``Grammar.advance`` (committing tokens),
+``mask_logits`` (the LLM's logits) and ``LLMEngine._jump_forward``; nested calls count once
+(in the outermost). Reported as a share of ``LLMEngine.step`` time; ``--profile`` adds a cProfile
+of that run's top functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import functools
+import io
+import json
+import pstats
+import re
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from specinfer_dist.config import EngineConfig
+from specinfer_dist.engine import engine as engine_module
+from specinfer_dist.engine.builder import Target, load_target
+from specinfer_dist.engine.engine import LLMEngine
+from specinfer_dist.errors import InvalidConfigError
+from specinfer_dist.runtime import grammar as grammar_module
+from specinfer_dist.runtime.device import machine
+from specinfer_dist.runtime.grammar import StructuredOutputsParams
+from specinfer_dist.runtime.sampling_params import SamplingParams
+from specinfer_dist.tuning.prompts import load_prompts
+
+STRUCTURED_PROMPTS = str(resources.files(__package__).joinpath("structured_prompts.jsonl"))
+SETUPS = ("incremental", "incremental+grammar", "tree", "tree+grammar")
+GRAMMAR_DRAFT_TOKENS = 16
+OVERHEAD_TARGET = 0.10  # grammar work at most this share of step time
+
+
+def load_structured_prompts(path: str) -> list[dict[str, Any]]:
+    rows = load_prompts(path)
+    for row in rows:
+        if not isinstance(row.get("schema"), dict) or not isinstance(row.get("name"), str):
+            raise InvalidConfigError(f"{path}: every line needs a 'name', a 'prompt' and a JSON 'schema' object")
+    return rows
+
+
+def setup_options(setup: str, tree: str, ssms: list[str] | None, drafters: list[str]) -> dict[str, Any]:
+    grammar = GRAMMAR_DRAFT_TOKENS if setup.endswith("+grammar") else 0
+    if setup.startswith("incremental"):
+        return {"mode": "incremental", "ssms": ["none"], "grammar_draft_tokens": grammar}
+    return {"mode": "tree", "tree": tree, "ssms": ssms, "drafters": list(drafters), "grammar_draft_tokens": grammar}
+
+
+def validity(rows: list[dict[str, Any]], texts: list[str]) -> list[bool]:
+    """Whether each output parses as JSON and its schema accepts it."""
+    try:
+        import jsonschema
+    except ImportError as err:  # a test extra: pip install specinfer_dist[test]
+        raise InvalidConfigError("the structured bench checks outputs with jsonschema: pip install jsonschema") from err
+    ok = []
+    for row, text in zip(rows, texts):
+        try:
+            jsonschema.validate(json.loads(text), row["schema"], cls=jsonschema.Draft202012Validator)
+            ok.append(True)
+        except (ValueError, jsonschema.ValidationError):
+            ok.append(False)
+    return ok
+
+
+def build(config: EngineConfig, target: Target, rows: list[dict[str, Any]], params: list[SamplingParams],
+          **options: Any) -> LLMEngine:
+    """An engine on ``target``'s weights, warmed up: one short constrained generation, and every
+    schema compiled (cached by the engine's compiler)."""
+    engine = LLMEngine.from_config(config.replace(**options), target=target)
+    for p in params:
+        engine.grammar_compiler().grammar(p.structured_outputs)
+    warm = SamplingParams(max_tokens=8, temperature=0, structured_outputs=params[0].structured_outputs)
+    engine.generate([rows[0]["prompt"]], warm, chat=True)
+    return engine
+
+
+def run_setup(engine: LLMEngine, rows: list[dict[str, Any]], params: list[SamplingParams]) -> dict[str, Any]:
+    engine.timing = {"draft_s": 0.0, "verify_s": 0.0}
+    start = time.perf_counter()
+    outs = engine.generate([r["prompt"] for r in rows], params, chat=True)
+    wall = time.perf_counter() - start
+    errors = [o.error for o in outs if o.error]
+    steps = sum(o.stats.steps for o in outs)
+    tokens = sum(len(o.token_ids) for o in outs)
+    valid = validity(rows, [o.text for o in outs])
+    return {
+        "wall_s": round(wall, 3),
+        "steps": steps,
+        "generated_tokens": tokens,
+        "forced_tokens": sum(o.stats.forced_tokens for o in outs),  # appended by jump-forward
+        "accepted_tokens": sum(o.stats.accepted_tokens for o in outs),
+        "drafted_tokens": sum(o.stats.drafted_tokens for o in outs),
+        "tokens_per_step": round(tokens / steps, 3) if steps else 0.0,
+        "tokens_per_s": round(tokens / wall, 2),
+        "valid_json": sum(valid),
+        "valid_json_pct": round(100 * sum(valid) / len(valid), 1),
+        "finish_reasons": {r: sum(o.finish_reason == r for o in outs) for r in {o.finish_reason for o in outs}},
+        "draft_time_fraction": round(engine.timing["draft_s"] / wall, 3),
+        "errors": errors,
+        "per_prompt": [
+            {"name": row["name"], "tokens": len(o.token_ids), "steps": o.stats.steps,
+             "forced_tokens": o.stats.forced_tokens, "valid": ok, "finish_reason": o.finish_reason}
+            for row, o, ok in zip(rows, outs, valid)
+        ],
+        "outputs": [o.token_ids for o in outs],
+        "texts": [o.text for o in outs],
+    }
+
+
+def compare(results: dict[str, dict[str, Any]], rows: list[dict[str, Any]], reference: str) -> dict[str, Any]:
+    """Per setup, the prompts whose token ids differ from ``reference``'s (and where first)."""
+    ref = results[reference]["outputs"]
+    out = {}
+    for setup, r in results.items():
+        bad = []
+        for row, a, b in zip(rows, r["outputs"], ref):
+            if a != b:
+                first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                bad.append({"name": row["name"], "first_diff_at": first, "len": len(a), "reference_len": len(b)})
+        out[setup] = bad
+    return out
+
+
+# ---- grammar overhead ----------------------------------------------------------------------------
+
+
+class GrammarTimer:
+    """Timing wrappers on the grammar's work (see the module docstring), installed on the classes and
+    on the engine module's ``mask_logits``; ``remove`` puts the originals back. Only the outermost of
+    nested timed calls counts, under its own name."""
+
+    GRAMMAR_METHODS = ("constrain", "allowed", "mask", "forced", "only_token", "advance")
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.step_s = 0.0
+        self.steps = 0
+        self._depth = 0
+        self._saved: list[tuple[Any, str, Any]] = []
+        for name in self.GRAMMAR_METHODS:
+            self._wrap(grammar_module.Grammar, name, f"Grammar.{name}")
+        self._wrap(engine_module, "mask_logits", "mask_logits")
+        self._wrap(LLMEngine, "_jump_forward", "LLMEngine._jump_forward")
+        step = LLMEngine.step
+        self._saved.append((LLMEngine, "step", step))
+
+        @functools.wraps(step)
+        def timed_step(engine: LLMEngine, *args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return step(engine, *args, **kwargs)
+            finally:
+                self.step_s += time.perf_counter() - start
+                self.steps += 1
+
+        LLMEngine.step = timed_step
+
+    def _wrap(self, owner: Any, attr: str, label: str) -> None:
+        original = getattr(owner, attr)
+        self._saved.append((owner, attr, original))
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if self._depth:
+                return original(*args, **kwargs)
+            self._depth += 1
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._depth -= 1
+                self.seconds[label] = self.seconds.get(label, 0.0) + time.perf_counter() - start
+                self.calls[label] = self.calls.get(label, 0) + 1
+
+        setattr(owner, attr, timed)
+
+    def remove(self) -> None:
+        for owner, attr, original in reversed(self._saved):
+            setattr(owner, attr, original)
+        self._saved.clear()
+
+    def as_dict(self) -> dict[str, Any]:
+        grammar = sum(self.seconds.values())
+        return {
+            "step_s": round(self.step_s, 3), "steps": self.steps, "grammar_s": round(grammar, 3),
+            "grammar_fraction": round(grammar / self.step_s, 4) if self.step_s else 0.0,
+            "by_function_s": {k: round(v, 4) for k, v in sorted(self.seconds.items(), key=lambda kv: -kv[1])},
+            "calls": dict(self.calls),
+        }
+
+
+def grammar_overhead(config: EngineConfig, target: Target, rows: list[dict[str, Any]], params: list[SamplingParams],
+                     options: dict[str, Any], batch: int, profile: bool) -> dict[str, Any]:
+    rows, params = rows[:batch], params[:batch]
+    engine = build(config.replace(max_num_seqs=batch), target, rows, params, **options)
+    timer = GrammarTimer()
+    profiler = cProfile.Profile() if profile else None
+    try:
+        if profiler:
+            profiler.enable()
+        result = run_setup(engine, rows, params)
+        if profiler:
+            profiler.disable()
+    finally:
+        timer.remove()
+    out = {"batch": batch, "prompts": len(rows), "setup": "tree+grammar", **timer.as_dict(),
+           "tokens_per_s": result["tokens_per_s"], "tokens_per_step": result["tokens_per_step"],
+           "target_fraction_le": OVERHEAD_TARGET}
+    out["met"] = out["grammar_fraction"] <= OVERHEAD_TARGET
+    if profiler:
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        out["profile_top_tottime"] = text.getvalue()
+    return out
+
+
+# ---- all of it -------------------------------------------------------------------------------------
+
+
+def run(llm: str = "default", prompts: str | None = None, max_tokens: int = 160, batches: tuple[int, ...] = (8, 1),
+        tree: str = "1,1,1,1,1,1", ssms: list[str] | None = None, drafters: tuple[str, ...] = ("ngram",),
+        setups: tuple[str, ...] = SETUPS, limit: int | None = None, overhead_batch: int = 16,
+        profile: bool = False, progress: bool = True, **options: Any) -> dict[str, Any]:
+    unknown = set(setups) - set(SETUPS)
+    if unknown:
+        raise InvalidConfigError(f"unknown setup(s) {sorted(unknown)}; choose from {', '.join(SETUPS)}")
+    rows = load_structured_prompts(prompts or STRUCTURED_PROMPTS)[:limit]
+    config = EngineConfig(llm=llm, enable_prefix_caching=False, **options)
+    target = load_target(config)
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0, structured_outputs=StructuredOutputsParams(
+        json=row["schema"])) for row in rows]
+    say = print if progress else (lambda *a, **k: None)
+    result: dict[str, Any] = {
+        "machine": machine(), "date": time.strftime("%Y-%m-%d"), "llm": llm,
+        "dtype": str(target.model.model.norm.weight.dtype).removeprefix("torch."), "torch_threads": torch.get_num_threads(),
+        "greedy": True, "chat": True, "prefix_caching": False, "max_tokens": max_tokens, "num_prompts": len(rows),
+        "tree": tree, "ssms": ssms, "drafters": list(drafters), "grammar_draft_tokens": GRAMMAR_DRAFT_TOKENS,
+        "setups": list(setups), "prompt_names": [r["name"] for r in rows], "batches": {},
+    }
+    start = time.perf_counter()
+    for batch in batches:
+        results: dict[str, dict[str, Any]] = {}
+        for setup in setups:
+            engine = build(config.replace(max_num_seqs=batch), target, rows, params,
+                           **setup_options(setup, tree, ssms, drafters))
+            results[setup] = run_setup(engine, rows, params)
+            results[setup]["drafting"] = str(engine.spec) if engine.drafters else ""
+            results[setup]["drafter_names"] = [d.name for d in engine.drafters]
+            del engine
+            r = results[setup]
+            say(f"batch {batch} {setup}: {r['tokens_per_step']} tokens/step, {r['tokens_per_s']} tokens/s, "
+                f"valid {r['valid_json']}/{len(rows)}", flush=True)
+        reference = setups[0]
+        mismatches = compare(results, rows, reference)
+        summary = {}
+        for setup, r in results.items():
+            base = results[reference]
+            summary[setup] = {
+                **{k: r[k] for k in ("drafting", "tokens_per_step", "tokens_per_s", "valid_json_pct", "generated_tokens",
+                                     "steps", "forced_tokens", "accepted_tokens", "drafted_tokens",
+                                     "draft_time_fraction", "wall_s")},
+                "tokens_per_step_vs_baseline": round(r["tokens_per_step"] / base["tokens_per_step"], 3),
+                "tokens_per_s_vs_baseline": round(r["tokens_per_s"] / base["tokens_per_s"], 3),
+                "outputs_equal_baseline": f"{len(rows) - len(mismatches[setup])}/{len(rows)}",
+            }
+        result["batches"][str(batch)] = {"reference": reference, "summary": summary, "mismatches": mismatches,
+                                         "outputs_equal": not any(mismatches.values()), "setups": results}
+        say(table(result, batch), flush=True)
+        if not result["batches"][str(batch)]["outputs_equal"]:
+            say(f"!!! GREEDY OUTPUTS DIFFER across setups at batch {batch} (a bug): {mismatches}", flush=True)
+    firsts = [result["batches"][str(b)]["setups"][setups[0]]["outputs"] for b in batches]
+    result["outputs_equal_across_batches"] = all(f == firsts[0] for f in firsts)
+    result["outputs_equal"] = all(b["outputs_equal"] for b in result["batches"].values())
+    if overhead_batch and "tree+grammar" in setups:
+        if len(rows) < overhead_batch:
+            say(f"(overhead: only {len(rows)} prompts for batch {overhead_batch})")
+        result["grammar_overhead"] = grammar_overhead(config, target, rows, params,
+                                                      setup_options("tree+grammar", tree, ssms, drafters),
+                                                      overhead_batch, profile)
+        o = result["grammar_overhead"]
+        say(f"grammar work: {100 * o['grammar_fraction']:.1f}% of step time (batch {o['batch']}, {o['prompts']} prompts; "
+            f"target <= {100 * OVERHEAD_TARGET:.0f}%): {o['by_function_s']}", flush=True)
+        if profile:
+            say(o["profile_top_tottime"])
+    result["bench_wall_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def table(result: dict[str, Any], batch: int) -> str:
+    b = result["batches"][str(batch)]
+    cols = [("tokens/step", "tokens_per_step"), ("x baseline", "tokens_per_step_vs_baseline"),
+            ("tokens/s", "tokens_per_s"), ("x baseline", "tokens_per_s_vs_baseline"),
+            ("valid JSON %", "valid_json_pct"), ("jump-forward tokens", "forced_tokens"),
+            ("equal to baseline", "outputs_equal_baseline")]
+    lines = [f"\nbatch {batch} (max_num_seqs), {result['num_prompts']} prompts, max_tokens {result['max_tokens']}, "
+             f"tree {result['tree']}, drafters {result['ssms'] or 'shipped SSMs'} + {result['drafters']}; baseline "
+             f"{b['reference']}; outputs equal: {b['outputs_equal']}",
+             "| setup | " + " | ".join(c for c, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for setup, s in b["summary"].items():
+        lines.append(f"| {setup} | " + " | ".join(str(s[k]) for _, k in cols) + " |")
+    return "\n".join(lines)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    parts = [f"# Structured outputs bench\n\nmachine: {result['machine']}; {result['date']}; LLM {result['llm']} "
+             f"({result['dtype']}, {result['torch_threads']} threads), greedy, chat template, prefix caching off; "
+             f"grammar drafter: {result['grammar_draft_tokens']} tokens."]
+    parts += [table(result, int(b)) for b in result["batches"]]
+    if "grammar_overhead" in result:
+        o = result["grammar_overhead"]
+        parts.append(f"\ngrammar work: {100 * o['grammar_fraction']:.1f}% of step time ({o['setup']}, batch {o['batch']}, "
+                     f"{o['prompts']} prompts; target <= {100 * o['target_fraction_le']:.0f}%)\n\n| function | s |\n|---|---|\n"
+                     + "\n".join(f"| {k} | {v} |" for k, v in o["by_function_s"].items())
+                     + f"\n| (all steps) | {o['step_s']} |")
+    return "\n".join(parts) + "\n"
+
+
+def write(result: dict[str, Any], out: Path) -> None:
+    """results.json (each list of token ids on one line) and results.md."""
+    text = json.dumps(result, indent=1)
+    text = re.sub(r"\[\s+([-\d,\s]+?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(text + "\n")
+    (out / "results.md").write_text(markdown(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llm", default="default")
+    parser.add_argument("--prompts", help="JSONL with name, prompt and schema (default: the shipped set)")
+    parser.add_argument("--limit", type=int, help="only the first N prompts")
+    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--batches", default="8,1", help="max_num_seqs values, each a run of every setup")
+    parser.add_argument("--tree", default="1,1,1,1,1,1", help="tree of the tree setups (widths, or dynamic[:K,DEPTH])")
+    parser.add_argument("--ssm", action="append", dest="ssms", help="SSM source, repeatable ('none': no SSM); "
+                        "default: the shipped SSMs")
+    parser.add_argument("--drafter", action="append", dest="drafters",
+                        help="model-free drafter, repeatable; default: ngram ('none': no model-free drafter)")
+    parser.add_argument("--setups", default=",".join(SETUPS), help="the first is the baseline")
+    parser.add_argument("--overhead-batch", type=int, default=16, help="0: skip the grammar overhead run")
+    parser.add_argument("--profile", action="store_true", help="cProfile the overhead run")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--dtype", help="default: float32 on a CPU")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default="docs/bench/cpu/structured", help="directory for results.json and results.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    drafters = [] if args.drafters == ["none"] else (args.drafters or ["ngram"])
+    options = {"device": args.device, **({"dtype": args.dtype} if args.dtype else {})}
+    result = run(args.llm, args.prompts, args.max_tokens, tuple(int(b) for b in args.batches.split(",")), args.tree,
+                 args.ssms, tuple(drafters), tuple(args.setups.split(",")), args.limit, args.overhead_batch,
+                 args.profile, **options)
+    write(result, Path(args.out))
+    print(markdown(result))
+    if not result["outputs_equal"]:
+        print("!!! greedy outputs differ across setups: see 'mismatches' in results.json")
+    return 0 if result["outputs_equal"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
