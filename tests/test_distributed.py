@@ -25,7 +25,7 @@ from ray.util.placement_group import remove_placement_group
 from test_engine_exact import noisy_copy
 from tp_helpers import assert_shards_match
 
-from specinfer_dist import InvalidConfigError, LLMEngine, ModelLoadError, SamplingParams
+from specinfer_dist import InvalidConfigError, InvalidRequestError, LLMEngine, ModelLoadError, SamplingParams
 from specinfer_dist.cli import main
 from specinfer_dist.config import ClusterConfig, EngineConfig
 from specinfer_dist.distributed import Coordinator, CoordinatorClient
@@ -42,6 +42,7 @@ from specinfer_dist.distributed.verifier_shard import ShardGroupVerifier
 from specinfer_dist.engine.async_engine import EngineStepError
 from specinfer_dist.engine.builder import build_parts
 from specinfer_dist.models.loader import load_model
+from specinfer_dist.runtime.grammar import StructuredOutputsParams
 from specinfer_dist.runtime.model_runner import chain_parents
 from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
@@ -459,3 +460,28 @@ def test_prefix_caching_on_ray_gives_the_local_outputs(models, clients):
         assert one_by_one == want and together == want
         assert client.counters.prefix_cache_hits - hits >= 4 * 32  # later prompts reuse the 2 full stem blocks
         assert client.kv_usage() == 0.0
+
+
+def test_structured_outputs_on_ray_give_the_local_outputs(models, clients):
+    """Constrained requests (greedy under a JSON schema, seeded sampling under a regex, a choice)
+    mixed with a free one: the coordinator masks the logits the shards return and prunes the
+    trees its draft workers send (they draft unmasked), and the outputs are the local engine's.
+    A bad constraint is refused there and the runtime keeps serving."""
+    config, _, _ = models
+    local = LLMEngine.from_config(replace(config, enable_prefix_caching=False))
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 999}, "ok": {"type": "boolean"}},
+              "required": ["n", "ok"], "additionalProperties": False}
+    batch = prompts(4, seed=5)
+    params = [
+        SamplingParams(temperature=0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=schema)),
+        SamplingParams(temperature=0.9, seed=3, max_tokens=12, structured_outputs=StructuredOutputsParams(regex="[a-f]{4,9}")),
+        SamplingParams(temperature=0, max_tokens=12, structured_outputs=StructuredOutputsParams(choice=["yes", "no"])),
+        SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+    ]
+    want = reference(local, batch, params)
+    assert json.loads(local.decode(want[0])).keys() == {"n", "ok"} and local.decode(want[2]) in ("yes", "no")
+    for client in clients.values():
+        assert [tokens for tokens, _ in run_all(client, batch, params)] == want
+        with pytest.raises(InvalidRequestError, match="unclosed group"):
+            run_all(client, batch[:1], [SamplingParams(structured_outputs=StructuredOutputsParams(regex="a(b"))])
+        assert [run_all(client, [p], [sp])[0][0] for p, sp in zip(batch, params)] == want

@@ -22,7 +22,7 @@ tree, which verification turns into one ordinary decoding step. Output stays exa
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -33,6 +33,7 @@ from specinfer_dist.config import EngineConfig
 from specinfer_dist.drafters.base import Drafter, DraftRequest
 from specinfer_dist.engine.builder import load_drafting, load_target, make_drafters
 from specinfer_dist.errors import SpecInferError
+from specinfer_dist.runtime.grammar import RequestGrammars
 from specinfer_dist.tree.spec import TreeSpec
 from specinfer_dist.tree.token_tree import TokenTree
 
@@ -74,6 +75,9 @@ class DraftWorker:
             return
         self.error = None
         self.built, self.drafters, self.parts = built, built.drafters, built.parts
+        # Constrained requests arrive without their grammar: rebuilt here, so drafts are masked as in the engine.
+        self.grammars = RequestGrammars(self.parts["tokenizer"], self.parts["model_config"].vocab_size,
+                                        self.parts["eos_ids"])
 
     def describe(self) -> dict[str, Any]:
         """LLMEngine arguments, and each hosted drafter's (name, spec)."""
@@ -91,9 +95,19 @@ class DraftWorker:
     def propose(self, requests: list[DraftRequest], max_depths: list[int], released: list[int]) -> list[list[TokenTree]]:
         """Forget ``released`` requests, then every drafter's trees for ``requests``."""
         for request_id in released:
+            self.grammars.release(request_id)
             for drafter in self.drafters:
                 drafter.release(request_id)
+        requests = [self._with_grammar(request) for request in requests]
         return [[_compact(tree) for tree in drafter.propose(requests, max_depths)] for drafter in self.drafters]
+
+
+    def _with_grammar(self, request: DraftRequest) -> DraftRequest:
+        constraint = request.params.structured_outputs
+        if constraint is None:
+            return request
+        grammar = self.grammars.grammar(request.request_id, constraint, request.tokens[request.prompt_len :])
+        return replace(request, grammar=grammar)
 
 
 def _compact(tree: TokenTree) -> TokenTree:
@@ -143,7 +157,7 @@ class DraftPool:
         calls = {}
         for worker, rows in batches.items():
             released, self.released[worker] = self.released[worker], []
-            calls[worker] = self.workers[worker].propose.remote(  # grammars stay here: trees are pruned here
+            calls[worker] = self.workers[worker].propose.remote(  # the worker rebuilds grammars (RequestGrammars)
                 [requests[i].shippable() for i in rows], [max_depths[i] for i in rows], released
             )
         trees = [[TokenTree.from_root(r.tokens[-1]) for r in requests] for _ in range(self.num_drafters)]

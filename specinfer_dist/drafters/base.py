@@ -23,8 +23,10 @@ class DraftRequest:
     params: SamplingParams
     # The request's grammar at its committed tokens, where the drafter runs in the engine's
     # process: drafters mask their distributions with it (masks for the nodes they expand).
-    # Requests shipped to another process travel without it (``shippable``).
+    # Requests shipped to another process travel without it (``shippable``); there, it is
+    # rebuilt from ``params.structured_outputs`` and the output tokens (RequestGrammars).
     grammar: Grammar | None = None
+    prompt_len: int = 0  # tokens[prompt_len:] is the output so far, what a grammar has consumed
 
     def shippable(self) -> "DraftRequest":
         return replace(self, grammar=None) if self.grammar is not None else self

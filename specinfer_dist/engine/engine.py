@@ -499,7 +499,8 @@ class LLMEngine:
         # SSM caches catch up on the skipped tokens when drafting resumes.
         # A step yields at most depth + 1 tokens: never draft past max_tokens.
         max_depths = [seq.remaining - 1 for seq in seqs]
-        requests = [DraftRequest(seq.request_id, seq.tokens, seq.params, seq.grammar) for seq in seqs]
+        requests = [DraftRequest(seq.request_id, seq.tokens, seq.params, seq.grammar, len(seq.prompt_ids))
+                    for seq in seqs]
         proposals = [self._propose(d, requests, max_depths) for d in self.drafters]
         trees: list[TokenTree | Exception] = []
         for seq, own in zip(seqs, zip(*proposals)):

@@ -122,10 +122,10 @@ class GrammarCompiler:
             source = params.lark()
             is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(source, self.tokenizer)
             if is_error:
-                raise InvalidRequestError(f"invalid structured output constraint: {messages[0].strip()}")
+                raise InvalidRequestError(f"invalid structured output constraint: {_one_line(messages[0])}")
             compiled = llguidance.LLMatcher(self.tokenizer, source, log_level=0)
             if compiled.is_error():
-                raise InvalidRequestError(f"invalid structured output constraint: {compiled.get_error().strip()}")
+                raise InvalidRequestError(f"invalid structured output constraint: {_one_line(compiled.get_error())}")
             if compiled.is_stopped():
                 raise InvalidRequestError("the structured output constraint allows no output at all")
             self._compiled[key] = compiled
@@ -133,6 +133,30 @@ class GrammarCompiler:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
         return Grammar(compiled.deep_copy(), self.vocab_size)
+
+
+class RequestGrammars:
+    """Each request's grammar in a process that gets requests' tokens but not their ``Grammar``
+    (a Ray draft worker): compiled from the request's constraint the first time, then advanced
+    by the output tokens that arrived since."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> None:
+        self._compiler_args = (tokenizer, vocab_size, eos_ids)
+        self._compiler: GrammarCompiler | None = None
+        self._grammars: dict[int, tuple[Grammar, int]] = {}  # request id -> (grammar, output tokens consumed)
+
+    def grammar(self, request_id: int, constraint: StructuredOutputsParams, output: list[int]) -> Grammar:
+        grammar, consumed = self._grammars.get(request_id, (None, 0))
+        if grammar is None or consumed > len(output):
+            self._compiler = self._compiler or GrammarCompiler(*self._compiler_args)
+            grammar, consumed = self._compiler.grammar(constraint), 0
+        for token in output[consumed:]:
+            grammar.advance(token)
+        self._grammars[request_id] = (grammar, len(output))
+        return grammar
+
+    def release(self, request_id: int) -> None:
+        self._grammars.pop(request_id, None)
 
 
 class GrammarError(RuntimeError):
@@ -253,6 +277,12 @@ class Grammar:
                 out, paths = out.dfs(), [paths[i] for i in order]
         rows = np.stack([_or_all(None if p is None else self.mask(p), self.words) for p in paths])
         return out, rows
+
+
+def _one_line(message: str) -> str:
+    """llguidance's reason without its source diagram (lines of the input and a caret): errors are one line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return " ".join(lines[:1] + [line for line in lines[1:] if line.startswith("error:")])
 
 
 def _dfs_order(tree: TokenTree) -> list[int]:
