@@ -273,7 +273,7 @@ class Grammar:
                 if budget <= 0:
                     break
             if budget < max_forced:  # forced chains were appended after the DFS order
-                order = _dfs_order(out)
+                order = out.dfs_order()
                 out, paths = out.dfs(), [paths[i] for i in order]
         rows = np.stack([_or_all(None if p is None else self.mask(p), self.words) for p in paths])
         return out, rows
@@ -283,17 +283,6 @@ def _one_line(message: str) -> str:
     """llguidance's reason without its source diagram (lines of the input and a caret): errors are one line."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     return " ".join(lines[:1] + [line for line in lines[1:] if line.startswith("error:")])
-
-
-def _dfs_order(tree: TokenTree) -> list[int]:
-    """The old index of each node of ``tree.dfs()``."""
-    kids = tree.children()
-    order, stack = [], [0]
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        stack.extend(reversed(kids[node]))
-    return order
 
 
 def _has(mask: np.ndarray, token: int) -> bool:

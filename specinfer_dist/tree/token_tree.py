@@ -57,14 +57,19 @@ class TokenTree:
             node = self.parents[node]
         return out[::-1]
 
-    def dfs(self) -> "TokenTree":
-        """The same tree with nodes renumbered in depth-first pre-order (children in insertion order)."""
+    def dfs_order(self) -> list[int]:
+        """The nodes in depth-first pre-order (children in insertion order)."""
         kids = self.children()
         order, stack = [], [0]
         while stack:
             node = stack.pop()
             order.append(node)
             stack.extend(reversed(kids[node]))
+        return order
+
+    def dfs(self) -> "TokenTree":
+        """The same tree with nodes renumbered in depth-first pre-order (``dfs_order``)."""
+        order = self.dfs_order()
         new_index = {old: new for new, old in enumerate(order)}
         return TokenTree(
             [self.tokens[old] for old in order],
