@@ -96,3 +96,33 @@ def test_prefix_cache_bench_smoke(tmp_path):
     assert memory["on"]["pool_at_end"]["kv_blocks"] == memory["kv_blocks"]
     assert set(result["targets"]) >= {"ttft_later_turns_p50_ratio_le_0.25", "throughput_ratio_ge_1.5",
                                       "prompt_rows_ratio_le_0.125"}
+
+
+def test_structured_bench_smoke(tmp_path):
+    """The structured-outputs bench at a tiny scale: every setup runs on 2 schema prompts, greedy
+    outputs agree across setups, and the files and the grammar-overhead numbers are written."""
+    from serve_helpers import make_chat_checkpoint
+
+    from specinfer_dist.bench import structured
+
+    llm = make_chat_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    code = structured.main(["--llm", str(llm), "--ssm", str(llm), "--limit", "2", "--max-tokens", "12", "--batches", "2",
+                            "--tree", "1,1,1", "--overhead-batch", "2", "--out", str(out)])
+    assert code == 0
+    result = json.loads((out / "results.json").read_text())
+    assert "| tree+grammar |" in (out / "results.md").read_text()
+    batch = result["batches"]["2"]
+    assert batch["outputs_equal"] and result["outputs_equal"]
+    assert list(batch["summary"]) == list(structured.SETUPS)
+    outputs = [batch["setups"][s]["outputs"] for s in structured.SETUPS]
+    assert all(o == outputs[0] for o in outputs) and len(outputs[0]) == 2
+    summary = batch["summary"]
+    for s in summary.values():
+        assert s["outputs_equal_baseline"] == "2/2" and s["tokens_per_s"] > 0 and 0 <= s["valid_json_pct"] <= 100
+    assert summary["incremental"]["tokens_per_step"] == 1.0 and summary["incremental"]["forced_tokens"] == 0
+    assert summary["tree"]["tokens_per_step"] > 1.5  # the LLM drafting for itself: every draft is accepted
+    assert summary["incremental+grammar"]["forced_tokens"] > 0  # '{"' and the first key are forced
+    overhead = result["grammar_overhead"]
+    assert overhead["batch"] == 2 and 0 < overhead["grammar_s"] < overhead["step_s"]
+    assert {"Grammar.constrain", "mask_logits"} <= set(overhead["by_function_s"])

@@ -1,9 +1,8 @@
 """Structured outputs: a request's grammar (JSON schema, JSON object, regex, choice, Lark) as
 token masks over the LLM's vocabulary, for every node of a token tree.
 
-The grammar engine is llguidance (PyPI wheel, no dependencies, ~60 us per mask on the default
-LLM's 49k vocabulary; it rolls back consumed tokens and computes forced tokens, which tree
-verification and grammar drafting need). ``GrammarCompiler`` compiles a constraint once per
+The grammar engine is llguidance (a PyPI wheel with no dependencies; it rolls back consumed
+tokens and computes forced tokens, which tree verification and grammar drafting need). ``GrammarCompiler`` compiles a constraint once per
 distinct constraint for one tokenizer; each request gets a copy of the compiled matcher.
 
 Invariants:
