@@ -111,7 +111,8 @@ class EngineConfig(_Section):
         "used evicted first), in the LLM and the drafters; outputs are the same either way")
     grammar_draft_tokens: int = option(
         16, "structured outputs, the grammar drafter: most tokens a request's grammar forces that are drafted per "
-        "step below its tree's leaves (verified like any draft; incremental decoding drafts none), and tokens that "
+        "step below its tree's leaves, within the rows reserved for the tree (verified like any draft; incremental decoding "
+        "drafts none), and tokens that "
         "are the only ones allowed are appended without a forward, in every mode; 0: off")
     gpu_memory_utilization: float = option(
         DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA: fraction of device memory for weights + KV pool (sizes the pool)")

@@ -451,7 +451,7 @@ class LLMEngine:
             raise InvalidConfigError("feature drafters need a verifier that returns hidden states (logits_hidden)")
         self.mode, self.spec, self.drafters, self.feature_drafters = mode, spec, drafters, feature_drafters
         self.aux_layers = feature_drafters[0].aux_layers if feature_drafters else []
-        self.scheduler.max_drafted = max_drafted(drafting, self.grammar_draft_tokens)
+        self.scheduler.max_drafted = max_drafted(drafting)
 
     def switch_drafting(self, drafting: Drafting) -> bool:
         """Draft with ``drafting`` from the next step on (call between steps); False, and nothing
@@ -460,7 +460,7 @@ class LLMEngine:
         outputs are the LLM's either way. Requests already running start the new drafters from
         their tokens (a feature drafter, which needs hidden states from their start, leaves them
         undrafted), and the old drafters' state goes with them."""
-        old_reserve, self.scheduler.max_drafted = self.scheduler.max_drafted, max_drafted(drafting, self.grammar_draft_tokens)
+        old_reserve, self.scheduler.max_drafted = self.scheduler.max_drafted, max_drafted(drafting)
         try:
             for seq in [*self.scheduler.waiting, *self.scheduler.running]:
                 self.scheduler.check(len(seq.prompt_ids), seq.params.max_tokens)
@@ -489,7 +489,8 @@ class LLMEngine:
             seq.tree_masks = None
             if seq.grammar is not None and not isinstance(tree, Exception):
                 try:
-                    forced = self.grammar_draft_tokens if drafting else 0
+                    # Within the rows the scheduler reserved for the tree: no request reserves more for them.
+                    forced = min(self.grammar_draft_tokens, self.scheduler.max_drafted - tree.num_drafted) if drafting else 0
                     trees[i], seq.tree_masks = seq.grammar.constrain(tree, forced, max_depth=seq.remaining - 1)
                 except Exception as err:  # noqa: BLE001 - one request's failure is its own
                     trees[i] = err
@@ -646,13 +647,13 @@ class _LLMKV:
         self.engine.verifier.release(request_id)
 
 
-def max_drafted(drafting: Drafting, grammar_draft_tokens: int = 0) -> int:
+def max_drafted(drafting: Drafting) -> int:
     """The most tree tokens a step drafts for one request: the merge of every drafter's tree,
-    capped by the token budget, plus the tokens a grammar forces below it (what the scheduler
-    reserves KV for)."""
+    capped by the token budget (what the scheduler reserves KV for; forced tokens a grammar drafts
+    use what the merged tree leaves of it)."""
     if drafting.mode == "incremental":
         return 0
-    return min(drafting.spec.token_budget, sum(d.spec.num_tokens for d in drafting.drafters)) + grammar_draft_tokens
+    return min(drafting.spec.token_budget, sum(d.spec.num_tokens for d in drafting.drafters))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
