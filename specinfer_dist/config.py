@@ -111,9 +111,9 @@ class EngineConfig(_Section):
         "used evicted first), in the LLM and the drafters; outputs are the same either way")
     grammar_draft_tokens: int = option(
         16, "structured outputs, the grammar drafter: most tokens a request's grammar forces that are drafted per "
-        "step below its tree's leaves, within the rows reserved for the tree (verified like any draft; incremental decoding "
-        "drafts none), and tokens that "
-        "are the only ones allowed are appended without a forward, in every mode; 0: off")
+        "step below its tree's leaves, within the rows reserved for the tree (verified like any draft; incremental "
+        "decoding drafts none); tokens that are the only ones allowed are appended without a forward, in every "
+        "mode. 0: off")
     gpu_memory_utilization: float = option(
         DEFAULT_GPU_MEMORY_UTILIZATION, "CUDA: fraction of device memory for weights + KV pool (sizes the pool)")
     enforce_eager: bool = option(
@@ -148,7 +148,7 @@ class EngineConfig(_Section):
         budget = self.max_num_batched_tokens
         _check(budget in (None, "auto") or _positive_int(budget),
                f"max_num_batched_tokens must be a positive integer, 'auto' or null, got {budget!r}")
-        _check(_positive_int(self.grammar_draft_tokens) or self.grammar_draft_tokens in (0,) and type(self.grammar_draft_tokens) is int,
+        _check(type(self.grammar_draft_tokens) is int and self.grammar_draft_tokens >= 0,
                f"grammar_draft_tokens must be an integer >= 0, got {self.grammar_draft_tokens!r}")
         for name in ("speculation_max_batch", "kv_blocks", "max_queued_seqs"):
             value = getattr(self, name)

@@ -25,7 +25,9 @@ from test_mss import ALPHA, g_test, noisy_copy
 
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
 from specinfer_dist.drafters.ssm import SSMDrafter
-from specinfer_dist.runtime.grammar import JSON_DEFAULTS, GrammarCompiler, StructuredOutputsParams, unpack
+from specinfer_dist.runtime.grammar import (
+    JSON_DEFAULTS, GrammarCompiler, StructuredOutputsParams, _has, _shifts, unpack,
+)
 from specinfer_dist.tree import TokenTree, sampling_probs
 
 SCHEMA = {
@@ -293,7 +295,11 @@ def test_constrain_keeps_every_allowed_node_and_masks_as_a_fresh_matcher(tiny, c
             want = fresh.mask(tuple(prefix + path))
             assert want is not None and (rows[node] == want).all()
     assert (rows[0] == fresh.mask(tuple(prefix))).all()
-    assert unpack(torch.from_numpy(rows), 260).shape == (len(out), 260)
+    # Host unpacking (numpy) and device unpacking (tensor shifts, run here on the CPU) agree bit for bit.
+    want = torch.tensor([[_has(row, t) for t in range(260)] for row in rows])
+    assert torch.equal(unpack(rows, 260), want)
+    words = torch.from_numpy(rows)
+    assert torch.equal(((words.unsqueeze(-1) >> _shifts(words.device)) & 1).bool().flatten(-2)[:, :260], want)
 
 
 # ---- the default LLM --------------------------------------------------------------------------

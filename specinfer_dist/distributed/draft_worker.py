@@ -101,7 +101,6 @@ class DraftWorker:
         requests = [self._with_grammar(request) for request in requests]
         return [[_compact(tree) for tree in drafter.propose(requests, max_depths)] for drafter in self.drafters]
 
-
     def _with_grammar(self, request: DraftRequest) -> DraftRequest:
         constraint = request.params.structured_outputs
         if constraint is None:

@@ -571,9 +571,10 @@ class LLMEngine:
 
     def _jump_forward(self, seq: Sequence) -> None:
         """The grammar drafter's certain part (SGLang's jump-forward), in every mode: append the
-        tokens the grammar alone decides. While it allows exactly one token (not EOS), the masked distribution is a point mass on it, so the LLM's choice is known without
-        a forward (greedy or sampled). Their KV is computed with the next step's tree, as the
-        chain before its root. Not for requests reporting logprobs, which need the LLM's logits."""
+        tokens the grammar alone decides. While it allows exactly one token (not EOS), the masked
+        distribution is a point mass on it, so the LLM's choice is known without a forward
+        (greedy or sampled). Their KV is computed with the next step's tree, as the chain before
+        its root. Not for requests reporting logprobs, which need the LLM's logits."""
         while not seq.finished and (token := seq.grammar.only_token()) is not None and token not in self.eos_ids:
             self._append(seq, [token])
             seq.stats.forced_tokens += 1

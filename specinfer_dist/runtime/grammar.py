@@ -204,8 +204,7 @@ class Grammar:
 
     def allowed(self, paths: list[tuple[int, ...]], device: torch.device | str = "cpu") -> torch.Tensor:
         """Bool [len(paths), vocab]: the tokens allowed after each path (all, for a forbidden path)."""
-        rows = np.stack([_or_all(self.mask(p), self.words) for p in paths])
-        return unpack(torch.from_numpy(rows).to(device), self.vocab_size)
+        return unpack(np.stack([_or_all(self.mask(p), self.words) for p in paths]), self.vocab_size, device)
 
     def only_token(self) -> int | None:
         """The one token the grammar allows next, if it allows exactly one: the LLM's masked
@@ -297,15 +296,20 @@ def _shifts(device: torch.device) -> torch.Tensor:
     return torch.arange(32, dtype=torch.int32, device=device)
 
 
-def unpack(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Bool [..., vocab] from bitmasks [..., words] (bit j of word w is token 32 w + j)."""
-    return ((bits.unsqueeze(-1) >> _shifts(bits.device)) & 1).bool().flatten(-2)[..., :vocab_size]
+def unpack(bits: np.ndarray, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool [..., vocab] on ``device`` from bitmasks [..., words] (bit j of word w is token
+    32 w + j). On the host numpy unpacks (much cheaper there than tensor shifts); for another
+    device the packed words travel, 8x fewer bytes, and are unpacked there."""
+    if torch.device(device).type == "cpu":
+        return torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=-1, bitorder="little")[..., :vocab_size]).bool()
+    words = torch.from_numpy(bits).to(device, non_blocking=True)
+    return ((words.unsqueeze(-1) >> _shifts(words.device)) & 1).bool().flatten(-2)[..., :vocab_size]
 
 
 def mask_logits(logits: torch.Tensor, rows: np.ndarray, bits: np.ndarray) -> torch.Tensor:
     """A copy of ``logits`` where row ``rows[i]`` has -inf at every token ``bits[i]`` forbids."""
     index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
-    allowed = unpack(torch.from_numpy(bits).to(logits.device, non_blocking=True), logits.shape[1])
+    allowed = unpack(bits, logits.shape[1], logits.device)
     out = logits.clone()
     out[index] = out[index].masked_fill(~allowed, float("-inf"))
     return out
