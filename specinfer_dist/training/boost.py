@@ -27,12 +27,8 @@ from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.cache import cache_root
 from specinfer_dist.models.draft_vocab import frequent_tokens, write_draft_vocab
 from specinfer_dist.models.loader import parse_dtype, resolve_model_dir
-from specinfer_dist.training.data import (
-    DataConfig,
-    DistillSet,
-    build_distill_set,
-    load_hf,
-)
+from specinfer_dist.training.data import DataConfig, DistillSet, build_distill_set
+from specinfer_dist.training.jobs import load_hf
 from specinfer_dist.training.model import init_ssm, save_ssm
 from specinfer_dist.training.train import TrainConfig, distill, hidden_rows
 
@@ -125,7 +121,8 @@ def boost_tune(cfg: BoostConfig, corpus: str | None = None, progress: bool = Tru
     work = Path(cfg.work_dir) if cfg.work_dir else default_work_dir(cfg.out)
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
     llm = load_hf(llm_dir).requires_grad_(False)
-    data = build_distill_set(llm, tokenizer, llm_dir, cfg.data, work / "data", corpus, progress, cfg.soft_targets)
+    data = build_distill_set(llm, tokenizer, llm_dir, cfg.llm, cfg.data, work / "data", corpus, progress,
+                             cfg.soft_targets)
     data_s = time.perf_counter() - start
     eos = eos_ids(llm_dir, llm.config, tokenizer)
     if cfg.vocab_only:

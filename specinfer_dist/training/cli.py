@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.training import feature
 from specinfer_dist.training.boost import REPORT_NAME, BoostConfig, boost_tune
 from specinfer_dist.training.data import DataConfig
@@ -63,7 +64,10 @@ def add_train_feature_parser(subparsers: argparse._SubParsersAction) -> None:
                               help="train an EAGLE-3 feature drafter for an LLM (saved in the vLLM/SGLang format)")
     p.add_argument("--llm", default="default", help="'default', a HF checkpoint dir, a .gguf file or a hub id")
     p.add_argument("--out", required=True, help="the head's directory (config.json, model.safetensors, report)")
-    p.add_argument("--work-dir", help="cached generations and the resumable checkpoint (default: OUT/.work)")
+    p.add_argument("--work-dir", help="the resumable checkpoint, and the answers unless --data-dir (default: OUT/.work)")
+    p.add_argument("--data-dir", help="the LLM's answers, kept and grown by later runs (default: WORK/answers)")
+    p.add_argument("--budget-minutes", type=float,
+                   help="wall time for the whole run: answers, training, evaluation (one GPU lease: 6-8)")
     p.add_argument("--tokens", type=int, default=c.tokens, help="target tokens to train on")
     p.add_argument("--prompts", type=int, default=c.prompts, help="prompts the LLM answers (5%% held out)")
     p.add_argument("--max-new-tokens", type=int, default=c.max_new_tokens)
@@ -74,17 +78,26 @@ def add_train_feature_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ttt-steps", type=int, default=c.ttt_steps, help="draft depths unrolled in training")
     p.add_argument("--draft-vocab", type=int, default=c.draft_vocab)
     p.add_argument("--intermediate-size", type=int, help="the head's MLP width (default: the LLM's)")
+    p.add_argument("--gen-batch-size", type=int, default=c.gen_batch_size, help="prompts per generate() batch")
     p.add_argument("--workers", type=int, default=c.workers, help="processes for generation")
     p.add_argument("--threads", type=int)
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--seed", type=int, default=c.seed)
     p.add_argument("--init", help="a trained head's directory to start from (fine-tuning; its draft vocabulary is kept)")
+    p.add_argument("--eval-prompts", type=int, default=c.eval_prompts,
+                   help="held-out prompts decoded with the head to measure tokens per step (0: skip)")
+    p.add_argument("--eval-max-tokens", type=int, default=c.eval_max_tokens)
     p.set_defaults(run=_run_feature)
 
 
 def _run_feature(args: argparse.Namespace) -> int:
+    if args.budget_minutes is not None and args.budget_minutes <= 0:
+        raise InvalidConfigError(f"--budget-minutes must be positive, got {args.budget_minutes}")
     cfg = FeatureTrainConfig(
         out=Path(args.out), llm=args.llm, work_dir=Path(args.work_dir) if args.work_dir else None, tokens=args.tokens,
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        budget_s=None if args.budget_minutes is None else 60 * args.budget_minutes,
+        gen_batch_size=args.gen_batch_size, eval_prompts=args.eval_prompts, eval_max_tokens=args.eval_max_tokens,
         prompts=args.prompts, max_new_tokens=args.max_new_tokens, corpus_sequences=args.corpus_sequences,
         seq_len=args.seq_len, batch_size=args.batch_size, lr=args.lr, ttt_steps=args.ttt_steps,
         draft_vocab=args.draft_vocab, intermediate_size=args.intermediate_size, workers=args.workers,
@@ -93,4 +106,8 @@ def _run_feature(args: argparse.Namespace) -> int:
     report = train_feature_drafter(cfg)
     top1 = ", ".join(f"{x:.3f}" for x in report["heldout"]["top1_by_depth"])
     print(f"held-out top-1 by depth: {top1}; report: {Path(args.out) / feature.REPORT_NAME}", file=sys.stderr)
+    for setup, row in (report["drafting"] or {}).items():
+        if isinstance(row, dict):
+            print(f"  {setup}: {row['tokens_per_step']:.2f} tokens/step, {row['speedup_vs_incremental']:.2f}x "
+                  "incremental", file=sys.stderr)
     return 0

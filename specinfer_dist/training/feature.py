@@ -39,8 +39,10 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
-from specinfer_dist.engine.builder import eos_ids
+from specinfer_dist.config import EngineConfig
+from specinfer_dist.engine.builder import eos_ids, load_target
 from specinfer_dist.engine.engine import LLMEngine
+from specinfer_dist.errors import InvalidConfigError
 from specinfer_dist.models.draft_vocab import frequent_tokens
 from specinfer_dist.models.eagle3 import (
     Eagle3Head,
@@ -51,8 +53,10 @@ from specinfer_dist.models.eagle3 import (
 )
 from specinfer_dist.models.loader import resolve_model_dir
 from specinfer_dist.runtime.model_runner import RunItem, chain_parents
+from specinfer_dist.runtime.sampling_params import SamplingParams
 from specinfer_dist.training import prompts as P
-from specinfer_dist.training.data import DataConfig, llm_answers, load_hf
+from specinfer_dist.training.data import DataConfig, llm_answers
+from specinfer_dist.training.jobs import load_hf
 from specinfer_dist.training.train import TrainConfig, batch_order, lr_at
 
 SHARED = ["embed_tokens.weight", "lm_head.weight"]
@@ -65,7 +69,10 @@ class FeatureTrainConfig:
     out: Path
     llm: str = "default"
     work_dir: Path | None = None
+    data_dir: Path | None = None  # the LLM's answers, kept and grown across runs (default: WORK/answers)
+    budget_s: float | None = None  # wall time for the whole run (see BUDGET_SHARES); None: no limit
     prompts: int = 256  # prompts the LLM answers (its own outputs; 5% held out for evaluation)
+    gen_batch_size: int = 64  # prompts per generate() batch
     max_new_tokens: int = 128
     corpus_sequences: int = 1024  # teacher-forced corpus windows
     seq_len: int = 192  # tokens per sequence (longer ones are cut)
@@ -85,6 +92,8 @@ class FeatureTrainConfig:
     device: str | None = None  # None: cuda when present
     compare_ssms: list[str] | None = None  # SSM sources scored on the same held-out rows (None: the default's)
     init: Path | None = None  # a trained head to start from (fine-tuning); its draft vocabulary is kept
+    eval_prompts: int = 8  # held-out prompts decoded with the head to measure tokens per step (0: none)
+    eval_max_tokens: int = 64
 
 
 class UnrolledAttention:
@@ -206,24 +215,29 @@ def trainable(head: Eagle3Head) -> dict[str, nn.Parameter]:
     return {n: p for n, p in head.named_parameters() if not any(n.startswith(s.split(".")[0]) for s in SHARED)}
 
 
-def build_sequences(cfg: FeatureTrainConfig, llm, tokenizer, llm_dir: Path, work: Path, corpus: str | None,
-                    progress: bool) -> tuple[list[TrainSequence], list[TrainSequence], dict[str, int]]:
-    """(train, held-out) sequences: the LLM's answers to prompts (cached generation) and
-    teacher-forced corpus windows; held-out = the held-out prompts' answers only."""
+def build_sequences(cfg: FeatureTrainConfig, llm, tokenizer, llm_dir: Path, data_dir: Path, corpus: str | None,
+                    progress: bool, deadline: float | None = None
+                    ) -> tuple[list[TrainSequence], list[TrainSequence], dict[str, Any]]:
+    """(train, held-out) sequences: the LLM's answers to prompts (the growable store in
+    ``data_dir``; by ``deadline``, those answered then) and teacher-forced corpus windows;
+    held-out = the held-out prompts' answers only."""
     data_cfg = DataConfig(num_prompts=cfg.prompts, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                          workers=cfg.workers)
+                          workers=cfg.workers, batch_size=cfg.gen_batch_size)
     corpus = P.fetch_corpus(progress) if corpus is None else corpus
-    prompts, conts = llm_answers(llm, tokenizer, llm_dir, data_cfg, work, corpus, progress)
+    t = time.perf_counter()
+    answers, heldout = llm_answers(llm, llm_dir, tokenizer, cfg.llm, data_cfg, data_dir, corpus, progress, deadline)
+    data_s = time.perf_counter() - t
     train, held = [], []
-    for p, c in zip(prompts, conts):
-        if c and len(p.ids) < cfg.seq_len:
-            (held if p.heldout else train).append(TrainSequence(torch.tensor(p.ids + c)[: cfg.seq_len], len(p.ids) - 1))
+    for a, h in zip(answers, heldout):
+        if a.answer and len(a.prompt) < cfg.seq_len:
+            (held if h else train).append(TrainSequence(torch.tensor(a.prompt + a.answer)[: cfg.seq_len], len(a.prompt) - 1))
     rng = random.Random(cfg.seed)
     text_ids = tokenizer(corpus[: 40 * cfg.seq_len * cfg.corpus_sequences], add_special_tokens=False).input_ids
     starts = list(range(0, max(0, len(text_ids) - cfg.seq_len), cfg.seq_len))
     windows = [TrainSequence(torch.tensor(text_ids[s : s + cfg.seq_len]))
                for s in rng.sample(starts, min(len(starts), cfg.corpus_sequences))]
-    info = {"generated_sequences": len(train), "heldout_sequences": len(held), "corpus_windows": len(windows),
+    info = {"data_dir": str(data_dir), "answered_prompts": len(answers), "answers_s": round(data_s, 1),
+            "generated_sequences": len(train), "heldout_sequences": len(held), "corpus_windows": len(windows),
             "generated_tokens": sum(len(s.ids) for s in train), "corpus_tokens": sum(len(s.ids) for s in windows),
             "generated_scored_tokens": sum(len(s.ids) - 1 - s.root for s in train)}
     return train + windows, held, info
@@ -278,18 +292,63 @@ def ssm_agreement(llm_source: str, ssms: list[str], llm, seqs: list[TrainSequenc
     return out
 
 
+def drafting_on_heldout(cfg: FeatureTrainConfig, prompts: list[list[int]], device: torch.device) -> dict[str, Any]:
+    """The trained head drafting held-out prompts in the engine, as a user runs it: alone and with
+    the SSMs and prompt lookup, in a budget-64 dynamic tree; greedy (outputs must equal incremental
+    decoding's) and MSS at T = 1. Tokens per step, and tokens/s against incremental decoding side by
+    side (one request batch each, the same prompts)."""
+    ssms = cfg.compare_ssms if cfg.compare_ssms is not None else (["default"] if cfg.llm == "default" else [])
+    head = {"mode": "tree", "feature_drafter": str(cfg.out), "tree": "dynamic"}
+    every = {**head, "ssms": ssms or ["none"], "drafters": ["ngram"]}
+    setups = {"incremental": {"mode": "incremental"}, "head-dynamic": {**head, "ssms": ["none"]},
+              "all-dynamic": every, "all-dynamic-mss": {**every, "verify": "mss"}}
+    base = EngineConfig(llm=cfg.llm, dtype="float32", device=device.type, max_num_seqs=len(prompts),
+                        enable_prefix_caching=False)
+    target = load_target(base, progress=False)
+    greedy = SamplingParams(max_tokens=cfg.eval_max_tokens, temperature=0)
+    sampled = [SamplingParams(max_tokens=cfg.eval_max_tokens, temperature=1.0, seed=i) for i in range(len(prompts))]
+    out: dict[str, Any] = {"prompts": len(prompts), "max_tokens": cfg.eval_max_tokens, "tree_budget": base.tree_budget}
+    reference = None
+    for name, options in setups.items():
+        engine = LLMEngine.from_config(base.replace(**options), target=target)
+        is_mss = options.get("verify") == "mss"
+        t = time.perf_counter()
+        outs = engine.generate(prompts, sampled if is_mss else greedy)
+        elapsed = time.perf_counter() - t
+        tokens, steps = sum(len(o.token_ids) for o in outs), sum(o.stats.steps for o in outs)
+        row = out[name] = {"drafters": [d.name for d in engine.drafters], "tokens_per_step": round(tokens / steps, 3),
+                           "tokens_per_s": round(tokens / elapsed, 2)}
+        if reference is None:
+            reference = [o.token_ids for o in outs]
+        elif not is_mss:
+            row["outputs_equal_incremental"] = f"{sum(o.token_ids == r for o, r in zip(outs, reference))}/{len(outs)}"
+        row["speedup_vs_incremental"] = round(row["tokens_per_s"] / out["incremental"]["tokens_per_s"], 3)
+    return out
+
+
+# With a time budget: answers are generated until this share of it has passed (stored ones are
+# read at once, so a grown data set leaves more for training), training runs until the second,
+# the rest is for held-out agreement, the drafting measurement and saving.
+BUDGET_SHARES = (0.4, 0.8)
+
+
 def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, progress: bool = True) -> dict[str, Any]:
     """Build the data, train (resuming from the work dir), write ``out`` (EAGLE-3 format) and a report."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    start = time.perf_counter()
+    start, t0 = time.perf_counter(), time.monotonic()
+    data_deadline, train_deadline = ((None, None) if cfg.budget_s is None else
+                                     (t0 + BUDGET_SHARES[0] * cfg.budget_s, t0 + BUDGET_SHARES[1] * cfg.budget_s))
     llm_dir = resolve_model_dir(cfg.llm, progress=progress)
     work = Path(cfg.work_dir) if cfg.work_dir else Path(cfg.out) / ".work"
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else work / "answers"
     tokenizer = transformers.AutoTokenizer.from_pretrained(llm_dir)
-    llm = load_hf(llm_dir).requires_grad_(False)
-    train_seqs, held_seqs, data_info = build_sequences(cfg, llm, tokenizer, llm_dir, work / "data", corpus, progress)
-    llm.to(device)
+    llm = load_hf(llm_dir, device).requires_grad_(False)
+    train_seqs, held_seqs, data_info = build_sequences(cfg, llm, tokenizer, llm_dir, data_dir, corpus, progress,
+                                                       data_deadline)
+    if not train_seqs:
+        raise InvalidConfigError("no training sequences: raise the time budget or the prompts, or add corpus windows")
     eos = eos_ids(llm_dir, llm.config, tokenizer)
     if cfg.init is not None:  # fine-tune: the trained head's weights and draft vocabulary
         init = load_file(Path(cfg.init) / WEIGHTS_FILE)
@@ -314,16 +373,17 @@ def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, pr
         step, seen, curve = ckpt["step"], ckpt["seen"], ckpt["curve"]
     schedule = TrainConfig(steps=total_steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup=cfg.warmup, seed=cfg.seed)
     weights = [0.8**j for j in range(cfg.ttt_steps)]
-    t_train = time.perf_counter()
+    t_train = time.monotonic()
     head.train()
     with tqdm(total=cfg.tokens, initial=seen, desc="feature drafter", unit="tok", disable=not progress) as bar:
-        while seen < cfg.tokens:
+        while seen < cfg.tokens and (train_deadline is None or time.monotonic() < train_deadline):
             batch = [train_seqs[i] for i in batch_order(len(train_seqs), step, schedule)]
             aux, llm_logits, ids = llm_forward(llm, [q.ids.to(device) for q in batch], head.aux_layers, device)
             lengths = [len(q.ids) for q in batch]
             target = step_targets(llm_logits, lengths, draft_ids.to(device))
             for group in opt.param_groups:
-                group["lr"] = lr_at(min(step, total_steps), schedule)
+                group["lr"] = lr_at(min(_schedule_step(step, total_steps, t_train, train_deadline), total_steps),
+                                    schedule)
             loss = 0.0
             for w, (k, logits) in zip(weights, enumerate(unroll(head, aux, ids, lengths, cfg.ttt_steps))):
                 ok = valid_rows(batch, k, device)
@@ -340,25 +400,38 @@ def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, pr
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if step % cfg.log_every == 0:
                 curve.append([step, seen, round(loss.item(), 4)])
-            if step % cfg.ckpt_every == 0 or seen >= cfg.tokens:
+            if step % cfg.ckpt_every == 0 or seen >= cfg.tokens or (
+                    train_deadline is not None and time.monotonic() >= train_deadline):
                 work.mkdir(parents=True, exist_ok=True)
                 state = {n: p.detach() for n, p in params.items()}
                 torch.save({"head": state, "opt": opt.state_dict(), "step": step, "seen": seen, "curve": curve},
                            ckpt_path.with_suffix(".tmp"))
                 ckpt_path.with_suffix(".tmp").replace(ckpt_path)
-    train_s = time.perf_counter() - t_train
+    train_s = time.monotonic() - t_train
     head.eval()
     metrics = evaluate(head, llm, held_seqs, cfg.ttt_steps, device)
     ssms = cfg.compare_ssms if cfg.compare_ssms is not None else (["default"] if cfg.llm == "default" else [])
     if ssms:
         metrics["ssms"] = ssm_agreement(cfg.llm, ssms, llm, held_seqs, device)
     save_eagle3(head, cfg.out, shared=SHARED, dtype=getattr(torch, cfg.save_dtype))
+    del llm  # the drafting measurement loads the LLM as the engine does
+    drafting = (drafting_on_heldout(cfg, [q.ids[: q.root + 1].tolist() for q in held_seqs[: cfg.eval_prompts]], device)
+                if cfg.eval_prompts and held_seqs else None)
     report = {
         "llm": cfg.llm, "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "data": data_info, "trained_tokens": seen, "steps": step, "train_s_this_run": round(train_s, 1),
         "total_s_this_run": round(time.perf_counter() - start, 1), "device": str(device),
         "threads": torch.get_num_threads(), "trainable_parameters": sum(p.numel() for p in params.values()),
-        "aux_layers": head.aux_layers, "draft_vocab": len(draft_ids), "heldout": metrics, "loss_curve": curve,
+        "aux_layers": head.aux_layers, "draft_vocab": len(draft_ids), "heldout": metrics, "drafting": drafting,
+        "budget_s": cfg.budget_s, "loss_curve": curve,
     }
     (Path(cfg.out) / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
     return report
+
+
+def _schedule_step(step: int, total_steps: int, t_train: float, deadline: float | None) -> int:
+    """Where the learning-rate schedule stands: the steps done or, with a deadline, the share of
+    the training time passed, whichever is further (so the rate decays within the budget)."""
+    if deadline is None:
+        return step
+    return max(step, int(total_steps * (time.monotonic() - t_train) / max(1e-9, deadline - t_train)))
