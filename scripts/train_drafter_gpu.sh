@@ -74,7 +74,8 @@ else
     [[ -n "${DEFAULT_GGUF:-}" ]] && install_default_llm
     LLM=default
     train=(--llm default --device cuda --init specinfer_dist/ssms/smollm2-135m-instruct/eagle3
-           --prompts "${PROMPTS:-16384}" --max-new-tokens 128 --gen-batch-size 256 --batch-size 32 --lr 3e-4)
+           --prompts "${PROMPTS:-16384}" --max-new-tokens 128 --seq-len 384 --gen-batch-size 256 --batch-size 32
+           --lr 3e-4)  # seq-len 384: a multi-turn prompt with its parent's answer is up to ~250 tokens
     BUDGET_MINUTES="${BUDGET_MINUTES:-6}"
     bench=(--llm default --device cuda --max-tokens 64
            --modes incremental,tree,feature-merged,feature-merged-dynamic,feature-merged-dynamic-mss,hf)
