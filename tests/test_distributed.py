@@ -430,8 +430,10 @@ def test_gpu_placement_bundles_and_devices():
 
 def test_tensor_parallel_shards_match_unsharded_model(tmp_path):
     # qwen2: q/k/v biases; tied head; a vocabulary that does not split evenly; GQA 4/2 heads.
+    # llama with biases everywhere: o_proj's and down_proj's bias and the residual, each added once.
     # Every other family: tests/test_architectures.py.
-    assert_shards_match([make_tiny_checkpoint(tmp_path, "qwen2", vocab_size=261, tie_word_embeddings=True)], tmp_path)
+    assert_shards_match([make_tiny_checkpoint(tmp_path, "qwen2", vocab_size=261, tie_word_embeddings=True),
+                         make_tiny_checkpoint(tmp_path, "llama", attention_bias=True, mlp_bias=True)], tmp_path)
 
 
 def test_tensor_parallel_must_divide_heads(tmp_path):

@@ -77,7 +77,10 @@ def test_train_resume_load_and_generate_exactly(llm_dir, tmp_path):
     # Fine-tuning starts from the head's weights and keeps its draft vocabulary, whatever the data.
     tuned_cfg = FeatureTrainConfig(**{**cfg.__dict__, "out": tmp_path / "tuned", "init": tmp_path / "head",
                                       "corpus_sequences": 0, "tokens": 100, "lr": 0.0})
-    train_feature_drafter(tuned_cfg, corpus=CORPUS, progress=False)
+    tuned_report = train_feature_drafter(tuned_cfg, corpus=CORPUS, progress=False)
+    # The report measures the --init head on the same held-out rows; at lr 0 nothing changed.
+    before = tuned_report["heldout"].pop("init")
+    assert before == {k: v for k, v in tuned_report["heldout"].items() if k != "ssms"}
     tuned = load_eagle3(tmp_path / "tuned", llm)
     assert tuned.d2t.equal(head.d2t) and tuned.midlayer.mlp.up_proj.weight.equal(head.midlayer.mlp.up_proj.weight)
     engine = LLMEngine.load(str(llm_dir), ssms=[], feature_drafter=str(tmp_path / "head"), tree="2,1,1")

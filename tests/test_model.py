@@ -181,3 +181,53 @@ def test_fused_projections_keep_names_and_fall_back_when_replaced(arch):
     ours.double().float()  # new parameter tensors: the views are gone
     assert not attn.qkv.intact() and not mlp.gate_up.intact()
     torch.testing.assert_close(prefill(runner, runner.new_cache(), ids), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_paths_equal_the_reference_formulas():
+    """The op-saving forms (issue 21) compute the reference's formulas, to float rounding only:
+    RMSNorm on the CPU from the vector norm, RoPE's addcmul, the residual inside the matmul."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from specinfer_dist.models.layers import OffsetRMSNorm, RMSNorm, apply_rope
+    from specinfer_dist.models.linear import linear
+
+    gen = torch.Generator().manual_seed(5)
+    for rows in (1, 5, 40):
+        x = torch.randn(rows, 3, 64, generator=gen) * 3
+        x[0, 0] = 0  # a zero row: eps alone
+        norm = RMSNorm(64, 1e-5)
+        norm.weight.data = torch.randn(64, generator=gen)
+        ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        torch.testing.assert_close(norm(x), norm.weight * ref, rtol=1e-6, atol=0)
+        torch.testing.assert_close(norm.normalize(x.bfloat16()), x.bfloat16().float() * torch.rsqrt(
+            x.bfloat16().float().pow(2).mean(-1, keepdim=True) + 1e-5), rtol=1e-6, atol=0)
+        offset = OffsetRMSNorm(64, 1e-5)
+        offset.weight.data = norm.weight.data
+        torch.testing.assert_close(offset(x), ref * (1 + norm.weight), rtol=1e-6, atol=0)
+
+        for dim in (64, 48):  # 48: a partial rotary factor, the last 16 features kept
+            angles = (torch.arange(rows) * 7.0)[:, None] / 100.0 ** (torch.arange(0, dim, 2) / dim)
+            cos, sin = angles.cos().repeat(1, 2), angles.sin()
+            # HF's formula on HF's tables; ours has rotate_half's negation folded into sin.
+            want, _ = apply_rotary_pos_emb(x[..., :dim], x[..., :dim], cos, sin.repeat(1, 2))  # [tokens, 1, dim]
+            got = apply_rope(x, cos, torch.cat((-sin, sin), -1))
+            torch.testing.assert_close(got, torch.cat((want, x[..., dim:]), -1), rtol=0, atol=1e-6)
+
+        weight, bias, residual = (torch.randn(*s, generator=gen) for s in ((32, 64), (32,), (rows, 3, 32)))
+        for b in (None, bias):
+            torch.testing.assert_close(linear(x, weight, b, residual), residual + linear(x, weight, b),
+                                       rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_rms_norm_gradient_equals_the_reference():
+    """Heads train through the CPU path: its gradient is the reference's, at a zero row too."""
+    from specinfer_dist.models.layers import RMSNorm
+
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    norm = RMSNorm(64, 1e-5)
+    with torch.no_grad():
+        x[1] = 0
+    ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+    (grad,) = torch.autograd.grad((norm(x) * torch.arange(64)).sum(), x)
+    (want,) = torch.autograd.grad((ref * torch.arange(64)).sum(), x)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-6)

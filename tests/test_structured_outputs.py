@@ -277,7 +277,8 @@ def test_constrain_keeps_every_allowed_node_and_masks_as_a_fresh_matcher(tiny, c
         grammar.advance(token)
     letters = tok.convert_tokens_to_ids(list("abcde"))
     tree = random_tree(rng, letters, sampled=seed % 2 == 0)
-    out, rows = grammar.constrain(tree, max_forced=rng.choice([0, 4]))
+    out, paths = grammar.constrain(tree, max_forced=rng.choice([0, 4]))
+    rows = grammar.node_masks(paths)
 
     def allowed(path: list[int]) -> bool:
         return fresh.mask(tuple(prefix + path[:-1])) is not None and fresh.mask(tuple(prefix + path)) is not None

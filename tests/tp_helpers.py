@@ -21,8 +21,10 @@ from specinfer_dist.runtime.verifier import LocalVerifier, VerifyItem
 
 
 def tp_logits(model) -> list[torch.Tensor]:
-    """A prompt, then a token tree below it, for two requests in one batch: each item's logits,
-    then its rows' hidden states entering every layer (whole on a shard, not a slice)."""
+    """A prompt, then a token tree below it, for two requests in one batch, then one request's
+    next token alone: each item's logits, then its rows' hidden states entering every layer
+    (whole on a shard, not a slice). The lone token is one row, where the residual add runs in
+    the row-parallel matmul (2-16 rows take the CPU's skinny path, which adds it apart)."""
     verifier = LocalVerifier(model)
     layers = list(range(model.num_layers))
 
@@ -34,7 +36,9 @@ def tp_logits(model) -> list[torch.Tensor]:
     verifier.commit(0, [0, 1, 2, 3])
     verifier.commit(1, [0, 1])
     tree = VerifyItem(0, [12, 13, 14, 15], [-1, 0, 0, 1], [0, 1, 2, 3])
-    return first + run([tree, VerifyItem(1, [99], [-1], [0])])
+    second = run([tree, VerifyItem(1, [99], [-1], [0])])
+    verifier.commit(1, [0])
+    return first + second + run([VerifyItem(1, [17], [-1], [0])])
 
 
 def _rank(rank: int, world_size: int, port: int, model_dirs: list[str], out: str) -> None:

@@ -27,8 +27,9 @@ so the timed run measures decoding).
 
 Grammar overhead (``--overhead-batch``, default 16): the tree+grammar setup runs that many prompts
 together with timing wrappers installed on the grammar's work: ``Grammar.constrain`` (pruning the
-tree, forced-token drafting, node masks), ``Grammar.allowed``/``Grammar.mask`` (the SSM drafters'
-masks), ``Grammar.forced``, ``Grammar.only_token``, ``Grammar.advance`` (committing tokens),
+tree, forced-token drafting), ``Grammar.node_masks`` (the tree nodes' masks, after the forward
+started), ``Grammar.forbidden``/``Grammar.mask``/``Grammar.accepts`` (the SSM drafters' masks,
+path checks), ``Grammar.forced``, ``Grammar.only_token``, ``Grammar.advance`` (committing tokens),
 ``mask_logits`` (the LLM's logits) and ``LLMEngine._jump_forward``; nested calls count once
 (in the outermost). Reported as a share of ``LLMEngine.step`` time, the mean of ``--overhead-repeats``
 runs (it varies from run to run on a shared CPU: masking full-vocabulary rows is memory-bound);
@@ -185,7 +186,7 @@ class GrammarTimer:
     on the engine module's ``mask_logits``; ``remove`` puts the originals back. Only the outermost of
     nested timed calls counts, under its own name."""
 
-    GRAMMAR_METHODS = ("constrain", "allowed", "mask", "forced", "only_token", "advance")
+    GRAMMAR_METHODS = ("constrain", "node_masks", "forbidden", "mask", "accepts", "forced", "only_token", "advance")
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}

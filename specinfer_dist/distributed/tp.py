@@ -2,7 +2,10 @@
 
 Each rank keeps 1/world of the attention heads and of the MLP's intermediate features:
 q/k/v and gate/up are column-parallel (a slice of their output rows); o_proj and down_proj
-are row-parallel (a slice of their input columns) and all-reduce their partial sums. Fused
+are row-parallel (a slice of their input columns) and all-reduce their partial sums; the
+residual the model hands them (``proj(h, residual=x)``) joins rank 0's partial sum only, in its
+matmul, so the reduced sum holds it once and no rank runs a separate add (with a bias, it is
+added last, in the unsharded order). Fused
 projections (Phi-3's qkv_proj = [q; k; v] and gate_up_proj = [gate; up]) are sliced part by
 part, so each rank holds [q_r; k_r; v_r] and [gate_r; up_r]. Query and KV heads are split in
 the same proportion, so every GQA group stays on one rank. Per-head q/k norms (Qwen3, Gemma 3)
@@ -116,8 +119,8 @@ def shard_model(model: Transformer, rank: int, world_size: int, group: dist.Proc
         attn, mlp = layer.self_attn, layer.mlp
         attn.num_heads //= world_size
         attn.num_kv_heads //= world_size
-        attn.o_proj = RowParallelLinear(attn.o_proj, group)
-        mlp.down_proj = RowParallelLinear(mlp.down_proj, group)
+        attn.o_proj = RowParallelLinear(attn.o_proj, rank, group)
+        mlp.down_proj = RowParallelLinear(mlp.down_proj, rank, group)
     model.lm_head = VocabParallelHead(model.lm_head, world_size, group)  # unties a tied head
     for name, param in list(model.named_parameters()):
         cut = tp_slice(name, param.shape, rank, world_size, model.config)
@@ -149,16 +152,21 @@ class TensorParallel:
 
 class RowParallelLinear(nn.Module):
     """A Linear whose input features are split across ranks: the partial products are summed
-    by an all-reduce, then the bias is added once."""
+    by an all-reduce, then the bias is added once. A ``residual`` is added once too: by rank 0,
+    in its partial product's matmul."""
 
-    def __init__(self, linear: nn.Linear, group: dist.ProcessGroup | None) -> None:
+    def __init__(self, linear: nn.Linear, rank: int, group: dist.ProcessGroup | None) -> None:
         super().__init__()
         self.weight = linear.weight
         self.bias = linear.bias
+        self.rank = rank
         self.group = group
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = linear(x, self.weight).contiguous()  # collectives need contiguous memory
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.bias is not None and residual is not None:  # residual + (x W + b), the unsharded order
+            return residual + self.forward(x)
+        out = linear(x, self.weight, residual=residual if self.rank == 0 else None)
+        out = out.contiguous()  # collectives need contiguous memory
         dist.all_reduce(out, group=self.group)
         return out if self.bias is None else out + self.bias
 

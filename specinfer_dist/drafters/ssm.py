@@ -155,11 +155,11 @@ class SSMDrafter(Drafter):
         """The frontier's logits with what the request's grammar forbids after each frontier node
         at -inf: greedy children are allowed tokens, and a sampled child's q is the drafter's
         distribution renormalised over them (so the grammar never drops a draw, see runtime/grammar.py)."""
-        allowed = state.request.grammar.allowed([tuple(state.tree.path(n)) for n in state.frontier], logits.device)
+        forbidden = state.request.grammar.forbidden([tuple(state.tree.path(n)) for n in state.frontier], logits.device)
         width = logits.shape[-1]
-        if allowed.shape[-1] < width:  # the drafter's head is wider than the LLM's vocabulary
-            allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[-1]))
-        return logits.masked_fill(~allowed[:, :width], float("-inf"))
+        if forbidden.shape[-1] < width:  # the drafter's head is wider than the LLM's vocabulary
+            forbidden = torch.nn.functional.pad(forbidden, (0, width - forbidden.shape[-1]), value=True)
+        return logits.masked_fill(forbidden[:, :width], float("-inf"))
 
     def _chain(self, request: DraftRequest, cache: PagedKVCache) -> list[int]:
         """Tokens fed before the tree: those committed since the last step, ending with the root

@@ -377,9 +377,9 @@ class LLMEngine:
         fresh draws: exact in distribution). Feature drafters get the committed rows' ``hidden`` states."""
         if not seqs:
             return
-        raw = logits.split([len(item.logit_rows) for item in items[: len(seqs)]])  # logprobs report these
-        logits = self._masked(seqs, trees, logits)
-        per_request = logits.split([len(item.logit_rows) for item in items[: len(seqs)]])
+        sizes = [len(item.logit_rows) for item in items[: len(seqs)]]
+        raw = self._mask_constrained(seqs, sizes, logits)  # logprobs report the LLM's own rows
+        per_request = logits.split(sizes)
         settings = [(seq.params.temperature, seq.params.top_k, seq.params.top_p) for seq in seqs]
         results: list[tuple[list[int], int] | None]
         try:
@@ -395,15 +395,19 @@ class LLMEngine:
                 self._fail(seq, "verifying its step", err)
 
     @staticmethod
-    def _masked(seqs: list[Sequence], trees: list[TokenTree], logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` (the trees' node rows, one tree after another) with every constrained
-        request's rows masked by its grammar (the masks ``draft`` computed with its tree)."""
-        starts = np.cumsum([0] + [len(tree) for tree in trees])
-        constrained = [(start, seq.tree_masks) for seq, start in zip(seqs, starts) if seq.tree_masks is not None]
-        if not constrained:
-            return logits
-        rows = np.concatenate([np.arange(start, start + len(bits)) for start, bits in constrained])
-        return mask_logits(logits, rows, np.concatenate([bits for _, bits in constrained]))
+    def _mask_constrained(seqs: list[Sequence], sizes: list[int], logits: torch.Tensor) -> list[torch.Tensor]:
+        """Mask, in place, each constrained request's rows of ``logits`` (``sizes[i]`` rows each,
+        one tree after another) by its grammar: its nodes' masks are computed here, after the
+        forward was started, so on a GPU they overlap it. Returns each request's rows as the LLM
+        gave them (a copy only where they are masked and logprobs are asked for)."""
+        rows = logits.split(sizes)
+        raw = [r.clone() if seq.tree_paths is not None and seq.logprobs is not None else r for seq, r in zip(seqs, rows)]
+        starts = np.cumsum([0, *sizes]).tolist()
+        constrained = [i for i, seq in enumerate(seqs) if seq.tree_paths is not None]
+        if constrained:
+            bits = np.concatenate([seqs[i].grammar.node_masks(seqs[i].tree_paths) for i in constrained])
+            mask_logits(logits, [(starts[i], starts[i + 1]) for i in constrained], bits)
+        return raw
 
     def _apply_one(
         self, seq: Sequence, tree: TokenTree, item: VerifyItem, node_logits: torch.Tensor,
@@ -482,16 +486,17 @@ class LLMEngine:
     def draft(self, seqs: list[Sequence]) -> list[TokenTree | Exception]:
         """One merged, DFS-ordered tree per request from every drafter (just the root without),
         or the error that drafting this request raised. A constrained request's tree is pruned
-        and extended by its grammar, which also gives the masks of its nodes (``tree_masks``)."""
+        and extended by its grammar, which also gives its nodes' paths (``tree_paths``), whose masks
+        verification computes."""
         drafting = self._drafting()
         trees = self._draft(seqs) if drafting else [TokenTree.from_root(seq.tokens[-1]) for seq in seqs]
         for i, (seq, tree) in enumerate(zip(seqs, trees)):
-            seq.tree_masks = None
+            seq.tree_paths = None
             if seq.grammar is not None and not isinstance(tree, Exception):
                 try:
                     # Within the rows the scheduler reserved for the tree: no request reserves more for them.
                     forced = min(self.grammar_draft_tokens, self.scheduler.max_drafted - tree.num_drafted) if drafting else 0
-                    trees[i], seq.tree_masks = seq.grammar.constrain(tree, forced, max_depth=seq.remaining - 1)
+                    trees[i], seq.tree_paths = seq.grammar.constrain(tree, forced, max_depth=seq.remaining - 1)
                 except Exception as err:  # noqa: BLE001 - one request's failure is its own
                     trees[i] = err
         return trees

@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
-import numpy as np
 import torch
 
 from specinfer_dist.runtime.grammar import Grammar
@@ -76,7 +75,7 @@ class Sequence:
     logprobs: list[TokenLogprob] | None = None  # one per output token, when params.logprobs is set
     generator: torch.Generator = field(init=False)  # the verifier's random draws for this request
     grammar: Grammar | None = None  # structured outputs: the grammar at the committed output tokens
-    tree_masks: np.ndarray | None = None  # the grammar's bitmask per node of the tree in this step
+    tree_paths: list[tuple[int, ...] | None] | None = None  # the grammar's path per node of this step's tree
 
     def __post_init__(self) -> None:
         if self.params.logprobs is not None and self.logprobs is None:

@@ -127,8 +127,8 @@ class Eagle3Layer(nn.Module):
         normed = self.hidden_norm(hidden)
         residual = normed if self.norm_before_residual else hidden
         x = torch.cat((self.input_layernorm(embeds), normed), dim=-1)
-        x = residual + self.self_attn(x, cos, sin, meta, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = self.self_attn(x, cos, sin, meta, kv, residual=residual)  # residual + attention
+        return self.mlp(self.post_attention_layernorm(x), residual=x)
 
 
 class Eagle3Head(nn.Module):

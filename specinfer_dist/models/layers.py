@@ -1,8 +1,10 @@
 """The per-token pieces of our decoders: norms, rotary embeddings, embeddings and MLPs.
 
-None of them sees a batch layout, a cache or a rank; each reproduces its Hugging Face
-counterpart operation for operation (same dtype casts in the same places), so fp32 logits
-match HF's to rounding and bf16 runs follow HF's bf16 arithmetic. Parameter names are HF's.
+None of them sees a batch layout, a cache or a rank; each computes its Hugging Face
+counterpart's formula with the same dtype casts in the same places, so fp32 logits match HF's
+to rounding and bf16 runs follow HF's bf16 arithmetic. Where fewer ops give the same formula
+(RoPE's addcmul, RMSNorm via the vector norm on the CPU) the results differ from HF's only by
+float rounding (~1e-7 relative), never by an approximation. Parameter names are HF's.
 
 Invariant: rotary frequencies are fp32 whatever the model dtype. ``RotaryEmbedding`` keeps its
 buffers out of dtype casts (``model.to(torch.bfloat16)`` moves them, never rounds them), and
@@ -10,6 +12,8 @@ cos/sin are computed in fp32 and cast only at the end, as HF does.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -35,14 +39,29 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One op for x * rsqrt(mean(x^2) + eps), the reference's formula: it computes in fp32 and
-        # rounds once to x's dtype, as the reference does before the weight (one kernel on CUDA;
-        # the reference's casts around it are two more).
-        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
+        # norm(x) computes in fp32 and rounds once to x's dtype, as the reference does before the weight.
+        return self.weight * rms_norm(x, self.eps)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """norm(x) in fp32, without the weight."""
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+        return rms_norm(x.float(), self.eps)
+
+
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x^2) + eps)`` over the last dim (the reference's formula)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        # F.rms_norm is one kernel on CUDA but five ops on the CPU; mean(x^2) from |x| makes it four.
+        n = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        return x * torch.addcmul(_eps(eps), n, n, value=1 / x.shape[-1]).rsqrt_()
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)  # other dtypes: it computes in fp32 inside
+
+
+@functools.cache
+def _eps(eps: float) -> torch.Tensor:
+    """eps as a CPU fp32 scalar, made once: a normal tensor even when first asked for under
+    inference mode (training may use it later)."""
+    with torch.inference_mode(False):
+        return torch.tensor(eps, dtype=torch.float32)
 
 
 class OffsetRMSNorm(RMSNorm):
@@ -141,15 +160,16 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x ([tokens, heads, head_dim]) by ``RotaryEmbedding``'s cos/sin ([tokens, rotary_dim]):
-    HF's ``x * cos + rotate_half(x) * sin`` with the negation already in ``sin``, so the same
-    products in the same order (bitwise equal). With a partial rotary factor (Phi-4-mini) only
-    the first rotary_dim features turn."""
+    HF's ``x * cos + rotate_half(x) * sin`` with the negation already in ``sin``. The second
+    product and the sum are one ``addcmul`` (3 ops, not 4), which may fuse them into one
+    rounding: equal to HF's within float rounding, no longer bitwise. With a partial rotary
+    factor (Phi-4-mini) only the first rotary_dim features turn."""
     cos, sin = cos[:, None], sin[:, None]
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
-        return x * cos + _swap_halves(x) * sin
+        return torch.addcmul(x * cos, _swap_halves(x), sin)
     turn, keep = x[..., :rotary_dim], x[..., rotary_dim:]
-    return torch.cat((turn * cos + _swap_halves(turn) * sin, keep), dim=-1)
+    return torch.cat((torch.addcmul(turn * cos, _swap_halves(turn), sin), keep), dim=-1)
 
 
 def _swap_halves(x: torch.Tensor) -> torch.Tensor:
@@ -181,11 +201,12 @@ class MLP(nn.Module):
         if not (self.gate_up is not None and self.gate_up.intact()):
             self.gate_up = fuse_rows(self.gate_proj, self.up_proj)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """The MLP's output, plus ``residual`` if given (added by the down projection's matmul)."""
         if self.gate_up is not None and self.gate_up.intact():
             gate, up = self.gate_up(x).chunk(2, dim=-1)
-            return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.act(gate) * up, residual)
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x), residual)
 
 
 class FusedMLP(nn.Module):
@@ -200,9 +221,9 @@ class FusedMLP(nn.Module):
     def fuse_projections(self) -> None:
         """Fused already."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(gate) * up, residual)
 
 
 def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:

@@ -8,6 +8,10 @@ is as fast, in one op (the old path padded the row to two: 7 more ops per linear
 the same products, summed in a different order (float rounding only). Larger inputs and other
 devices keep ``F.linear``. ``python -m specinfer_dist.bench.linear_cost`` prints the comparison.
 
+A residual stream's ``x + proj(h)`` is ``proj(h, residual=x)``: one ``addmm`` (on CUDA the add
+runs in the GEMM's epilogue; on the CPU it saves the add's pass). The skinny path and a bias
+keep the separate add (the fused skinny form measured no faster), with the reference's order.
+
 The skinny path returns a transposed view (no copy): callers that need contiguous memory (a
 tensor-parallel all-reduce) make it so.
 """
@@ -21,19 +25,28 @@ from torch import nn
 SKINNY_ROWS = 16  # 2 to this many rows take the weight @ x.T path on the CPU
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x @ weight.T + bias``; with ``residual``, ``residual + that`` (see module docstring)."""
     rows = x.numel() // x.shape[-1]
-    if x.device.type != "cpu" or not 1 < rows <= SKINNY_ROWS:
-        return F.linear(x, weight, bias)
-    out = (weight @ x.reshape(rows, x.shape[-1]).T).T
-    if bias is not None:
-        out = out + bias
-    return out.reshape(*x.shape[:-1], weight.shape[0])
+    skinny = x.device.type == "cpu" and 1 < rows <= SKINNY_ROWS
+    if residual is not None and bias is None and not skinny:
+        out = torch.addmm(residual.reshape(rows, weight.shape[0]), x.reshape(rows, x.shape[-1]), weight.T)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    if not skinny:
+        out = F.linear(x, weight, bias)
+    else:
+        out = (weight @ x.reshape(rows, x.shape[-1]).T).T
+        if bias is not None:
+            out = out + bias
+        out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if residual is None else residual + out
 
 
 class Linear(nn.Linear):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, residual)
 
 
 class FusedRows:

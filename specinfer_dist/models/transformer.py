@@ -81,8 +81,10 @@ class Attention(nn.Module):
         return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepAttention, kv: torch.Tensor | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: StepAttention, kv: torch.Tensor | None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """The attention output, plus ``residual`` if given (added by o_proj's matmul)."""
         n = x.shape[0]
         # Head counts are attributes a tensor-parallel shard divides (see distributed/tp.py).
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -95,7 +97,7 @@ class Attention(nn.Module):
             q = apply_rope(self.q_norm(qkv[:, : heads * d].view(n, heads, d)), cos, sin)
             k = apply_rope(self.k_norm(qkv[:, heads * d : (heads + kv_heads) * d].view(n, kv_heads, d)), cos, sin)
         out = meta.attend(q, k, v, kv, self.scale, self.sliding_window, self.softcap)
-        return self.o_proj(out.reshape(n, -1))
+        return self.o_proj(out.reshape(n, -1), residual)
 
 
 def _sliding_window(config: PretrainedConfig, layer: int) -> int | None:
@@ -129,9 +131,9 @@ class DecoderLayer(nn.Module):
         kv: torch.Tensor | None,
     ) -> torch.Tensor:
         cos, sin = rope[self.self_attn.rope]
-        if not self.sandwich:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, meta, kv)
-            return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.sandwich:  # x + proj(h) as proj(h, residual=x): the add runs in the matmul
+            x = self.self_attn(self.input_layernorm(x), cos, sin, meta, kv, residual=x)
+            return self.mlp(self.post_attention_layernorm(x), residual=x)
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, meta, kv))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 

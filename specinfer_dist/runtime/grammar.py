@@ -16,6 +16,10 @@ Invariants:
   multi-step speculative sampling must still try and reject it (its residual update is part of
   the exact distribution); its own logits row is never used, so it is left unmasked.
 - Masks are bitmasks, 32 tokens per int32 word (llguidance's layout): one row per tree node.
+- Pruning needs the masks of the nodes that have children; a leaf's mask is needed only to mask
+  its logits row, so ``constrain`` leaves it to ``node_masks``, which the engine calls once the
+  forward is under way (on a GPU it runs while the device computes; on Ray, while the next
+  micro-batch's forward is in flight).
 """
 
 from __future__ import annotations
@@ -189,22 +193,41 @@ class Grammar:
         None if the grammar forbids ``path`` itself."""
         if path in self._masks:
             return self._masks[path]
+        out = self._at(path, self._compute_mask)
+        self._masks[path] = out
+        return out
+
+    def accepts(self, path: tuple[int, ...]) -> bool:
+        """Whether the grammar takes ``path`` whole (what ``mask(path) is not None`` says, without
+        computing the mask: consuming a few tokens costs a fraction of a full-vocabulary mask)."""
+        if path in self._masks:
+            return self._masks[path] is not None
+        return self._at(path, lambda: True) is not None
+
+    def _at(self, path: tuple[int, ...], compute: Any) -> Any:
+        """``compute()`` with the matcher moved along ``path`` (None if it refuses ``path``), then back."""
         matcher = self.matcher
         consumed = matcher.try_consume_tokens(list(path)) if path else 0
-        out = None
-        if consumed == len(path):
-            out = np.empty(self.words, dtype=np.int32)
-            matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+        out = compute() if consumed == len(path) else None
         if consumed:
             matcher.rollback(consumed)
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
-        self._masks[path] = out
         return out
 
-    def allowed(self, paths: list[tuple[int, ...]], device: torch.device | str = "cpu") -> torch.Tensor:
-        """Bool [len(paths), vocab]: the tokens allowed after each path (all, for a forbidden path)."""
-        return unpack(np.stack([_or_all(self.mask(p), self.words) for p in paths]), self.vocab_size, device)
+    def _compute_mask(self) -> np.ndarray:
+        out = np.empty(self.words, dtype=np.int32)
+        self.matcher.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+        return out
+
+    def node_masks(self, paths: list[tuple[int, ...] | None]) -> np.ndarray:
+        """A bitmask row [len(paths), words] per path ``constrain`` returned: the tokens allowed
+        after it (all, for None: a node nothing follows, whose row is never used)."""
+        return np.stack([_or_all(None if p is None else self.mask(p), self.words) for p in paths])
+
+    def forbidden(self, paths: list[tuple[int, ...]], device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bool [len(paths), vocab]: the tokens forbidden after each path (none, for a forbidden path)."""
+        return unpack(~self.node_masks(paths), self.vocab_size, device)
 
     def only_token(self) -> int | None:
         """The one token the grammar allows next, if it allows exactly one: the LLM's masked
@@ -228,11 +251,11 @@ class Grammar:
 
     def constrain(
         self, tree: TokenTree, max_forced: int = 0, max_depth: int | None = None
-    ) -> tuple[TokenTree, np.ndarray]:
+    ) -> tuple[TokenTree, list[tuple[int, ...] | None]]:
         """``tree`` without the nodes the grammar forbids (see the module docstring), with up to
         ``max_forced`` forced tokens drafted below its leaves (first leaves in DFS order first; no
-        node deeper than ``max_depth``), in DFS order; and a bitmask row per node of the result:
-        the tokens allowed after it."""
+        node deeper than ``max_depth``), in DFS order; and each node's path for ``node_masks``
+        (None: a node nothing may follow)."""
         out = TokenTree.from_root(tree.tokens[0])
         # None: a node nothing may follow (a kept forbidden draw, EOS): its row stays unmasked,
         # and it is never used (the draw is never accepted; the request ends at the other)
@@ -242,13 +265,13 @@ class Grammar:
         while stack:  # DFS: children are kept in their order
             old, new = stack.pop()  # only allowed nodes are pushed: their paths are not None
             path = paths[new]
-            mask = self.mask(path)
+            mask = self.mask(path) if kids[old] else None
             added = []
             for child in kids[old]:
                 token, q = tree.tokens[child], tree.probs[child]
                 if _has(mask, token):
                     node = out.add(new, token, q)
-                    if self.mask((*path, token)) is None:  # EOS, or a token that ends the grammar
+                    if not self.accepts((*path, token)):  # EOS, or a token that ends the grammar
                         paths.append(None)
                     else:
                         added.append((child, node))
@@ -273,8 +296,7 @@ class Grammar:
             if budget < max_forced:  # forced chains were appended after the DFS order
                 order = out.dfs_order()
                 out, paths = out.dfs(), [paths[i] for i in order]
-        rows = np.stack([_or_all(None if p is None else self.mask(p), self.words) for p in paths])
-        return out, rows
+        return out, paths
 
 
 def _one_line(message: str) -> str:
@@ -298,18 +320,24 @@ def _shifts(device: torch.device) -> torch.Tensor:
 
 def unpack(bits: np.ndarray, vocab_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Bool [..., vocab] on ``device`` from bitmasks [..., words] (bit j of word w is token
-    32 w + j). On the host numpy unpacks (much cheaper there than tensor shifts); for another
-    device the packed words travel, 8x fewer bytes, and are unpacked there."""
+    32 w + j). On the host numpy unpacks into bytes that are the bools (no copy; much cheaper
+    there than tensor shifts); for another device the packed words travel, 8x fewer bytes, and
+    are unpacked there. Invert the words, not the bools, to get the other set: 32x fewer."""
     if torch.device(device).type == "cpu":
-        return torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=-1, bitorder="little")[..., :vocab_size]).bool()
+        return torch.from_numpy(np.unpackbits(bits.view(np.uint8), axis=-1, bitorder="little")).view(torch.bool)[..., :vocab_size]
     words = torch.from_numpy(bits).to(device, non_blocking=True)
     return ((words.unsqueeze(-1) >> _shifts(words.device)) & 1).bool().flatten(-2)[..., :vocab_size]
 
 
-def mask_logits(logits: torch.Tensor, rows: np.ndarray, bits: np.ndarray) -> torch.Tensor:
-    """A copy of ``logits`` where row ``rows[i]`` has -inf at every token ``bits[i]`` forbids."""
-    index = torch.from_numpy(rows).to(logits.device, non_blocking=True)
-    allowed = unpack(bits, logits.shape[1], logits.device)
-    out = logits.clone()
-    out[index] = out[index].masked_fill(~allowed, float("-inf"))
-    return out
+def mask_logits(logits: torch.Tensor, ranges: list[tuple[int, int]], bits: np.ndarray) -> None:
+    """Set -inf, in place, at every token the bitmasks forbid: ``bits`` holds one row for each row
+    of ``logits`` in the ``ranges`` ([start, end) row spans, in order)."""
+    forbidden = unpack(~bits, logits.shape[1], logits.device)
+    with torch.inference_mode():  # the forward's logits are inference tensors
+        if ranges == [(0, len(logits))]:
+            logits.masked_fill_(forbidden, float("-inf"))
+            return
+        first = 0
+        for start, end in ranges:
+            logits[start:end].masked_fill_(forbidden[first : first + end - start], float("-inf"))
+            first += end - start

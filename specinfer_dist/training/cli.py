@@ -104,8 +104,11 @@ def _run_feature(args: argparse.Namespace) -> int:
         threads=args.threads, device=args.device, seed=args.seed, init=Path(args.init) if args.init else None,
     )
     report = train_feature_drafter(cfg)
-    top1 = ", ".join(f"{x:.3f}" for x in report["heldout"]["top1_by_depth"])
-    print(f"held-out top-1 by depth: {top1}; report: {Path(args.out) / feature.REPORT_NAME}", file=sys.stderr)
+    held = report["heldout"]
+    top1 = ", ".join(f"{x:.3f}" for x in held["top1_by_depth"])
+    init = ", ".join(f"{x:.3f}" for x in held["init"]["top1_by_depth"]) if "init" in held else None
+    print(f"held-out top-1 by depth: {top1}{f' (the --init head: {init})' if init else ''}; "
+          f"report: {Path(args.out) / feature.REPORT_NAME}", file=sys.stderr)
     for setup, row in (report["drafting"] or {}).items():
         if isinstance(row, dict):
             print(f"  {setup}: {row['tokens_per_step']:.2f} tokens/step, {row['speedup_vs_incremental']:.2f}x "

@@ -360,11 +360,13 @@ def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, pr
     if cfg.init is not None:
         head.load_state_dict({k: v.to(device, torch.float32) for k, v in init.items() if k not in ("d2t", "t2d")},
                              strict=False)
+    ckpt_path = work / CKPT_NAME
+    # The head fine-tuning starts from, on the same held-out rows: did training help?
+    before = evaluate(head.eval(), llm, held_seqs, cfg.ttt_steps, device) if cfg.init and not ckpt_path.is_file() else None
     params = trainable(head)
     opt = torch.optim.AdamW(params.values(), lr=cfg.lr, weight_decay=0.0)
     scored_per_seq = sum(len(q.ids) - 1 - q.root for q in train_seqs) / len(train_seqs)
     total_steps = math.ceil(cfg.tokens / (cfg.batch_size * scored_per_seq))
-    ckpt_path = work / CKPT_NAME
     step, seen, curve = 0, 0, []
     if ckpt_path.is_file():  # resume
         ckpt = torch.load(ckpt_path, map_location=device)
@@ -410,6 +412,8 @@ def train_feature_drafter(cfg: FeatureTrainConfig, corpus: str | None = None, pr
     train_s = time.monotonic() - t_train
     head.eval()
     metrics = evaluate(head, llm, held_seqs, cfg.ttt_steps, device)
+    if before is not None:
+        metrics["init"] = before
     ssms = cfg.compare_ssms if cfg.compare_ssms is not None else (["default"] if cfg.llm == "default" else [])
     if ssms:
         metrics["ssms"] = ssm_agreement(cfg.llm, ssms, llm, held_seqs, device)
