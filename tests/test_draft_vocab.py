@@ -18,18 +18,23 @@ from specinfer_dist.models.draft_vocab import (
     frequent_tokens,
     write_draft_vocab,
 )
+from specinfer_dist.models import linear as linear_module
 from specinfer_dist.models.linear import SKINNY_ROWS, linear
 
 
+@pytest.mark.parametrize("skinny_cpu", [False, True])  # whatever CPU runs the tests: both paths
 @pytest.mark.parametrize("rows", [1, 2, SKINNY_ROWS, SKINNY_ROWS + 1])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_is_the_same_product(rows, bias):
+def test_linear_is_the_same_product(rows, bias, skinny_cpu, monkeypatch):
+    monkeypatch.setattr(linear_module, "SKINNY_CPU", skinny_cpu)
     gen = torch.Generator().manual_seed(rows)
     weight, x = torch.randn(300, 48, generator=gen), torch.randn(1, rows, 48, generator=gen)
     b = torch.randn(300, generator=gen) if bias else None
+    residual = torch.randn(1, rows, 300, generator=gen)
     out = linear(x, weight, b)
     assert out.shape == (1, rows, 300)  # the skinny path returns a transposed view, not a copy
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear(x, weight, b, residual), residual + F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
 def test_head_scores_only_its_tokens():

@@ -24,7 +24,7 @@ def tp_logits(model) -> list[torch.Tensor]:
     """A prompt, then a token tree below it, for two requests in one batch, then one request's
     next token alone: each item's logits, then its rows' hidden states entering every layer
     (whole on a shard, not a slice). The lone token is one row, where the residual add runs in
-    the row-parallel matmul (2-16 rows take the CPU's skinny path, which adds it apart)."""
+    the row-parallel matmul (2-16 rows on an AMD CPU take the skinny path, which adds it apart)."""
     verifier = LocalVerifier(model)
     layers = list(range(model.num_layers))
 

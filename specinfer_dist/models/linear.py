@@ -1,12 +1,15 @@
-"""Linear layers with a faster CPU path for the few rows a verify step has.
+"""Linear layers with a faster path for the few rows a verify step has on AMD CPUs.
 
-On the CPUs we measured (AMD EPYC, torch 2.13 CPU wheel) ``F.linear`` on 2-16 rows takes a
-skinny-GEMM path several times slower than the same product written as ``weight @ x.T``, which
-streams the weight once at full memory bandwidth (SmolLM2's 49k-token head: ~23 ms for 2 rows
-vs ~57 ms). A single row is the exception: there ``F.linear`` runs a matrix-vector kernel that
-is as fast, in one op (the old path padded the row to two: 7 more ops per linear). Results are
-the same products, summed in a different order (float rounding only). Larger inputs and other
-devices keep ``F.linear``. ``python -m specinfer_dist.bench.linear_cost`` prints the comparison.
+On AMD EPYC CPUs (torch 2.13 CPU wheel) ``F.linear`` on 2-16 rows takes a skinny-GEMM path
+several times slower than the same product written as ``weight @ x.T``, which streams the weight
+once at full memory bandwidth (SmolLM2's 49k-token head: ~23 ms for 2 rows vs ~57 ms). On Intel
+Xeons it is the reverse (2026-12-06: ``F.linear`` 3.1 ms for 2 rows, 6.4 ms for 4, against
+11.9 and 11.5 ms; MKL's small-GEMM kernels are fast there), so only AMD CPUs take that path
+(``SKINNY_CPU``: fixed per machine, so a machine's outputs never depend on a timing). A single
+row is the exception everywhere: ``F.linear`` runs a matrix-vector kernel that is as fast, in
+one op. Results are the same products, summed in a different order (float rounding only).
+Larger inputs and other devices keep ``F.linear``. ``python -m specinfer_dist.bench.linear_cost``
+prints the comparison on the machine it runs on.
 
 A residual stream's ``x + proj(h)`` is ``proj(h, residual=x)``: one ``addmm`` (on CUDA the add
 runs in the GEMM's epilogue; on the CPU it saves the add's pass). The skinny path and a bias
@@ -18,11 +21,26 @@ tensor-parallel all-reduce) make it so.
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-SKINNY_ROWS = 16  # 2 to this many rows take the weight @ x.T path on the CPU
+SKINNY_ROWS = 16  # 2 to this many rows take the weight @ x.T path on an AMD CPU
+
+
+def _cpu_vendor() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("vendor_id"):
+                return line.partition(":")[2].strip()
+    return platform.processor()
+
+
+SKINNY_CPU = "AMD" in _cpu_vendor()  # "AuthenticAMD" on Linux
 
 
 def linear(
@@ -30,7 +48,7 @@ def linear(
 ) -> torch.Tensor:
     """``x @ weight.T + bias``; with ``residual``, ``residual + that`` (see module docstring)."""
     rows = x.numel() // x.shape[-1]
-    skinny = x.device.type == "cpu" and 1 < rows <= SKINNY_ROWS
+    skinny = SKINNY_CPU and x.device.type == "cpu" and 1 < rows <= SKINNY_ROWS
     if residual is not None and bias is None and not skinny:
         out = torch.addmm(residual.reshape(rows, weight.shape[0]), x.reshape(rows, x.shape[-1]), weight.T)
         return out.view(*x.shape[:-1], weight.shape[0])
