@@ -333,11 +333,8 @@ def mask_logits(logits: torch.Tensor, ranges: list[tuple[int, int]], bits: np.nd
     """Set -inf, in place, at every token the bitmasks forbid: ``bits`` holds one row for each row
     of ``logits`` in the ``ranges`` ([start, end) row spans, in order)."""
     forbidden = unpack(~bits, logits.shape[1], logits.device)
+    first = 0
     with torch.inference_mode():  # the forward's logits are inference tensors
-        if ranges == [(0, len(logits))]:
-            logits.masked_fill_(forbidden, float("-inf"))
-            return
-        first = 0
         for start, end in ranges:
             logits[start:end].masked_fill_(forbidden[first : first + end - start], float("-inf"))
             first += end - start
