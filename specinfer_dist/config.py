@@ -86,6 +86,10 @@ class EngineConfig(_Section):
     verify: str = option("mss", "verifier for sampled requests", choices=VERIFY_METHODS)
     draft_temperature: float | None = option(None, "SSM sampling temperature (default: each request's own)",
                                              race=True)
+    draft_confidence: float = option(
+        0.0, "SSM and EAGLE-3 drafters propose a token only where they give it at least this probability "
+        "(sampled requests: draw only where their most probable token has it; exact either way); 0: the whole tree. "
+        "Where every verified row costs (a CPU) unlikely drafts cost more than they bring", race=True)
     draft_vocab: bool = option(True, "SSM heads score the whole vocabulary, not their draft_vocab.json",
                                race=True, flag="--full-draft-vocab", const=False)
     dtype: str | None = option(None, "model dtype (default: bfloat16 on CUDA, float32 on CPU)", race=True,
@@ -158,6 +162,9 @@ class EngineConfig(_Section):
         t = self.draft_temperature
         _check(t is None or (isinstance(t, (int, float)) and 0 < t < float("inf")),
                f"draft_temperature must be positive, got {t!r}")
+        c = self.draft_confidence
+        _check(isinstance(c, (int, float)) and not isinstance(c, bool) and 0 <= c <= 1,
+               f"draft_confidence must be a probability in [0, 1], got {c!r}")
         for name in ("enforce_eager", "enable_prefix_caching"):
             _check(isinstance(getattr(self, name), bool), f"{name} must be true or false, got {getattr(self, name)!r}")
         _check(isinstance(self.draft_vocab, bool), f"draft_vocab must be true or false, got {self.draft_vocab!r}")

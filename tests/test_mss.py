@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import power_divergence
 
 from specinfer_dist import InvalidRequestError, LLMEngine, SamplingParams
+from specinfer_dist.drafters.base import DraftRequest
 from specinfer_dist.drafters.ssm import SSMDrafter
 from specinfer_dist.models.draft_vocab import write_draft_vocab
 from specinfer_dist.tree import TokenTree, sampling_probs, verify_mss, verify_naive
@@ -91,19 +92,20 @@ def sample(engine: LLMEngine, trials: int = TRIALS, **kwargs) -> tuple[Counter, 
 
 
 CASES = [
-    # (ssms, model-free drafters, tree, temperature, top_k, top_p)
-    (["near"], [], "2,2", 1.0, 0, 1.0),
-    (["far"], [], "1,3", 0.7, 0, 1.0),
-    (["near", "far"], ["ngram"], "2,1", 1.0, 0, 0.8),  # merged: two SSMs plus prompt lookup
-    (["near"], [], "1,1", 0.7, 5, 0.9),
-    (["near-subset"], [], "2,2", 1.0, 0, 1.0),
+    # (ssms, model-free drafters, tree, temperature, top_k, top_p, draft_confidence)
+    (["near"], [], "2,2", 1.0, 0, 1.0, 0.0),
+    (["far"], [], "1,3", 0.7, 0, 1.0, 0.0),
+    (["near", "far"], ["ngram"], "2,1", 1.0, 0, 0.8, 0.0),  # merged: two SSMs plus prompt lookup
+    (["near"], [], "1,2", 0.7, 5, 0.9, 0.5),  # draws only where the SSM is that sure
+    (["near-subset"], [], "2,2", 1.0, 0, 1.0, 0.0),
 ]
 
 
-@pytest.mark.parametrize("ssms,drafters,tree,temperature,top_k,top_p", CASES)
-def test_tree_mss_matches_llm_distribution(ckpts, ssms, drafters, tree, temperature, top_k, top_p):
+@pytest.mark.parametrize("ssms,drafters,tree,temperature,top_k,top_p,confidence", CASES)
+def test_tree_mss_matches_llm_distribution(ckpts, ssms, drafters, tree, temperature, top_k, top_p, confidence):
     engine = LLMEngine.load(
-        ckpts["llm"], ssms=[ckpts[s] for s in ssms], drafters=drafters, tree=tree, max_num_seqs=2048
+        ckpts["llm"], ssms=[ckpts[s] for s in ssms], drafters=drafters, tree=tree, max_num_seqs=2048,
+        draft_confidence=confidence,
     )
     counts, tokens_per_step = sample(engine, temperature=temperature, top_k=top_k, top_p=top_p)
     exact = exact_distribution(ckpts["hf"], PROMPT, NEW_TOKENS, temperature, top_k, top_p)
@@ -111,6 +113,42 @@ def test_tree_mss_matches_llm_distribution(ckpts, ssms, drafters, tree, temperat
     print(f"G-test p={p_value:.3g}, tokens/step={tokens_per_step:.3f}")
     assert p_value > ALPHA
     assert tokens_per_step > 1.0  # drafts were accepted, so MSS itself was exercised
+
+
+def ssm_probs(hf_ssm, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return hf_ssm(torch.tensor([tokens])).logits[0, -1].softmax(-1)
+
+
+@pytest.mark.parametrize("temperature,c", [(0.0, 0.3), (1.0, 0.45)])
+def test_draft_confidence_drafts_only_where_the_ssm_is_sure(ckpts, temperature, c):
+    """Greedy: the confident tree is the full tree's nodes whose every step the SSM gives
+    q >= c. Sampled: a node has draws exactly where its most probable token has q >= c (a
+    choice made before drawing, so MSS stays exact: the G-test case above), all k of them."""
+    depth = 3
+    ssm = LLMEngine.load(ckpts["llm"], ssms=[ckpts["near"]], tree="2,2,2").drafters[0]
+    hf_ssm = transformers.AutoModelForCausalLM.from_pretrained(ckpts["near"], dtype=torch.float32).eval()
+    params = SamplingParams(temperature=temperature, top_k=0, top_p=1.0, seed=0)
+    trees = {}
+    for i, confidence in enumerate((0.0, c)):
+        drafter = SSMDrafter(ssm.runner.model, ssm.spec, confidence=confidence)
+        trees[confidence] = drafter.propose([DraftRequest(i, PROMPT, params)], [depth])[0]
+    full, sure = trees[0.0], trees[c]
+    paths = {tuple(sure.path(n)) for n in range(1, len(sure))}
+    assert 1 < len(sure) < len(full)  # the SSM was sure at some nodes and not at others
+    if temperature == 0:
+        confident = set()
+        for n in range(1, len(full)):
+            path = full.path(n)
+            if all(ssm_probs(hf_ssm, PROMPT + path[:i])[path[i]] >= c for i in range(len(path))):
+                confident.add(tuple(path))
+        assert paths == confident
+    else:
+        kids = sure.children()
+        for n, depth_n in enumerate(sure.depths()):
+            if depth_n < depth:
+                confident = bool(ssm_probs(hf_ssm, PROMPT + sure.path(n)).max() >= c)
+                assert len(kids[n]) == (2 if confident else 0)  # all k draws, whatever tokens they drew
 
 
 class TopKButClaimsDrawn(SSMDrafter):

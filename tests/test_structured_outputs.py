@@ -95,6 +95,7 @@ SETUPS = {
     "tree": dict(ssms=["ssm"], drafters=["ngram"], tree="2,2,1,1"),
     "dynamic": dict(ssms=["ssm"], tree="dynamic:4,5"),
     "tree-no-grammar-drafter": dict(ssms=["ssm"], tree="1,1,1", grammar_draft_tokens=0),
+    "confident-tree": dict(ssms=["ssm"], drafters=["ngram"], tree="2,2,1,1", draft_confidence=0.6),
 }
 
 

@@ -38,9 +38,9 @@ class FeatureDrafter(SSMDrafter):
 
     def __init__(
         self, head: Eagle3Head, spec: TreeSpec, name: str = "feature", draft_temperature: float | None = None,
-        prefix_caching: bool = False,
+        prefix_caching: bool = False, confidence: float = 0.0,
     ) -> None:
-        super().__init__(head, spec, name, draft_temperature, prefix_caching)  # type: ignore[arg-type]  # the runner takes heads too
+        super().__init__(head, spec, name, draft_temperature, prefix_caching, confidence)  # type: ignore[arg-type]  # the runner takes heads too
         self.head = head
         self.aux_layers = list(head.aux_layers)
         self.features: dict[int, torch.Tensor] = {}  # request -> fused features not yet in its cache

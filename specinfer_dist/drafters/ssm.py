@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +38,12 @@ class SSMDrafter(Drafter):
     """Each frontier node at depth i gets k_i children: the SSM's top-k_i tokens for a greedy
     request; k_i independent draws from the SSM's processed distribution q (recorded on each
     child) for a sampled one. ``draft_temperature`` None gives q the request's own transforms.
+    With a ``confidence`` c > 0 the drafter proposes only where it is sure enough: a greedy
+    child needs q >= c, and a sampled node gets its draws only where its most probable token
+    has q >= c (so whether a node has children depends on its path, never on the draws
+    themselves: multi-step speculative sampling stays exact). Where each verified row costs
+    (a CPU), unlikely drafts cost more than they bring (HF's ``assistant_confidence_threshold``
+    is the same idea for chains).
 
     The SSM keeps a KV cache of the committed tokens per request. Each step first feeds the
     tokens committed since the last step (they end with the tree's root), then one forward
@@ -50,10 +57,11 @@ class SSMDrafter(Drafter):
 
     def __init__(
         self, model: Transformer, spec: TreeSpec, name: str = "ssm", draft_temperature: float | None = None,
-        prefix_caching: bool = False,
+        prefix_caching: bool = False, confidence: float = 0.0,
     ) -> None:
         super().__init__(name, spec)
         self.draft_temperature = draft_temperature
+        self.confidence = confidence
         self.runner = ModelRunner(model, prefix_caching=prefix_caching)
         self.caches: dict[int, PagedKVCache] = {}
         self.generators: dict[int, torch.Generator] = {}
@@ -173,18 +181,21 @@ class SSMDrafter(Drafter):
     def _children(
         self, request: DraftRequest, logits: torch.Tensor, k: int
     ) -> list[list[tuple[int, torch.Tensor | None]]]:
-        """For each frontier row of ``logits``: k (token, q) children; q None = chosen, not drawn."""
+        """For each frontier row of ``logits``: up to k (token, q) children; q None = chosen, not drawn."""
         params = request.params
-        if params.greedy:  # a grammar may allow fewer than k tokens (the others are at -inf)
+        if params.greedy:
             top = logits.topk(k, dim=-1)
-            return [[(t, None) for t, v in zip(ids, values) if v > float("-inf")]
-                    for ids, values in zip(top.indices.tolist(), top.values.tolist())]
+            keep = top.values > float("-inf")  # a grammar may allow fewer than k tokens
+            if self.confidence > 0:  # log q >= log c, q the drafter's softmax
+                keep &= top.values - logits.logsumexp(dim=-1, keepdim=True) >= math.log(self.confidence)
+            return [[(t, None) for t, ok in zip(ids, oks) if ok] for ids, oks in zip(top.indices.tolist(), keep.tolist())]
         if self.draft_temperature is None:
             q = sampling_probs(logits, params.temperature, params.top_k, params.top_p)
         else:
             q = sampling_probs(logits, self.draft_temperature)
         draws = torch.multinomial(q, k, replacement=True, generator=self.generators[request.request_id]).tolist()
-        return [[(t, q[row]) for t in tokens] for row, tokens in enumerate(draws)]
+        confident = (q.amax(dim=-1) >= self.confidence).tolist()
+        return [[(t, q[row]) for t in tokens] if confident[row] else [] for row, tokens in enumerate(draws)]
 
     @staticmethod
     def _feed_frontier(state: _Expansion) -> None:

@@ -171,13 +171,15 @@ def make_drafters(config: EngineConfig, plan: DraftPlan, feature_head: Eagle3Hea
         return []
     caching = config.enable_prefix_caching
     drafters: list[Drafter] = [
-        SSMDrafter(model, plan.spec, f"ssm{i}", config.draft_temperature, caching) for i, model in enumerate(plan.ssms)
+        SSMDrafter(model, plan.spec, f"ssm{i}", config.draft_temperature, caching, config.draft_confidence)
+        for i, model in enumerate(plan.ssms)
     ]
     drafters.extend(model_free_drafter(name, plan.spec) for name in config.drafters)
     if config.feature_drafter is not None:
         if feature_head is None:
             raise InvalidConfigError("a feature drafter needs its head loaded (load_feature_head)")
-        drafters.append(FeatureDrafter(feature_head, plan.spec, "feature", config.draft_temperature, caching))
+        drafters.append(FeatureDrafter(feature_head, plan.spec, "feature", config.draft_temperature, caching,
+                                       config.draft_confidence))
     return drafters
 
 
