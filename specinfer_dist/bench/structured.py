@@ -390,7 +390,7 @@ def markdown(result: dict[str, Any]) -> str:
     parts = [f"# Structured outputs bench\n\nmachine: {result['machine']}; {result['date']}; LLM {result['llm']} "
              f"({result['dtype']}, {result['torch_threads']} threads), greedy, chat template, prefix caching off; "
              f"grammar drafter: {result['grammar_draft_tokens']} tokens; confident setups: draft_confidence "
-             f"{result.get('draft_confidence', DRAFT_CONFIDENCE)}."]
+             f"{result['draft_confidence']}."]
     parts += [table(result, int(b)) for b in result["batches"]]
     if "grammar_overhead" in result:
         o = result["grammar_overhead"]

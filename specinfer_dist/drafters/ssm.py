@@ -194,8 +194,9 @@ class SSMDrafter(Drafter):
         else:
             q = sampling_probs(logits, self.draft_temperature)
         draws = torch.multinomial(q, k, replacement=True, generator=self.generators[request.request_id]).tolist()
-        confident = (q.amax(dim=-1) >= self.confidence).tolist()
-        return [[(t, q[row]) for t in tokens] if confident[row] else [] for row, tokens in enumerate(draws)]
+        if self.confidence > 0:  # decided by the row's q, never by what was drawn from it
+            draws = [tokens if sure else [] for tokens, sure in zip(draws, (q.amax(dim=-1) >= self.confidence).tolist())]
+        return [[(t, q[row]) for t in tokens] for row, tokens in enumerate(draws)]
 
     @staticmethod
     def _feed_frontier(state: _Expansion) -> None:
