@@ -85,7 +85,9 @@ from specinfer_dist.tuning.prompts import load_prompts
 STRUCTURED_PROMPTS = str(resources.files(__package__).joinpath("structured_prompts.jsonl"))
 SETUPS = ("incremental", "incremental+grammar", "tree", "tree+grammar", "tree+grammar+confident", "lookup+grammar")
 GRAMMAR_DRAFT_TOKENS = 16
-DRAFT_CONFIDENCE = 0.8  # the confident setup's: the fastest of 0.5, 0.8 and 0.9 side by side on the 2-core CPU
+# The confident setup's. On the 2-core CPU 0.5, 0.8 and 0.9 made the tree 1.61x, 1.37x and 1.71x faster than
+# without (docs/bench/cpu/structured-confidence/, one run each: within the runs' noise of one another).
+DRAFT_CONFIDENCE = 0.8
 OVERHEAD_TARGET = 0.10  # grammar work at most this share of step time
 
 
